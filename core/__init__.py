@@ -1,0 +1,1 @@
+"""Shared plumbing below the stages: config loading, the stage contract, checkpoint I/O and the OpenBA family."""
