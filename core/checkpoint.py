@@ -1,0 +1,124 @@
+"""The one checkpoint reader and writer: safetensors only, clear errors, atomic writes.
+
+Every stage and command loads models through `load_model` / `load_tokenizer` and saves through `save_checkpoint`,
+so that bad paths, unknown architectures and corrupt files all fail the same way, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import UserError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The raw config.json of a checkpoint directory, checked to describe a model transformers knows."""
+    import core.openba  # noqa: F401  (registers the OpenBA family with the Auto classes)
+    from transformers import CONFIG_MAPPING
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise UserError(f"model path is not a directory: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a model checkpoint: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"unsupported architecture '{model_type}' in {config_file}")
+    return config
+
+
+def check_weights(path: str | Path) -> list[Path]:
+    """Open every safetensors file's header so a truncated or corrupt file fails here, with its name."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {', '.join(pickled)}: convert them to safetensors; pickled weights are not loaded)" if pickled else ""
+        raise UserError(f"{path} has no *.safetensors weights{hint}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types
+            raise UserError(f"corrupt safetensors file {file}: {str(err).splitlines()[0]}") from None
+    return files
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", **kwargs: Any):
+    """Load a checkpoint directory with the Auto class that fits it (seq2seq or causal), from safetensors."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = read_model_config(path)
+    check_weights(path)
+    auto = AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path):
+    """Load the tokenizer saved beside a checkpoint (or in a tokenizer directory)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"tokenizer path does not exist or is not a directory: {path}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"{path} holds no tokenizer (tokenizer.json / tokenizer.model)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+
+
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write model (safetensors) and tokenizer to `out_dir` through a temporary directory and one rename."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied tensors counted once)."""
+    seen = {}
+    for param in model.parameters():
+        seen[id(param)] = param.numel()
+    return sum(seen.values())

@@ -1,0 +1,220 @@
+"""The stage contract: a stage turns an input checkpoint directory into an output one and leaves a manifest.
+
+A stage writes into `<out>.partial` and renames it to `<out>` only when it has finished, so a killed run never
+leaves a directory that looks complete. A training stage keeps its periodic checkpoints inside the partial
+directory; rerunning with the same config resumes from them, while a changed config starts the stage afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from core.config import config_hash, to_dict
+from core.errors import UserError
+
+MANIFEST = "manifest.json"
+PENDING = "pending.json"  # inside a partial directory: the config hash the partial work belongs to
+LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "lm_eval", "sentencepiece", "tokenizers", "peft")
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What a stage did: enough to reproduce it, skip it when nothing changed, and report it."""
+
+    stage: str
+    config_hash: str
+    config: dict[str, Any]
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    status: str = "complete"
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise UserError(f"no {MANIFEST} in {directory}: the stage that writes it has not completed") from None
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"{path} is not a valid manifest: {err}") from None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide numerics, read from package metadata (no imports)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def partial_dir(output_dir: str | Path) -> Path:
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + ".partial")
+
+
+def describe_outputs(directory: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every file a stage wrote (checkpoints of a training run excluded)."""
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, PENDING)
+    }
+
+
+def publish(partial: Path, output_dir: Path) -> None:
+    """Swap a finished partial directory into place; an older output is removed only after the swap."""
+    old = output_dir.with_name(output_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output_dir.exists():
+        os.replace(output_dir, old)
+    os.replace(partial, output_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | None = None) -> bool:
+    """True when `output_dir` holds a complete manifest for exactly this config and this input.
+
+    The input check makes a change upstream (a stage rerun with another config) invalidate everything after it.
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / MANIFEST).is_file():
+        return False
+    try:
+        manifest = Manifest.read(output_dir)
+    except UserError:
+        return False
+    if manifest.status != "complete" or manifest.config_hash != config_hash(config):
+        return False
+    return manifest.inputs == _describe_input(input_dir)
+
+
+def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:
+    if input_dir is None:
+        return {}
+    described: dict[str, Any] = {"dir": str(input_dir)}
+    if (Path(input_dir) / MANIFEST).is_file():
+        upstream = Manifest.read(input_dir)
+        described["manifest_config_hash"] = upstream.config_hash
+        described["manifest_finished"] = upstream.timings.get("finished")
+    return described
+
+
+StageFn = Callable[[Path | None, Path, Any], dict[str, Any] | None]
+
+
+@dataclasses.dataclass
+class Stage:
+    """A named step: `run(input_dir, work_dir, config)` writes its output into `work_dir` and returns metrics.
+
+    `resumable` stages (training) may find their own earlier checkpoints in `work_dir` and continue from them.
+    """
+
+    name: str
+    run: StageFn
+    config: Any
+    resumable: bool = False
+
+
+def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, force: bool = False) -> Manifest:
+    """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically."""
+    output_dir = Path(output_dir)
+    digest = config_hash(stage.config)
+    if not force and is_complete(output_dir, stage.config, input_dir):
+        return Manifest.read(output_dir)
+    if input_dir is not None and not Path(input_dir).exists():
+        raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
+    partial = partial_dir(output_dir)
+    pending = partial / PENDING
+    resumes = stage.resumable and pending.is_file() and json.loads(pending.read_text()).get("config_hash") == digest
+    if partial.exists() and not resumes:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest}))
+
+    started = time.time()
+    metrics = stage.run(Path(input_dir) if input_dir is not None else None, partial, stage.config) or {}
+    finished = time.time()
+
+    manifest = Manifest(
+        stage=stage.name,
+        config_hash=digest,
+        config=to_dict(stage.config) if dataclasses.is_dataclass(stage.config) else dict(stage.config),
+        inputs=_describe_input(input_dir),
+        outputs=describe_outputs(partial),
+        metrics=metrics,
+        timings={
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(finished - started, 3),
+            "resumed": resumes,
+        },
+        versions=library_versions(),
+    )
+    pending.unlink()
+    manifest.write(partial)
+    publish(partial, output_dir)
+    return manifest
+
+
+def run_stages(
+    stages: list[Stage],
+    run_dir: str | Path,
+    input_dir: str | Path | None = None,
+    start: str | None = None,
+    stop: str | None = None,
+    only: str | None = None,
+    on_done: Callable[[Stage, Manifest], None] | None = None,
+) -> list[Manifest]:
+    """Run stages in order, each reading the previous one's output directory `run_dir/<stage name>`.
+
+    `start`/`stop`/`only` select stages by name; a selected stage whose predecessor has not completed is an error
+    before anything runs. Completed stages with unchanged configs are skipped, so a rerun resumes where it stopped.
+    """
+    run_dir = Path(run_dir)
+    names = [s.name for s in stages]
+    for name in (start, stop, only):
+        if name is not None and name not in names:
+            raise UserError(f"no stage named '{name}' (stages: {', '.join(names)})")
+    first = names.index(only or start) if (only or start) else 0
+    last = names.index(only or stop) if (only or stop) else len(stages) - 1
+    if first > last:
+        raise UserError(f"stage '{start}' comes after stage '{stop}'")
+    previous = Path(input_dir) if input_dir is not None else None
+    if first > 0:
+        previous = run_dir / names[first - 1]
+        if not (previous / MANIFEST).is_file():
+            raise UserError(f"cannot start at '{names[first]}': stage '{names[first - 1]}' has not completed in {run_dir}")
+    manifests = []
+    for stage in stages[first : last + 1]:
+        out = run_dir / stage.name
+        manifest = run_stage(stage, previous, out)
+        manifests.append(manifest)
+        if on_done is not None:
+            on_done(stage, manifest)
+        previous = out
+    return manifests

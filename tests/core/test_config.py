@@ -1,0 +1,57 @@
+"""The config loader refuses typos and wrong types, naming the key, and applies overrides in order."""
+
+import dataclasses
+
+import pytest
+
+from core.config import config_hash, load_config, parse_override
+from core.errors import UserError
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclasses.dataclass
+class Job:
+    name: str = "run"
+    steps: int = 10
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    mode: str | None = None
+    fast: bool = False
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("steps: 20\noptim:\n  lr: 0.001\n")
+    job = load_config(Job, path, ["optim.lr=3e-4", "fast=true", "optim.betas=[0.8, 0.9]"])
+    assert job.steps == 20
+    assert job.optim.lr == pytest.approx(3e-4)
+    assert job.optim.betas == [0.8, 0.9]
+    assert job.fast is True
+
+
+def test_unknown_key_names_nearest_spelling():
+    with pytest.raises(UserError, match=r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_config(Job, overrides=["optim.lrr=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(UserError, match="'steps' must be an integer"):
+        load_config(Job, overrides=["steps=many"])
+    with pytest.raises(UserError, match="'fast' must be true or false"):
+        load_config(Job, overrides=["fast=3"])
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(Job, "/nonexistent.yaml")
+    with pytest.raises(UserError, match="key.sub=value"):
+        parse_override("novalue")
+
+
+def test_hash_is_stable_and_sensitive():
+    assert config_hash(Job()) == config_hash(Job())
+    assert config_hash(Job()) != config_hash(Job(steps=11))

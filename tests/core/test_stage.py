@@ -1,0 +1,152 @@
+"""Stages publish atomically, skip when done, resume training work, and a killed stage leaves no output."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from core.errors import UserError
+from core.stage import MANIFEST, Manifest, Stage, partial_dir, run_stage, run_stages
+
+
+@dataclasses.dataclass
+class Cfg:
+    value: int = 1
+
+
+def write_value(input_dir, work_dir, cfg):
+    (work_dir / "value.txt").write_text(str(cfg.value))
+    return {"value": cfg.value}
+
+
+def test_manifest_is_complete_and_output_published(tmp_path):
+    manifest = run_stage(Stage("a", write_value, Cfg(3)), None, tmp_path / "a")
+    assert (tmp_path / "a" / "value.txt").read_text() == "3"
+    assert not partial_dir(tmp_path / "a").exists()
+    stored = Manifest.read(tmp_path / "a")
+    assert stored == manifest
+    assert stored.metrics == {"value": 3}
+    assert stored.outputs == {"value.txt": 1}
+    assert {"python", "torch", "transformers"} <= set(stored.versions)
+    assert stored.timings["seconds"] >= 0
+
+
+def test_completed_stage_is_skipped_and_config_change_reruns(tmp_path):
+    calls = []
+
+    def counted(i, w, c):
+        calls.append(c.value)
+        return write_value(i, w, c)
+
+    run_stage(Stage("a", counted, Cfg(1)), None, tmp_path / "a")
+    run_stage(Stage("a", counted, Cfg(1)), None, tmp_path / "a")
+    assert calls == [1]
+    run_stage(Stage("a", counted, Cfg(2)), None, tmp_path / "a")
+    assert calls == [1, 2]
+    assert (tmp_path / "a" / "value.txt").read_text() == "2"
+
+
+def test_upstream_change_invalidates_downstream(tmp_path):
+    calls = []
+
+    def second(i, w, c):
+        calls.append((i / "value.txt").read_text())
+        (w / "seen.txt").write_text(calls[-1])
+
+    run_stages([Stage("a", write_value, Cfg(1)), Stage("b", second, Cfg())], tmp_path)
+    run_stages([Stage("a", write_value, Cfg(1)), Stage("b", second, Cfg())], tmp_path)
+    run_stages([Stage("a", write_value, Cfg(5)), Stage("b", second, Cfg())], tmp_path)
+    assert calls == ["1", "5"]
+
+
+def test_failed_stage_leaves_previous_output_and_no_new_one(tmp_path):
+    def boom(i, w, c):
+        (w / "half.bin").write_text("x")
+        raise RuntimeError("gate failed")
+
+    stages = [Stage("a", write_value, Cfg()), Stage("b", boom, Cfg())]
+    with pytest.raises(RuntimeError):
+        run_stages(stages, tmp_path)
+    assert (tmp_path / "a" / MANIFEST).is_file()
+    assert not (tmp_path / "b").exists()
+
+
+def test_resumable_stage_continues_from_its_partial_work(tmp_path):
+    seen = []
+
+    def train(i, w, c):
+        ckpt = w / "step.txt"
+        start = int(ckpt.read_text()) if ckpt.exists() else 0
+        seen.append(start)
+        for step in range(start, 4):
+            ckpt.write_text(str(step + 1))
+            if step == 1 and len(seen) == 1:
+                raise KeyboardInterrupt  # killed after two steps
+        return {"steps": 4}
+
+    stage = Stage("train", train, Cfg(), resumable=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, None, tmp_path / "train")
+    assert not (tmp_path / "train").exists()
+    manifest = run_stage(stage, None, tmp_path / "train")
+    assert seen == [0, 2]
+    assert manifest.timings["resumed"] is True
+
+
+def test_selection_errors_before_running(tmp_path):
+    stages = [Stage("a", write_value, Cfg()), Stage("b", write_value, Cfg())]
+    with pytest.raises(UserError, match="no stage named 'c'"):
+        run_stages(stages, tmp_path, only="c")
+    with pytest.raises(UserError, match="stage 'a' has not completed"):
+        run_stages(stages, tmp_path, start="b")
+    run_stages(stages, tmp_path, only="a")
+    assert [m.stage for m in run_stages(stages, tmp_path, start="b")] == ["b"]
+
+
+SLOW_STAGE = textwrap.dedent(
+    """
+    import dataclasses, sys, time
+    from pathlib import Path
+    from core.stage import Stage, run_stage
+
+    @dataclasses.dataclass
+    class Cfg:
+        value: int = 1
+
+    def slow(i, w, c):
+        for n in range(1000):
+            (w / f"shard{n}.bin").write_bytes(b"0" * 1000)
+            if n == 3:
+                (w / "started").write_text("yes")
+            time.sleep(0.01)
+
+    run_stage(Stage("slow", slow, Cfg()), None, Path(sys.argv[1]))
+    """
+)
+
+
+def test_killed_process_leaves_no_output_and_reruns_cleanly(tmp_path):
+    out = tmp_path / "slow"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_STAGE)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env)
+    deadline = time.time() + 60
+    while not (partial_dir(out) / "started").exists():
+        assert time.time() < deadline and proc.poll() is None, "stage did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert partial_dir(out).exists()
+    run_stage(Stage("quick", write_value, Cfg(7)), None, out)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "value.txt"]
+    assert json.loads((out / MANIFEST).read_text())["stage"] == "quick"
+    assert not partial_dir(out).exists()
