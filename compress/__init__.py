@@ -1,0 +1,1 @@
+"""Structured pruning: adapters per model family, importance scoring through hooks, and the pruners."""

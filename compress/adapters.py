@@ -1,0 +1,399 @@
+"""Adapters: the one place that knows how each model family lays out its blocks, attention, MLP and embeddings.
+
+Every pruner works through `get_adapter(model)`, so a new family is one new adapter class, not edits across the
+pruners. The surgery itself (slicing rows and columns of the tensors a unit touches, renumbering layers, updating
+the config) lives here too, because which tensors a unit touches is family knowledge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping rows (`dim=0`, outputs) or columns (`dim=1`, inputs) at `index`."""
+    weight = linear.weight.data.index_select(dim, index.to(linear.weight.device)).clone()
+    bias = linear.bias
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias.data if dim == 1 else bias.data.index_select(0, index.to(bias.device)))
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of a projection that belong to the given heads (heads are contiguous blocks of head_dim rows)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+@dataclasses.dataclass
+class AttentionView:
+    """One attention module seen uniformly: projections, head counts, and the module to update after surgery."""
+
+    module: nn.Module
+    kind: str  # "self" or "cross"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    fused_qkv: str | None = None  # GPT-NeoX keeps q, k, v of each head in one projection
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def linear(self, role: str) -> nn.Linear:
+        return getattr(self.module, getattr(self, role))
+
+    def weights(self) -> dict[str, nn.Linear]:
+        if self.fused_qkv:
+            return {"qkv": getattr(self.module, self.fused_qkv), "o": self.linear("o")}
+        return {role: self.linear(role) for role in ("q", "k", "v", "o")}
+
+
+@dataclasses.dataclass
+class MLPView:
+    """One feed-forward module: `up` (and `gate` when gated) produce channels that `down` consumes."""
+
+    module: nn.Module
+    up: str
+    down: str
+    gate: str | None = None
+
+    @property
+    def width(self) -> int:
+        return getattr(self.module, self.up).out_features
+
+    def linear(self, role: str) -> nn.Linear:
+        return getattr(self.module, getattr(self, role))
+
+
+def block_hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state entering a block, from a forward hook's (args, kwargs)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def block_hidden_out(output) -> torch.Tensor:
+    """The hidden state leaving a block: blocks return a tensor or a tuple whose first item it is."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class Adapter:
+    """Uniform view of one model family. Subclasses fill in the few names and rules that differ."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    stacks: tuple[str, ...] = ("decoder",)
+    supports_head_pruning = True
+    per_layer_shapes = False  # may layers of one stack have different widths after pruning?
+    shared_head_set = False  # must every layer of a stack keep the same heads (T5's shared position bias)?
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # --- structure -------------------------------------------------------------------------------------------
+    def blocks(self, stack: str) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _set_blocks(self, stack: str, blocks: nn.ModuleList) -> None:
+        raise NotImplementedError
+
+    def attentions(self, block: nn.Module) -> list[AttentionView]:
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module) -> MLPView:
+        raise NotImplementedError
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def output_head(self) -> nn.Linear | None:
+        return self.model.get_output_embeddings()
+
+    def tied(self) -> bool:
+        head = self.output_head()
+        return head is not None and head.weight is self.input_embeddings().weight
+
+    def all_blocks(self) -> list[tuple[str, int, nn.Module]]:
+        return [(stack, i, block) for stack in self.stacks for i, block in enumerate(self.blocks(stack))]
+
+    # --- surgery ---------------------------------------------------------------------------------------------
+    def keep_blocks(self, stack: str, keep: list[int]) -> None:
+        """Keep only blocks `keep` (in their original order) of `stack`; renumber layer indices and the config."""
+        blocks = self.blocks(stack)
+        keep = sorted(set(int(i) for i in keep))
+        if not keep:
+            raise UserError(f"cannot remove every block of the {stack} stack")
+        if keep[0] < 0 or keep[-1] >= len(blocks):
+            raise UserError(f"block index out of range for the {stack} stack of {len(blocks)} blocks: {keep}")
+        self._before_keep_blocks(stack, keep)
+        new = nn.ModuleList([blocks[i] for i in keep])
+        self._set_blocks(stack, new)
+        for new_index, block in enumerate(new):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+        self._update_depth(stack, keep)
+
+    def _before_keep_blocks(self, stack: str, keep: list[int]) -> None:
+        """Family hook run before blocks are dropped (T5 moves its shared position bias here)."""
+
+    def _update_depth(self, stack: str, keep: list[int]) -> None:
+        raise NotImplementedError
+
+    def keep_heads(self, view: AttentionView, kv_heads: torch.Tensor) -> None:
+        """Keep whole kv groups `kv_heads` (query heads of a group go with their kv head, so GQA stays valid)."""
+        if not self.supports_head_pruning:
+            raise UserError(f"{self.family}: head pruning is not supported ({self.head_pruning_reason()})")
+        kv_heads = torch.as_tensor(sorted(int(h) for h in kv_heads), dtype=torch.long)
+        if len(kv_heads) == 0:
+            raise UserError("cannot remove every attention head of a layer")
+        q_heads = (kv_heads[:, None] * view.group_size + torch.arange(view.group_size)[None, :]).reshape(-1)
+        q_rows, kv_rows = head_rows(q_heads, view.head_dim), head_rows(kv_heads, view.head_dim)
+        module = view.module
+        setattr(module, view.q, slice_linear(view.linear("q"), q_rows, 0))
+        setattr(module, view.k, slice_linear(view.linear("k"), kv_rows, 0))
+        setattr(module, view.v, slice_linear(view.linear("v"), kv_rows, 0))
+        setattr(module, view.o, slice_linear(view.linear("o"), q_rows, 1))
+        self._after_heads(view, q_heads, len(kv_heads))
+
+    def _after_heads(self, view: AttentionView, q_heads: torch.Tensor, num_kv: int) -> None:
+        """Family hook: update the attention module's own head-count attributes."""
+
+    def head_pruning_reason(self) -> str:
+        return ""
+
+    def keep_channels(self, view: MLPView, channels: torch.Tensor) -> None:
+        """Keep FFN channels `channels`: rows of up (and gate), the same columns of down."""
+        channels = torch.as_tensor(sorted(int(c) for c in channels), dtype=torch.long)
+        if len(channels) == 0:
+            raise UserError("cannot remove every FFN channel of a layer")
+        for role in ("up", "gate"):
+            if getattr(view, role):
+                setattr(view.module, getattr(view, role), slice_linear(view.linear(role), channels, 0))
+        setattr(view.module, view.down, slice_linear(view.linear("down"), channels, 1))
+
+    def keep_tokens(self, tokens: torch.Tensor) -> None:
+        """Keep vocabulary rows `tokens` (new id i = old id tokens[i]) in the embeddings and the output head."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        tied = self.tied()
+        embed = self.input_embeddings()
+        new_embed = nn.Embedding(len(tokens), embed.embedding_dim, device=embed.weight.device, dtype=embed.weight.dtype)
+        new_embed.weight.data.copy_(embed.weight.data.index_select(0, tokens.to(embed.weight.device)))
+        self.model.set_input_embeddings(new_embed)
+        head = self.output_head()
+        if head is not None:
+            if tied:
+                head.weight = new_embed.weight
+                if head.bias is not None:
+                    head.bias = nn.Parameter(head.bias.data.index_select(0, tokens.to(head.bias.device)).clone())
+                head.out_features = len(tokens)
+            else:
+                self.model.set_output_embeddings(slice_linear(head, tokens, 0))
+        self.config.vocab_size = len(tokens)
+        if hasattr(self.config, "get_text_config"):
+            self.config.get_text_config().vocab_size = len(tokens)
+
+    def sync_widths(self) -> None:
+        """Write the current head counts and FFN widths back into the config (uniform unless per-layer allowed)."""
+        for stack in self.stacks:
+            blocks = self.blocks(stack)
+            widths = [self.mlp(b).width for b in blocks]
+            heads = [self.attentions(b)[0].num_heads for b in blocks]
+            kv = [self.attentions(b)[0].num_kv_heads for b in blocks]
+            if not self.per_layer_shapes and (len(set(widths)) > 1 or len(set(heads)) > 1 or len(set(kv)) > 1):
+                raise UserError(
+                    f"{self.family} checkpoints need the same FFN width and head count in every layer "
+                    f"(got widths {sorted(set(widths))}, heads {sorted(set(heads))}): prune uniformly"
+                )
+            self._write_widths(stack, widths, heads, kv)
+
+    def _write_widths(self, stack: str, widths: list[int], heads: list[int], kv: list[int]) -> None:
+        raise NotImplementedError
+
+
+class LlamaAdapter(Adapter):
+    """Llama, Qwen2 and Mistral: `model.model.layers[i]` with `self_attn.{q,k,v,o}_proj` and a gated MLP."""
+
+    family = "llama"
+    model_types = ("llama", "qwen2", "mistral")
+
+    def blocks(self, stack):
+        return self.model.model.layers
+
+    def _set_blocks(self, stack, blocks):
+        self.model.model.layers = blocks
+
+    def attentions(self, block):
+        attn = block.self_attn
+        heads = attn.q_proj.out_features // attn.head_dim
+        kv = attn.k_proj.out_features // attn.head_dim
+        return [AttentionView(attn, "self", heads, kv, attn.head_dim)]
+
+    def mlp(self, block):
+        return MLPView(block.mlp, up="up_proj", down="down_proj", gate="gate_proj")
+
+    def _update_depth(self, stack, keep):
+        self.config.num_hidden_layers = len(keep)
+        if getattr(self.config, "layer_types", None) is not None:
+            self.config.layer_types = [self.config.layer_types[i] for i in keep]
+        if getattr(self.config, "max_window_layers", None) is not None:
+            self.config.max_window_layers = min(self.config.max_window_layers, len(keep))
+
+    def _after_heads(self, view, q_heads, num_kv):
+        view.module.num_key_value_groups = len(q_heads) // num_kv
+
+    def _write_widths(self, stack, widths, heads, kv):
+        head_dim = self.attentions(self.blocks(stack)[0])[0].head_dim
+        self.config.intermediate_size = widths[0]
+        self.config.num_attention_heads = heads[0]
+        self.config.num_key_value_heads = kv[0]
+        self.config.head_dim = head_dim
+
+
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX (Pythia): fused per-head q/k/v projection and a plain (ungated) MLP."""
+
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+    supports_head_pruning = False
+
+    def head_pruning_reason(self):
+        return "GPT-NeoX derives its head size from hidden_size / num_attention_heads, so heads cannot be dropped alone"
+
+    def blocks(self, stack):
+        return self.model.gpt_neox.layers
+
+    def _set_blocks(self, stack, blocks):
+        self.model.gpt_neox.layers = blocks
+
+    def attentions(self, block):
+        attn = block.attention
+        heads = self.config.num_attention_heads
+        return [AttentionView(attn, "self", heads, heads, attn.head_size, o="dense", fused_qkv="query_key_value")]
+
+    def mlp(self, block):
+        return MLPView(block.mlp, up="dense_h_to_4h", down="dense_4h_to_h")
+
+    def _update_depth(self, stack, keep):
+        self.config.num_hidden_layers = len(keep)
+        if getattr(self.config, "layer_types", None) is not None:
+            self.config.layer_types = [self.config.layer_types[i] for i in keep]
+
+    def _write_widths(self, stack, widths, heads, kv):
+        self.config.intermediate_size = widths[0]
+
+
+class T5Adapter(Adapter):
+    """T5 (v1.0 and v1.1 gated): encoder and decoder stacks of `block[i].layer[...]`, a shared position bias."""
+
+    family = "t5"
+    model_types = ("t5",)
+    stacks = ("encoder", "decoder")
+    shared_head_set = True
+
+    def _stack(self, stack):
+        return self.model.encoder if stack == "encoder" else self.model.decoder
+
+    def blocks(self, stack):
+        return self._stack(stack).block
+
+    def _set_blocks(self, stack, blocks):
+        self._stack(stack).block = blocks
+
+    def attentions(self, block):
+        views = []
+        for layer in block.layer:
+            for name, kind in (("SelfAttention", "self"), ("EncDecAttention", "cross")):
+                attn = getattr(layer, name, None)
+                if attn is not None:
+                    heads = attn.q.out_features // attn.key_value_proj_dim
+                    views.append(AttentionView(attn, kind, heads, heads, attn.key_value_proj_dim, "q", "k", "v", "o"))
+        return views
+
+    def mlp(self, block):
+        ff = block.layer[-1].DenseReluDense
+        if hasattr(ff, "wi_0"):
+            return MLPView(ff, up="wi_1", down="wo", gate="wi_0")
+        return MLPView(ff, up="wi", down="wo")
+
+    def _before_keep_blocks(self, stack, keep):
+        # Only block 0 owns the relative position bias that every block of the stack uses: hand it on.
+        blocks = self.blocks(stack)
+        first, new_first = blocks[0].layer[0].SelfAttention, blocks[keep[0]].layer[0].SelfAttention
+        if new_first is not first:
+            new_first.relative_attention_bias = first.relative_attention_bias
+            new_first.has_relative_attention_bias = True
+            del first.relative_attention_bias
+            first.has_relative_attention_bias = False
+
+    def _update_depth(self, stack, keep):
+        if stack == "encoder":
+            self.config.num_layers = len(keep)
+        else:
+            self.config.num_decoder_layers = len(keep)
+        for i, block in enumerate(self.blocks(stack)):
+            block.layer[0].SelfAttention.has_relative_attention_bias = i == 0
+
+    def _after_heads(self, view, q_heads, num_kv):
+        attn = view.module
+        attn.n_heads = len(q_heads)
+        attn.inner_dim = attn.n_heads * attn.key_value_proj_dim
+        if getattr(attn, "has_relative_attention_bias", False):
+            bias = attn.relative_attention_bias
+            new = nn.Embedding(bias.num_embeddings, len(q_heads), device=bias.weight.device, dtype=bias.weight.dtype)
+            new.weight.data.copy_(bias.weight.data.index_select(1, q_heads.to(bias.weight.device)))
+            attn.relative_attention_bias = new
+
+    def _write_widths(self, stack, widths, heads, kv):
+        if len(set(self._all_heads())) > 1 or len(set(self._all_widths())) > 1:
+            raise UserError("t5 checkpoints need the same FFN width and head count in both stacks: prune uniformly")
+        self.config.d_ff = widths[0]
+        self.config.num_heads = heads[0]
+
+    def _all_heads(self):
+        return [v.num_heads for _, _, b in self.all_blocks() for v in self.attentions(b)]
+
+    def _all_widths(self):
+        return [self.mlp(b).width for _, _, b in self.all_blocks()]
+
+
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GPTNeoXAdapter, T5Adapter]
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make `get_adapter` recognise another family (later registrations win)."""
+    ADAPTERS.insert(0, cls)
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    _load_builtin_adapters()
+    return sorted({t for cls in ADAPTERS for t in cls.model_types})
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s family, or a UserError naming the unsupported model type."""
+    _load_builtin_adapters()
+    model_type = getattr(model.config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise UserError(f"unsupported architecture '{model_type}': supported are {', '.join(supported_model_types())}")
+
+
+def _load_builtin_adapters() -> None:
+    import compress.openba_adapter  # noqa: F401  (registers itself)
+
+
