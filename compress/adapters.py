@@ -34,48 +34,62 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @dataclasses.dataclass
+class Projection:
+    """A linear layer an attention head touches: its outputs (`dim=0`) or inputs (`dim=1`) come in per-head blocks.
+
+    `heads` says whether the blocks follow the query heads ("q") or the key/value heads ("kv"); `parts` is how many
+    head_dim-wide pieces one head owns in it (3 in a fused per-head [q, k, v] projection).
+    """
+
+    name: str
+    heads: str = "q"
+    parts: int = 1
+    dim: int = 0
+
+
+@dataclasses.dataclass
 class AttentionView:
-    """One attention module seen uniformly: projections, head counts, and the module to update after surgery."""
+    """One attention module seen uniformly: its per-head projections, head counts and output projection."""
 
     module: nn.Module
     kind: str  # "self" or "cross"
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    o: str = "o_proj"
-    fused_qkv: str | None = None  # GPT-NeoX keeps q, k, v of each head in one projection
+    projections: list[Projection]
+    o: str = "o_proj"  # the output projection; its input columns are the heads' outputs (scoring hooks read them)
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def linear(self, role: str) -> nn.Linear:
-        return getattr(self.module, getattr(self, role))
+    def linear(self, name: str) -> nn.Linear:
+        return getattr(self.module, name)
 
-    def weights(self) -> dict[str, nn.Linear]:
-        if self.fused_qkv:
-            return {"qkv": getattr(self.module, self.fused_qkv), "o": self.linear("o")}
-        return {role: self.linear(role) for role in ("q", "k", "v", "o")}
+
+def separate_qkv(q="q_proj", k="k_proj", v="v_proj", o="o_proj") -> list[Projection]:
+    return [Projection(q, "q"), Projection(k, "kv"), Projection(v, "kv"), Projection(o, "q", dim=1)]
 
 
 @dataclasses.dataclass
 class MLPView:
-    """One feed-forward module: `up` (and `gate` when gated) produce channels that `down` consumes."""
+    """One feed-forward module: `up` (and `gate` when gated) produce channels that `down` consumes.
+
+    `fused_gate_up` names one projection holding [gate; up] stacked (OpenBA), instead of `gate` and `up`.
+    """
 
     module: nn.Module
-    up: str
     down: str
+    up: str | None = None
     gate: str | None = None
+    fused_gate_up: str | None = None
 
     @property
     def width(self) -> int:
-        return getattr(self.module, self.up).out_features
+        return self.linear(self.down).in_features
 
-    def linear(self, role: str) -> nn.Linear:
-        return getattr(self.module, getattr(self, role))
+    def linear(self, name: str) -> nn.Linear:
+        return getattr(self.module, name)
 
 
 def block_hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -160,12 +174,10 @@ class Adapter:
         if len(kv_heads) == 0:
             raise UserError("cannot remove every attention head of a layer")
         q_heads = (kv_heads[:, None] * view.group_size + torch.arange(view.group_size)[None, :]).reshape(-1)
-        q_rows, kv_rows = head_rows(q_heads, view.head_dim), head_rows(kv_heads, view.head_dim)
-        module = view.module
-        setattr(module, view.q, slice_linear(view.linear("q"), q_rows, 0))
-        setattr(module, view.k, slice_linear(view.linear("k"), kv_rows, 0))
-        setattr(module, view.v, slice_linear(view.linear("v"), kv_rows, 0))
-        setattr(module, view.o, slice_linear(view.linear("o"), q_rows, 1))
+        for proj in view.projections:
+            heads = q_heads if proj.heads == "q" else kv_heads
+            index = head_rows(heads, proj.parts * view.head_dim)
+            setattr(view.module, proj.name, slice_linear(view.linear(proj.name), index, proj.dim))
         self._after_heads(view, q_heads, len(kv_heads))
 
     def _after_heads(self, view: AttentionView, q_heads: torch.Tensor, num_kv: int) -> None:
@@ -175,14 +187,18 @@ class Adapter:
         return ""
 
     def keep_channels(self, view: MLPView, channels: torch.Tensor) -> None:
-        """Keep FFN channels `channels`: rows of up (and gate), the same columns of down."""
+        """Keep FFN channels `channels`: rows of up and gate (or both halves of a fused one), columns of down."""
         channels = torch.as_tensor(sorted(int(c) for c in channels), dtype=torch.long)
         if len(channels) == 0:
             raise UserError("cannot remove every FFN channel of a layer")
-        for role in ("up", "gate"):
-            if getattr(view, role):
-                setattr(view.module, getattr(view, role), slice_linear(view.linear(role), channels, 0))
-        setattr(view.module, view.down, slice_linear(view.linear("down"), channels, 1))
+        width = view.width
+        if view.fused_gate_up:
+            rows = torch.cat([channels, channels + width])
+            setattr(view.module, view.fused_gate_up, slice_linear(view.linear(view.fused_gate_up), rows, 0))
+        for name in (view.up, view.gate):
+            if name:
+                setattr(view.module, name, slice_linear(view.linear(name), channels, 0))
+        setattr(view.module, view.down, slice_linear(view.linear(view.down), channels, 1))
 
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Keep vocabulary rows `tokens` (new id i = old id tokens[i]) in the embeddings and the output head."""
@@ -239,10 +255,10 @@ class LlamaAdapter(Adapter):
         attn = block.self_attn
         heads = attn.q_proj.out_features // attn.head_dim
         kv = attn.k_proj.out_features // attn.head_dim
-        return [AttentionView(attn, "self", heads, kv, attn.head_dim)]
+        return [AttentionView(attn, "self", heads, kv, attn.head_dim, separate_qkv())]
 
     def mlp(self, block):
-        return MLPView(block.mlp, up="up_proj", down="down_proj", gate="gate_proj")
+        return MLPView(block.mlp, down="down_proj", up="up_proj", gate="gate_proj")
 
     def _update_depth(self, stack, keep):
         self.config.num_hidden_layers = len(keep)
@@ -281,10 +297,11 @@ class GPTNeoXAdapter(Adapter):
     def attentions(self, block):
         attn = block.attention
         heads = self.config.num_attention_heads
-        return [AttentionView(attn, "self", heads, heads, attn.head_size, o="dense", fused_qkv="query_key_value")]
+        projections = [Projection("query_key_value", parts=3), Projection("dense", dim=1)]
+        return [AttentionView(attn, "self", heads, heads, attn.head_size, projections, o="dense")]
 
     def mlp(self, block):
-        return MLPView(block.mlp, up="dense_h_to_4h", down="dense_4h_to_h")
+        return MLPView(block.mlp, down="dense_4h_to_h", up="dense_h_to_4h")
 
     def _update_depth(self, stack, keep):
         self.config.num_hidden_layers = len(keep)
@@ -319,14 +336,15 @@ class T5Adapter(Adapter):
                 attn = getattr(layer, name, None)
                 if attn is not None:
                     heads = attn.q.out_features // attn.key_value_proj_dim
-                    views.append(AttentionView(attn, kind, heads, heads, attn.key_value_proj_dim, "q", "k", "v", "o"))
+                    projections = separate_qkv("q", "k", "v", "o")
+                    views.append(AttentionView(attn, kind, heads, heads, attn.key_value_proj_dim, projections, o="o"))
         return views
 
     def mlp(self, block):
         ff = block.layer[-1].DenseReluDense
         if hasattr(ff, "wi_0"):
-            return MLPView(ff, up="wi_1", down="wo", gate="wi_0")
-        return MLPView(ff, up="wi", down="wo")
+            return MLPView(ff, down="wo", up="wi_1", gate="wi_0")
+        return MLPView(ff, down="wo", up="wi")
 
     def _before_keep_blocks(self, stack, keep):
         # Only block 0 owns the relative position bias that every block of the stack uses: hand it on.
