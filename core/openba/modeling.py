@@ -24,6 +24,9 @@ The LayerNorm names are Megatron's ("post" = after the residual add, i.e. before
 removing head h takes rows h*3d..(h+1)*3d of `qkv` (d = kv_channels), rows h*2d..(h+1)*2d of `kv`, rows h*d..(h+1)*d
 of `q` and the same columns of `o`; removing FFN channel c takes rows c and width+c of `fc_in` and column c of
 `fc_out`. Head counts and FFN widths may differ per layer (config `*_head_counts`, `*_ffn_sizes`).
+
+Attention runs through transformers' interface: "sdpa" (default) or "eager". Flash-attention is not declared
+supported: its padded and varlen paths have not been checked against these two on a GPU.
 """
 
 import torch
@@ -40,6 +43,7 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import OpenBAConfig
@@ -79,10 +83,9 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 class OpenBAAttention(nn.Module):
     """Self-attention (fused `qkv`, RoPE) or cross-attention (`q` and fused `kv`, no positions)."""
 
-    def __init__(self, config: OpenBAConfig, num_heads: int, layer_idx: int, is_cross: bool, is_causal: bool):
+    def __init__(self, config: OpenBAConfig, num_heads: int, is_cross: bool, is_causal: bool):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.is_cross = is_cross
         # read by transformers' sdpa interface, which otherwise assumes causal attention
         self.is_causal = is_causal
@@ -103,20 +106,23 @@ class OpenBAAttention(nn.Module):
         batch, seq, _ = states.shape
         return states.view(batch, seq, self.num_heads, parts * self.head_dim).chunk(parts, dim=-1)
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, encoder_hidden_states=None, cache=None):
+    def forward(
+        self, hidden_states, attention_mask=None, rotary=None, encoder_hidden_states=None, cache=None, layer_idx=0
+    ):
+        """`layer_idx` is the block's current depth (its cache slot), passed in so that dropping layers is safe."""
         batch, seq, _ = hidden_states.shape
         if self.is_cross:
             (query,) = self._heads(self.q(hidden_states), 1)
             query = query.transpose(1, 2)
-            if cache is not None and cache.is_updated.get(self.layer_idx):
+            if cache is not None and cache.is_updated.get(layer_idx):
                 # the encoder output does not change during generation: its keys and values are computed once
-                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                layer = cache.cross_attention_cache.layers[layer_idx]
                 key, value = layer.keys, layer.values
             else:
                 key, value = (t.transpose(1, 2) for t in self._heads(self.kv(encoder_hidden_states), 2))
                 if cache is not None:
-                    key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
-                    cache.is_updated[self.layer_idx] = True
+                    key, value = cache.cross_attention_cache.update(key, value, layer_idx)
+                    cache.is_updated[layer_idx] = True
         else:
             query, key, value = self._heads(self.qkv(hidden_states), 3)
             cos, sin = rotary
@@ -124,7 +130,7 @@ class OpenBAAttention(nn.Module):
             key = apply_rotary(key, cos, sin).transpose(1, 2)
             value = value.transpose(1, 2)
             if cache is not None:
-                key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+                key, value = cache.self_attention_cache.update(key, value, layer_idx)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, _ = attention(
@@ -155,15 +161,15 @@ class OpenBAMLP(nn.Module):
 class OpenBABlock(GradientCheckpointingLayer):
     """One pre-LN layer: self-attention, (decoder only) cross-attention, SwiGLU MLP, each with a residual."""
 
-    def __init__(self, config: OpenBAConfig, layer_idx: int, is_decoder: bool, num_heads: int, ffn_size: int):
+    def __init__(self, config: OpenBAConfig, is_decoder: bool, num_heads: int, ffn_size: int):
         super().__init__()
         self.is_decoder = is_decoder
         eps = config.layernorm_epsilon
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.self_attn = OpenBAAttention(config, num_heads, layer_idx, is_cross=False, is_causal=is_decoder)
+        self.self_attn = OpenBAAttention(config, num_heads, is_cross=False, is_causal=is_decoder)
         self.post_attn_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
         if is_decoder:
-            self.inter_attn = OpenBAAttention(config, num_heads, layer_idx, is_cross=True, is_causal=False)
+            self.inter_attn = OpenBAAttention(config, num_heads, is_cross=True, is_causal=False)
             self.post_inter_attn_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.mlp = OpenBAMLP(config, ffn_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -176,8 +182,10 @@ class OpenBABlock(GradientCheckpointingLayer):
         encoder_hidden_states=None,
         encoder_attention_mask=None,
         cache=None,
+        layer_idx=0,
     ):
-        attended = self.self_attn(self.input_layernorm(hidden_states), attention_mask, rotary=rotary, cache=cache)
+        normed = self.input_layernorm(hidden_states)
+        attended = self.self_attn(normed, attention_mask, rotary=rotary, cache=cache, layer_idx=layer_idx)
         hidden_states = hidden_states + self.dropout(attended)
         mlp_norm = self.post_attn_layernorm
         if self.is_decoder:
@@ -186,6 +194,7 @@ class OpenBABlock(GradientCheckpointingLayer):
                 encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
                 cache=cache,
+                layer_idx=layer_idx,
             )
             hidden_states = hidden_states + self.dropout(attended)
             mlp_norm = self.post_inter_attn_layernorm
@@ -203,8 +212,7 @@ class OpenBAStack(nn.Module):
         self.is_decoder = is_decoder
         self.embed_tokens = embed_tokens
         self.block = nn.ModuleList(
-            OpenBABlock(config, index, is_decoder, heads, ffn)
-            for index, (heads, ffn) in enumerate(config.layer_shapes(decoder=is_decoder))
+            OpenBABlock(config, is_decoder, heads, ffn) for heads, ffn in config.layer_shapes(decoder=is_decoder)
         )
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
@@ -255,7 +263,7 @@ class OpenBAStack(nn.Module):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for block in self.block:
+        for index, block in enumerate(self.block):
             hidden_states = block(
                 hidden_states,
                 mask,
@@ -263,6 +271,7 @@ class OpenBAStack(nn.Module):
                 encoder_hidden_states,
                 cross_mask,
                 cache=cache,
+                layer_idx=index,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -357,6 +366,7 @@ class OpenBAModel(OpenBAPreTrainedModel):
         self.decoder = OpenBAStack(config, self.shared_embedding, is_decoder=True)
         self.post_init()
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -415,6 +425,7 @@ class OpenBAForConditionalGeneration(OpenBAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, head):
         self.lm_head = head
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

@@ -2,14 +2,18 @@
 with and without its cache, masks what it must (encoder padding, future decoder tokens), and its presets have the
 published sizes."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSeq2SeqLM
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from core.openba import (
     OpenBAConfig,
     OpenBAForConditionalGeneration,
+    OpenBAModel,
     count_parameters,
     megatron_swiglu_width,
     openba_config,
@@ -44,7 +48,12 @@ def test_save_then_auto_load_gives_identical_logits(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert loaded.encoder.embed_tokens is loaded.shared_embedding is loaded.decoder.embed_tokens
     assert loaded.lm_head.weight.data_ptr() != loaded.shared_embedding.weight.data_ptr()
-    assert torch.equal(model(input_ids=inputs, labels=labels).logits, loaded.eval()(input_ids=inputs, labels=labels).logits)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is OpenBAModel
+    hidden = base(input_ids=inputs, decoder_input_ids=labels).last_hidden_state
+    assert torch.equal(model.lm_head(hidden), model(input_ids=inputs, decoder_input_ids=labels).logits)
+    loaded.eval()
+    assert torch.equal(model(input_ids=inputs, labels=labels).logits, loaded(input_ids=inputs, labels=labels).logits)
 
 
 def test_per_layer_shapes_build_save_and_reload(tmp_path):
@@ -144,6 +153,19 @@ def test_decoder_is_causal():
     assert not torch.allclose(a[:, 4:], b[:, 4:], atol=1e-3)
 
 
+def test_decoder_attention_mask_hides_the_masked_decoder_tokens_from_later_ones():
+    model = build(tiny())
+    inputs, decoder_inputs = tokens(1, 6), tokens(1, 6, seed=2)
+    hidden = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    a = model(input_ids=inputs, decoder_input_ids=decoder_inputs, decoder_attention_mask=hidden).logits
+    changed = decoder_inputs.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % VOCAB
+    b = model(input_ids=inputs, decoder_input_ids=changed, decoder_attention_mask=hidden).logits
+    assert torch.allclose(a[:, 3:], b[:, 3:], atol=1e-6)
+    full = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
+    assert not torch.allclose(a[:, 3:], full[:, 3:], atol=1e-3)
+
+
 def test_position_ids_are_used_and_only_their_differences_matter():
     model = build(tiny())
     inputs, decoder_inputs = tokens(1, 6), tokens(1, 5, seed=2)
@@ -204,3 +226,26 @@ def test_tiny_preset_has_a_few_million_parameters_and_the_15b_proportions():
     assert openba_config("openba-tiny", vocab_size=1000).vocab_size == 1000
     with pytest.raises(ValueError, match="unknown OpenBA preset"):
         openba_config("openba-huge")
+
+
+def test_a_checkpoint_in_the_public_ports_layout_loads(tmp_path):
+    # the public port (github.com/OpenNLG/OpenBA) saves the shared embedding under each stack's name too, and its
+    # config keeps Megatron's pre-SwiGLU ffn_hidden_size (16384 for a width of 11008): loading overrides it
+    model = build(tiny())
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} <= state.keys()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config = {k: v for k, v in model.config.to_dict().items() if not k.endswith(("_sizes", "_counts"))}
+    config.update(ffn_hidden_size=192, initializer_factor=1.0, architectures=["OpenBAForConditionalGeneration"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, ffn_hidden_size=128, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs, labels = tokens(2, 7), tokens(2, 5, seed=2)
+    loaded.eval()
+    assert torch.equal(model(input_ids=inputs, labels=labels).logits, loaded(input_ids=inputs, labels=labels).logits)
+
+
+def test_return_dict_false_gives_a_tuple_starting_with_the_loss():
+    model = build(tiny())
+    out = model(input_ids=tokens(1, 4), labels=tokens(1, 3), return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (1, 3, VOCAB)
