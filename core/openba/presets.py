@@ -7,10 +7,11 @@
     embedding plus a bias; the HF conversion copies it into an untied `lm_head`). Counted that way the preset has
     14.57B parameters (0.2% from 14.6B); as an untied HF model it has 15.59B. With width 16384 it would be 17.74B
     (18.76B untied), 21% off.
-`openba-tiny` -- the same shape in miniature (2 encoder / 6 decoder layers, hidden 256, 10 heads of 32 so the
-    attention width 320 differs from hidden, SwiGLU 688 = the 15B ratio 11008/4096 * 256), about 6.8M parameters
-    with vocabulary 8192. The vocabulary is an override because it must equal the tokenizer's piece count.
-    Dropout 0: tiny models train for seconds in tests, where dropout only adds noise.
+`openba-tiny` -- the same shape in miniature: 2 encoder / 6 decoder layers (1:3 as 12:36), hidden 192, 8 heads of
+    32 so the attention width 256 differs from hidden, SwiGLU 512 (the 15B ratio 11008/4096 gives 516). 8.29M
+    parameters with vocabulary 8192, 3.2M of them in the embedding and LM head; hidden 256 would give 13M. The
+    vocabulary is an override because it must equal the tokenizer's piece count. Dropout 0: tiny models train for
+    seconds in tests, where dropout only adds noise.
 """
 
 import torch
