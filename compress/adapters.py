@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import torch
 from torch import nn
 
@@ -25,6 +24,27 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     if bias is not None:
         new.bias.data.copy_(bias.data if dim == 1 else bias.data.index_select(0, index.to(bias.device)))
     new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    """Keep entries `index` of a norm over the hidden dimension (LayerNorm, RMSNorm, T5LayerNorm), in place."""
+    for name in ("weight", "bias"):
+        param = getattr(norm, name, None)
+        if isinstance(param, nn.Parameter):
+            kept = param.data.index_select(0, index.to(param.device)).clone()
+            setattr(norm, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(index),)
+
+
+def slice_embedding(embed: nn.Embedding, index: torch.Tensor) -> nn.Embedding:
+    """A new Embedding keeping embedding dimensions (columns) `index`; the vocabulary is unchanged."""
+    weight = embed.weight.data.index_select(1, index.to(embed.weight.device)).clone()
+    new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=embed.padding_idx, device=weight.device,
+                       dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    new.weight.requires_grad_(embed.weight.requires_grad)
     return new
 
 
@@ -102,6 +122,27 @@ def block_hidden_out(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+@dataclasses.dataclass
+class ModelShape:
+    """The shape fields pruning changes, in family-neutral names, for a model whose layers are all alike.
+
+    `depths` maps each stack to its number of blocks; `heads` counts query heads, `kv_heads` key/value heads
+    (equal without GQA); `head_dim` is never pruned (OpenBA-V2 keeps kv_channels).
+    """
+
+    depths: dict[str, int]
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+
 class Adapter:
     """Uniform view of one model family. Subclasses fill in the few names and rules that differ."""
 
@@ -111,6 +152,9 @@ class Adapter:
     supports_head_pruning = True
     per_layer_shapes = False  # may layers of one stack have different widths after pruning?
     shared_head_set = False  # must every layer of a stack keep the same heads (T5's shared position bias)?
+    supports_hidden_pruning = True  # may the residual-stream width (hidden size) shrink?
+    # Published sizes of this family count the untied LM head as the input embedding (OpenBA: Megatron shared them)
+    reported_size_counts_embedding_once = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -200,6 +244,57 @@ class Adapter:
                 setattr(view.module, name, slice_linear(view.linear(name), channels, 0))
         setattr(view.module, view.down, slice_linear(view.linear(view.down), channels, 1))
 
+    def hidden_norms(self) -> list[nn.Module]:
+        """Every norm over the residual stream: the blocks' norms and each stack's final norm."""
+        raise NotImplementedError
+
+    def keep_hidden(self, index: torch.Tensor) -> None:
+        """Keep hidden (residual-stream) dimensions `index` in every tensor that reads or writes the stream.
+
+        Readers lose input columns (q/k/v or fused qkv/kv, FFN up/gate), writers lose output rows and their bias
+        entries (attention output, FFN down), norms and embeddings lose entries, the LM head loses columns. One
+        mask serves the whole model, as in OpenBA-V2, because every block adds into the same stream.
+        """
+        if not self.supports_hidden_pruning:
+            raise UserError(f"{self.family}: hidden-dimension pruning is not supported ({self.hidden_pruning_reason()})")
+        size = self.input_embeddings().embedding_dim
+        index = torch.as_tensor(sorted(set(int(i) for i in index)), dtype=torch.long)
+        if len(index) == 0:
+            raise UserError("cannot remove every hidden dimension")
+        if index[0] < 0 or index[-1] >= size:
+            raise UserError(f"hidden index out of range for hidden size {size}")
+        for _, _, block in self.all_blocks():
+            for view in self.attentions(block):
+                for proj in view.projections:
+                    # per-head projections (dim 0) read the stream through their inputs; the output one writes it
+                    hidden_dim = 1 if proj.dim == 0 else 0
+                    setattr(view.module, proj.name, slice_linear(view.linear(proj.name), index, hidden_dim))
+            mlp = self.mlp(block)
+            for name in (mlp.up, mlp.gate, mlp.fused_gate_up):
+                if name:
+                    setattr(mlp.module, name, slice_linear(mlp.linear(name), index, 1))
+            setattr(mlp.module, mlp.down, slice_linear(mlp.linear(mlp.down), index, 0))
+        for norm in self.hidden_norms():
+            slice_norm(norm, index)
+        tied = self.tied()
+        head = self.output_head()
+        embed = slice_embedding(self.input_embeddings(), index)
+        self.model.set_input_embeddings(embed)
+        if head is not None:
+            if tied:
+                head.weight = embed.weight
+                head.in_features = len(index)
+            else:
+                self.model.set_output_embeddings(slice_linear(head, index, 1))
+        self._after_hidden(len(index))
+
+    def _after_hidden(self, size: int) -> None:
+        """Family hook: write the new hidden size into the config and any attribute that caches it."""
+        raise NotImplementedError
+
+    def hidden_pruning_reason(self) -> str:
+        return ""
+
     def keep_tokens(self, tokens: torch.Tensor) -> None:
         """Keep vocabulary rows `tokens` (new id i = old id tokens[i]) in the embeddings and the output head."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -238,12 +333,43 @@ class Adapter:
     def _write_widths(self, stack: str, widths: list[int], heads: list[int], kv: list[int]) -> None:
         raise NotImplementedError
 
+    # --- config shapes (planning without a model) --------------------------------------------------------------
+    @classmethod
+    def config_shape(cls, config) -> ModelShape:
+        """The shape a config describes, in family-neutral names."""
+        raise NotImplementedError
+
+    @classmethod
+    def _shape_fields(cls, config, shape: ModelShape) -> dict:
+        """The config fields (family names) that give `shape`."""
+        raise NotImplementedError
+
+    @classmethod
+    def shape_problem(cls, shape: ModelShape) -> str | None:
+        """Why the family's config cannot hold `shape` (checked before any surgery), or None."""
+        if shape.heads % shape.kv_heads:
+            return f"{shape.heads} query heads do not split into {shape.kv_heads} key/value groups"
+        return None
+
+    @classmethod
+    def reshape_config(cls, config, shape: ModelShape):
+        """A new config of the same family with `shape` (uniform layers); the original is not touched."""
+        problem = cls.shape_problem(shape)
+        if problem:
+            raise UserError(f"{cls.family}: {problem}")
+        data = {**config.to_dict(), **cls._shape_fields(config, shape)}
+        try:
+            return type(config).from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{cls.family} config rejects shape {shape}: {str(err).splitlines()[-1].strip()}") from None
+
 
 class LlamaAdapter(Adapter):
     """Llama, Qwen2 and Mistral: `model.model.layers[i]` with `self_attn.{q,k,v,o}_proj` and a gated MLP."""
 
     family = "llama"
-    model_types = ("llama", "qwen2", "mistral")
+    model_types = ("llama",)
+    hidden_divisible_by_heads = True  # LlamaConfig refuses to load unless hidden_size % num_attention_heads == 0
 
     def blocks(self, stack):
         return self.model.model.layers
@@ -276,6 +402,51 @@ class LlamaAdapter(Adapter):
         self.config.num_attention_heads = heads[0]
         self.config.num_key_value_heads = kv[0]
         self.config.head_dim = head_dim
+
+    def hidden_norms(self):
+        layers = self.blocks("decoder")
+        return [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [
+            self.model.model.norm
+        ]
+
+    def _after_hidden(self, size):
+        # head_dim stays; it must be explicit because the default is hidden_size // num_attention_heads
+        self.config.head_dim = self.attentions(self.blocks("decoder")[0])[0].head_dim
+        self.config.hidden_size = size
+
+    @classmethod
+    def config_shape(cls, config):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return ModelShape({"decoder": config.num_hidden_layers}, config.hidden_size, config.intermediate_size,
+                          config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
+                          head_dim, config.vocab_size)
+
+    @classmethod
+    def _shape_fields(cls, config, shape):
+        depth = shape.depths["decoder"]
+        fields = {"num_hidden_layers": depth, "hidden_size": shape.hidden, "intermediate_size": shape.ffn,
+                  "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+                  "head_dim": shape.head_dim, "vocab_size": shape.vocab}
+        if getattr(config, "layer_types", None) is not None:
+            types = list(config.layer_types)
+            fields["layer_types"] = (types * depth)[:depth] if types else None
+        if getattr(config, "max_window_layers", None) is not None:
+            fields["max_window_layers"] = min(config.max_window_layers, depth)
+        return fields
+
+    @classmethod
+    def shape_problem(cls, shape):
+        problem = super().shape_problem(shape)
+        if problem is None and cls.hidden_divisible_by_heads and shape.hidden % shape.heads:
+            problem = f"LlamaConfig needs hidden_size ({shape.hidden}) divisible by the head count ({shape.heads})"
+        return problem
+
+
+class LlamaFamilyAdapter(LlamaAdapter):
+    """Qwen2 and Mistral: Llama's layout without LlamaConfig's hidden_size % heads rule."""
+
+    model_types = ("qwen2", "mistral")
+    hidden_divisible_by_heads = False
 
 
 class GPTNeoXAdapter(Adapter):
@@ -310,6 +481,32 @@ class GPTNeoXAdapter(Adapter):
 
     def _write_widths(self, stack, widths, heads, kv):
         self.config.intermediate_size = widths[0]
+
+    supports_hidden_pruning = False
+
+    def hidden_pruning_reason(self):
+        return "GPT-NeoX derives its head size from hidden_size / num_attention_heads, so the hidden size is fixed"
+
+    @classmethod
+    def config_shape(cls, config):
+        heads = config.num_attention_heads
+        return ModelShape({"decoder": config.num_hidden_layers}, config.hidden_size, config.intermediate_size,
+                          heads, heads, config.hidden_size // heads, config.vocab_size)
+
+    @classmethod
+    def shape_problem(cls, shape):
+        if shape.heads * shape.head_dim != shape.hidden or shape.kv_heads != shape.heads:
+            return "GPT-NeoX keeps heads x head size = hidden size and no grouped kv heads: only depth, FFN and vocab change"
+        return None
+
+    @classmethod
+    def _shape_fields(cls, config, shape):
+        depth = shape.depths["decoder"]
+        fields = {"num_hidden_layers": depth, "hidden_size": shape.hidden, "intermediate_size": shape.ffn,
+                  "num_attention_heads": shape.heads, "vocab_size": shape.vocab}
+        if getattr(config, "layer_types", None) is not None:
+            fields["layer_types"] = (list(config.layer_types) * depth)[:depth]
+        return fields
 
 
 class T5Adapter(Adapter):
@@ -383,11 +580,43 @@ class T5Adapter(Adapter):
     def _all_heads(self):
         return [v.num_heads for _, _, b in self.all_blocks() for v in self.attentions(b)]
 
+    def hidden_norms(self):
+        norms = [layer.layer_norm for _, _, block in self.all_blocks() for layer in block.layer]
+        return norms + [self.model.encoder.final_layer_norm, self.model.decoder.final_layer_norm]
+
+    def _after_hidden(self, size):
+        self.config.d_model = size
+        for stack in (self.model.encoder, self.model.decoder):
+            stack.config.d_model = size
+        # a tied T5 scales the decoder output by model_dim ** -0.5 before the LM head
+        self.model.model_dim = size
+        for _, _, block in self.all_blocks():
+            for view in self.attentions(block):
+                view.module.d_model = size
+
+    @classmethod
+    def config_shape(cls, config):
+        depths = {"encoder": config.num_layers, "decoder": config.num_decoder_layers}
+        return ModelShape(depths, config.d_model, config.d_ff, config.num_heads, config.num_heads, config.d_kv,
+                          config.vocab_size)
+
+    @classmethod
+    def shape_problem(cls, shape):
+        if shape.kv_heads != shape.heads:
+            return "T5 has no grouped kv heads"
+        return None
+
+    @classmethod
+    def _shape_fields(cls, config, shape):
+        return {"num_layers": shape.depths["encoder"], "num_decoder_layers": shape.depths["decoder"],
+                "d_model": shape.hidden, "d_ff": shape.ffn, "num_heads": shape.heads, "d_kv": shape.head_dim,
+                "vocab_size": shape.vocab}
+
     def _all_widths(self):
         return [self.mlp(b).width for _, _, b in self.all_blocks()]
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GPTNeoXAdapter, T5Adapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, LlamaFamilyAdapter, GPTNeoXAdapter, T5Adapter]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -401,14 +630,18 @@ def supported_model_types() -> list[str]:
     return sorted({t for cls in ADAPTERS for t in cls.model_types})
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for `model`'s family, or a UserError naming the unsupported model type."""
+def adapter_class(model_type: str | None) -> type[Adapter]:
+    """The adapter class for a config's `model_type` (planning from a config needs no model)."""
     _load_builtin_adapters()
-    model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls(model)
+            return cls
     raise UserError(f"unsupported architecture '{model_type}': supported are {', '.join(supported_model_types())}")
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s family, or a UserError naming the unsupported model type."""
+    return adapter_class(getattr(model.config, "model_type", None))(model)
 
 
 def _load_builtin_adapters() -> None:

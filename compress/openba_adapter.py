@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compress.adapters import Adapter, AttentionView, MLPView, Projection, register_adapter
+from compress.adapters import Adapter, AttentionView, MLPView, ModelShape, Projection, register_adapter
 
 
 @register_adapter
@@ -11,6 +11,7 @@ class OpenBAAdapter(Adapter):
     model_types = ("openba",)
     stacks = ("encoder", "decoder")
     per_layer_shapes = True  # OpenBAConfig stores a width and head count per layer
+    reported_size_counts_embedding_once = True  # the paper's 14.6B / 3.8B / 3.4B count lm_head as the embedding
 
     def _stack(self, stack):
         return self.model.encoder if stack == "encoder" else self.model.decoder
@@ -70,3 +71,33 @@ class OpenBAAdapter(Adapter):
             self.config.ffn_hidden_size, self.config.num_heads = layers[0], all_heads[0]
             for field in ("encoder_ffn_sizes", "decoder_ffn_sizes", "encoder_head_counts", "decoder_head_counts"):
                 setattr(self.config, field, None)
+
+    def hidden_norms(self):
+        names = ("input_layernorm", "post_attn_layernorm", "post_inter_attn_layernorm")
+        norms = [getattr(block, n) for _, _, block in self.all_blocks() for n in names if hasattr(block, n)]
+        return norms + [self.model.encoder.final_layernorm, self.model.decoder.final_layernorm]
+
+    def _after_hidden(self, size):
+        self.config.hidden_size = size
+
+    @classmethod
+    def config_shape(cls, config):
+        # per-layer shapes (after a per-layer prune) are summarised by their mean: planning works on uniform shapes
+        shapes = config.layer_shapes(decoder=False) + config.layer_shapes(decoder=True)
+        heads = round(sum(h for h, _ in shapes) / len(shapes))
+        ffn = round(sum(f for _, f in shapes) / len(shapes))
+        depths = {"encoder": config.num_layers, "decoder": config.num_decoder_layers}
+        return ModelShape(depths, config.hidden_size, ffn, heads, heads, config.kv_channels, config.vocab_size)
+
+    @classmethod
+    def shape_problem(cls, shape):
+        if shape.kv_heads != shape.heads:
+            return "OpenBA has no grouped kv heads"
+        return None
+
+    @classmethod
+    def _shape_fields(cls, config, shape):
+        return {"num_layers": shape.depths["encoder"], "num_decoder_layers": shape.depths["decoder"],
+                "hidden_size": shape.hidden, "ffn_hidden_size": shape.ffn, "num_heads": shape.heads,
+                "kv_channels": shape.head_dim, "vocab_size": shape.vocab, "encoder_ffn_sizes": None,
+                "decoder_ffn_sizes": None, "encoder_head_counts": None, "decoder_head_counts": None}
