@@ -1,0 +1,151 @@
+"""Adapter surgery on tiny random models of every family: blocks, heads, channels, hidden size, config shapes."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from compress.adapters import adapter_class, get_adapter
+from core.errors import UserError
+from tests.compress.conftest import FAMILIES, build_tiny, model_inputs
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def reload(model, path):
+    model.save_pretrained(str(path))
+    auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_pretrained(str(path)).eval()
+
+
+def hidden_size(model):
+    return get_adapter(model).input_embeddings().embedding_dim
+
+
+def test_keeping_every_block_head_channel_and_hidden_dim_is_the_identity(family):
+    model = build_tiny(family)
+    inputs = model_inputs(model)
+    before = logits(model, inputs)
+    adapter = get_adapter(model)
+    for stack in adapter.stacks:
+        adapter.keep_blocks(stack, list(range(len(adapter.blocks(stack)))))
+    for _, _, block in adapter.all_blocks():
+        adapter.keep_channels(adapter.mlp(block), torch.arange(adapter.mlp(block).width))
+        if adapter.supports_head_pruning:
+            for view in adapter.attentions(block):
+                adapter.keep_heads(view, torch.arange(view.num_kv_heads))
+    if adapter.supports_hidden_pruning:
+        adapter.keep_hidden(torch.arange(hidden_size(model)))
+    adapter.sync_widths()
+    assert torch.equal(logits(model, inputs), before)
+
+
+def test_pruned_blocks_channels_and_heads_reload_with_equal_logits(family, tmp_path):
+    model = build_tiny(family)
+    adapter = get_adapter(model)
+    for stack in adapter.stacks:
+        adapter.keep_blocks(stack, [0, len(adapter.blocks(stack)) - 1])
+    for _, _, block in adapter.all_blocks():
+        adapter.keep_channels(adapter.mlp(block), torch.arange(0, adapter.mlp(block).width, 2))
+        if adapter.supports_head_pruning:
+            for view in adapter.attentions(block):
+                adapter.keep_heads(view, torch.tensor([0, view.num_kv_heads - 1]))
+    adapter.sync_widths()
+    inputs = model_inputs(model)
+    assert torch.equal(logits(reload(model, tmp_path), inputs), logits(model, inputs))
+
+
+def test_pruning_a_zeroed_kv_group_leaves_logits_unchanged():
+    model = build_tiny("llama")  # 8 query heads in 4 kv groups of 2
+    adapter = get_adapter(model)
+    view = adapter.attentions(adapter.blocks("decoder")[1])[0]
+    columns = torch.arange(2 * view.group_size * view.head_dim, 3 * view.group_size * view.head_dim)  # group 2
+    view.linear(view.o).weight.data[:, columns] = 0
+    inputs = model_inputs(model)
+    before = logits(model, inputs)
+    adapter.keep_heads(view, torch.tensor([0, 1, 3]))
+    assert view.module.q_proj.out_features == 6 * view.head_dim
+    assert view.module.k_proj.out_features == 3 * view.head_dim
+    torch.testing.assert_close(logits(model, inputs), before, atol=1e-6, rtol=0)
+
+
+def test_hidden_pruning_keeps_exactly_the_chosen_rows_and_columns(family):
+    model = build_tiny(family)
+    adapter = get_adapter(model)
+    if not adapter.supports_hidden_pruning:
+        with pytest.raises(UserError, match="hidden"):
+            adapter.keep_hidden(torch.arange(8))
+        return
+    size = hidden_size(model)
+    keep = torch.arange(0, size, 2)
+    block = adapter.all_blocks()[0][2]
+    attention, mlp = adapter.attentions(block)[0], adapter.mlp(block)
+    reader = attention.linear(attention.projections[0].name).weight.detach().clone()
+    writer = attention.linear(attention.o).weight.detach().clone()
+    down = mlp.linear(mlp.down).weight.detach().clone()
+    embed = adapter.input_embeddings().weight.detach().clone()
+    norm = adapter.hidden_norms()[-1].weight.detach().clone()
+    adapter.keep_hidden(keep)
+    assert torch.equal(attention.linear(attention.projections[0].name).weight, reader[:, keep])
+    assert torch.equal(attention.linear(attention.o).weight, writer[keep])
+    assert torch.equal(mlp.linear(mlp.down).weight, down[keep])
+    assert torch.equal(adapter.input_embeddings().weight, embed[:, keep])
+    assert torch.equal(adapter.hidden_norms()[-1].weight, norm[keep])
+    assert adapter.output_head().weight.shape[1] == len(keep)
+    assert adapter.tied() == (family == "t5")  # T5's tied head follows the new embedding
+
+
+def test_hidden_pruned_model_reloads_with_equal_logits(family, tmp_path):
+    model = build_tiny(family)
+    adapter = get_adapter(model)
+    if not adapter.supports_hidden_pruning:
+        pytest.skip(adapter.hidden_pruning_reason())
+    generator = torch.Generator().manual_seed(3)
+    size = hidden_size(model)
+    adapter.keep_hidden(torch.randperm(size, generator=generator)[: size // 2])
+    inputs = model_inputs(model)
+    reloaded = reload(model, tmp_path)
+    assert hidden_size(reloaded) == size // 2
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_hidden_index_out_of_range_or_empty_is_a_user_error_before_any_change():
+    model = build_tiny("openba")
+    adapter = get_adapter(model)
+    with pytest.raises(UserError, match="out of range"):
+        adapter.keep_hidden(torch.tensor([0, 999]))
+    with pytest.raises(UserError, match="every hidden"):
+        adapter.keep_hidden(torch.tensor([], dtype=torch.long))
+    assert hidden_size(model) == 192 and model.config.hidden_size == 192
+
+
+def test_config_shape_round_trips_through_reshape_config(family):
+    config = build_tiny(family).config
+    cls = adapter_class(config.model_type)
+    shape = cls.config_shape(config)
+    smaller = dataclasses.replace(shape, depths={s: d - 1 for s, d in shape.depths.items()}, ffn=shape.ffn // 2,
+                                  vocab=64)
+    reshaped = cls.reshape_config(config, smaller)
+    assert cls.config_shape(reshaped) == smaller
+    assert cls.config_shape(config) == shape  # the original is untouched
+
+
+def test_shapes_a_family_config_cannot_hold_are_user_errors():
+    llama = build_tiny("llama").config
+    shape = adapter_class("llama").config_shape(llama)
+    with pytest.raises(UserError, match="divisible"):  # LlamaConfig: hidden 64 % 6 heads
+        adapter_class("llama").reshape_config(llama, dataclasses.replace(shape, heads=6, kv_heads=3))
+    with pytest.raises(UserError, match="key/value groups"):
+        adapter_class("qwen2").reshape_config(llama, dataclasses.replace(shape, heads=6, kv_heads=4))
+    neox = build_tiny("gpt_neox").config
+    neox_shape = adapter_class("gpt_neox").config_shape(neox)
+    with pytest.raises(UserError, match="GPT-NeoX"):
+        adapter_class("gpt_neox").reshape_config(neox, dataclasses.replace(neox_shape, hidden=32))
+
+
+def test_every_family_is_covered():
+    assert {get_adapter(build_tiny(f)).config.model_type for f in FAMILIES} == set(FAMILIES)
