@@ -145,3 +145,197 @@ class ImportanceScores:
 def _num(value: torch.Tensor) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# --- the scoring pass ------------------------------------------------------------------------------------------
+class StatisticsCollector:
+    """Forward hooks that keep running sums of the requested statistics; nothing per token outlives its batch."""
+
+    def __init__(self, adapter, needs: set[str]):
+        self.adapter = adapter
+        self.needs = needs
+        self.masks: dict[str, torch.Tensor | None] = {}
+        self.handles: list[Any] = []
+        self.block_sums: dict[tuple[str, int], torch.Tensor] = {}  # [cos sum, angle sum, tokens]
+        self.column_sums: dict[tuple, dict[str, torch.Tensor]] = {}  # key -> {"abs": [in], "sq": [in], "tokens": []}
+
+    def on_batch(self, index: int, masks: dict[str, torch.Tensor | None]) -> None:
+        self.masks = masks
+
+    def _tokens(self, x: torch.Tensor, stack: str) -> torch.Tensor:
+        """[tokens, features] of the real (unpadded) positions."""
+        mask = self.masks.get(stack)
+        if mask is not None and mask.shape == x.shape[:-1]:
+            return x[mask.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+    def attach(self) -> "StatisticsCollector":
+        from compress.adapters import block_hidden_in, block_hidden_out
+
+        layer_stats = self.needs & {"cosine", "angular"}
+        column_stats = self.needs & {"act_abs", "act_norm"}
+        for stack, index, block in self.adapter.all_blocks():
+            if layer_stats:
+                key = (stack, index)
+                self.block_sums[key] = torch.zeros(3, dtype=torch.float64)
+
+                def block_hook(module, args, kwargs, output, key=key, stack=stack):
+                    h_in = self._tokens(block_hidden_in(args, kwargs).detach(), stack).float()
+                    h_out = self._tokens(block_hidden_out(output).detach(), stack).float()
+                    cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).clamp(-1.0, 1.0)
+                    sums = self.block_sums[key]
+                    sums[0] += float(cos.sum())
+                    if "angular" in self.needs:
+                        sums[1] += float(torch.arccos(cos).sum() / math.pi)
+                    sums[2] += cos.numel()
+
+                self.handles.append(block.register_forward_hook(block_hook, with_kwargs=True))
+            if not column_stats:
+                continue
+            targets = [(("heads", stack, view.kind, index), view.linear(view.o))
+                       for view in self.adapter.attentions(block)]
+            mlp = self.adapter.mlp(block)
+            targets.append((("channels", stack, None, index), mlp.linear(mlp.down)))
+            for key, linear in targets:
+                self.column_sums[key] = {}
+
+                def column_hook(module, args, key=key, stack=stack):
+                    x = self._tokens(args[0].detach(), stack)
+                    sums = self.column_sums[key]
+                    if "act_abs" in self.needs:
+                        _accumulate(sums, "abs", x.abs().sum(0, dtype=torch.float32))
+                    if "act_norm" in self.needs:
+                        xf = x.float()
+                        _accumulate(sums, "sq", (xf * xf).sum(0))
+                    sums["tokens"] = sums.get("tokens", 0) + x.shape[0]
+
+                self.handles.append(linear.register_forward_pre_hook(column_hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def layer_stats(self, stack: str, num_blocks: int) -> dict[str, torch.Tensor]:
+        if not self.block_sums:
+            return {}
+        sums = torch.stack([self.block_sums[(stack, i)] for i in range(num_blocks)])
+        tokens = sums[:, 2].clamp(min=1)
+        return {"cosine": (sums[:, 0] / tokens).float(), "angular": (sums[:, 1] / tokens).float()}
+
+    def column_stats(self, unit: str, stack: str, kind: str | None, layer: int) -> dict[str, torch.Tensor]:
+        sums = self.column_sums.get((unit, stack, kind, layer), {})
+        tokens = max(int(sums.get("tokens", 0)), 1)
+        stats = {}
+        if "abs" in sums:
+            stats["act_abs"] = sums["abs"].cpu() / tokens
+        if "sq" in sums:
+            stats["act_norm"] = sums["sq"].cpu().sqrt()
+        return stats
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in sums:
+        sums[name] += value
+    else:
+        sums[name] = value.clone()
+
+
+def skip_losses(model, adapter, calib, base_loss: float, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per stack, the calibration-loss increase when each block is replaced by the identity (one pass per block)."""
+    from tqdm.auto import tqdm
+
+    from compress.adapters import block_hidden_in
+    from compress.calibration import calibration_pass
+
+    def identity(module, args, kwargs, output):
+        hidden = block_hidden_in(args, kwargs)
+        return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+    blocks = adapter.all_blocks()
+    deltas = {stack: torch.zeros(len(adapter.blocks(stack))) for stack in adapter.stacks}
+    for stack, index, block in tqdm(blocks, desc="skip-loss", disable=not progress, leave=False):
+        handle = block.register_forward_hook(identity, with_kwargs=True)
+        try:
+            deltas[stack][index] = calibration_pass(model, calib, progress=False) - base_loss
+        finally:
+            handle.remove()
+    return deltas
+
+
+def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progress: bool = True,
+                description: str | None = None) -> ImportanceScores:
+    """Score `model`'s layers / heads / channels with the named scorers in one streaming calibration pass.
+
+    `batches` is a CalibrationSet (from `calibration_batches`) or a list of input dicts. Hooks are placed where the
+    adapter says; a backward pass runs only if a scorer needs gradients, the per-block skip passes only for
+    `skip_loss`. The model is left as it was (no hooks, no gradients, same requires_grad flags).
+    """
+    from compress.adapters import get_adapter
+    from compress.calibration import as_calibration_set, calibration_pass
+    from compress.scorers import LayerContext, UnitContext, check_scores, get_scorer
+
+    unknown_units = [u for u in scorers if u not in ("layers", "heads", "channels")]
+    if unknown_units:
+        raise UserError(f"cannot score {unknown_units}: units are layers, heads, channels (tokens: compress.vocab)")
+    resolved = {unit: get_scorer(unit, name) for unit, name in scorers.items() if name}
+    adapter = get_adapter(model)
+    calib = as_calibration_set(batches, model)
+    needs = set().union(*(s.needs for s in resolved.values())) if resolved else set()
+    needs_grad = "grad" in needs
+
+    was_training = model.training
+    model.eval()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    collector = StatisticsCollector(adapter, needs).attach()
+    loss = None
+    try:
+        if needs_grad:
+            for p in model.parameters():
+                p.requires_grad_(True)
+                p.grad = None
+        if needs & {"cosine", "angular", "act_abs", "act_norm", "grad", "skip_loss"}:
+            loss = calibration_pass(model, calib, on_batch=collector.on_batch, backward=needs_grad,
+                                    desc="scoring", progress=progress)
+        collector.detach()
+        layer_stats = {stack: collector.layer_stats(stack, len(adapter.blocks(stack))) for stack in adapter.stacks}
+        if "skip_loss" in needs:
+            for stack, deltas in skip_losses(model, adapter, calib, loss, progress).items():
+                layer_stats[stack]["skip_loss"] = deltas
+
+        scores = ImportanceScores()
+        if "layers" in resolved:
+            scorer = resolved["layers"]
+            for stack in adapter.stacks:
+                n = len(adapter.blocks(stack))
+                ctx = LayerContext(stack, n, layer_stats[stack], seed, adapter)
+                scores[ImportanceScores.layer_name(stack)] = check_scores(scorer(ctx), n, f"the {stack} stack", scorer)
+        for unit in ("heads", "channels"):
+            if unit not in resolved:
+                continue
+            scorer = resolved[unit]
+            for stack, index, block in adapter.all_blocks():
+                views = adapter.attentions(block) if unit == "heads" else [adapter.mlp(block)]
+                for view in views:
+                    kind = view.kind if unit == "heads" else None
+                    ctx = UnitContext(unit, stack, index, kind, view, collector.column_stats(unit, stack, kind, index),
+                                      seed, adapter)
+                    scores[ctx.name] = check_scores(scorer(ctx), ctx.num_units, ctx.name, scorer)
+    finally:
+        collector.detach()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            if needs_grad:
+                p.grad = None
+        model.train(was_training)
+
+    scores.meta = {
+        "scorers": {unit: s.name for unit, s in resolved.items()},
+        "model_type": getattr(model.config, "model_type", None),
+        "num_tokens": calib.num_tokens,
+        "data": description or calib.description,
+        "calibration_loss": loss,
+        "seed": seed,
+    }
+    return scores
