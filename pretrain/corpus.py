@@ -68,7 +68,7 @@ class CorpusConfig:
     """Cut longer documents at line boundaries into parts (rows sharing a doc_id and split). Whole packages reach
     ~1 MB; parts keep row sizes sane for tokenizing and packing. None keeps documents whole."""
     validation_size: float | int = 0.05
-    """Groups held out for validation: a fraction of groups (float < 1) or a number of groups (int)."""
+    """Groups held out for validation: below 1 a fraction of the groups, from 1 up a number of groups."""
     calibration_size: float | int = 0.05
     """Groups held out for pruning calibration statistics, disjoint from validation and train."""
     seed: int = 0
@@ -83,7 +83,7 @@ class CorpusConfig:
             raise UserError(f"corpus sources must be a non-empty subset of {list(SOURCES)}, got {list(self.sources)}")
         for name in ("validation_size", "calibration_size"):
             size = getattr(self, name)
-            if size < 0 or (isinstance(size, float) and size >= 1):
+            if size < 0 or (size >= 1 and size != int(size)):
                 raise UserError(f"{name} must be a fraction in [0, 1) or a whole number of groups, got {size}")
         if self.max_documents is not None and self.max_documents < 1:
             raise UserError(f"max_documents must be at least 1 (or None for all), got {self.max_documents}")
@@ -121,8 +121,9 @@ def _python_files(path: Path) -> list[Path]:
     """The .py files of a module or package, sorted, without test suites or machine-specific files."""
     files = [path] if path.is_file() else sorted(path.rglob("*.py"))
     return [
-        f for f in files
-        if f.suffix == ".py" and not SKIPPED_DIRS & set(f.parts) and not f.name.startswith(SKIPPED_PREFIXES)
+        f for f in files  # parts below the group only: an extra package may itself live in site-packages
+        if f.suffix == ".py" and not SKIPPED_DIRS & set(f.relative_to(path.parent).parts)
+        and not f.name.startswith(SKIPPED_PREFIXES)
     ]
 
 
@@ -150,10 +151,11 @@ def extra_groups(config: CorpusConfig) -> list[Group]:
         locations = list(spec.submodule_search_locations or [])
         path = Path(locations[0]) if locations else Path(spec.origin)
         groups.append(Group(name, path.parent, tuple(_python_files(path))))
-    for directory in map(Path, config.extra_dirs):
-        if not directory.is_dir():
-            raise UserError(f"extra directory {str(directory)!r} does not exist")
-        groups.append(Group(directory.resolve().name, directory.resolve().parent, tuple(_python_files(directory))))
+    for directory in config.extra_dirs:
+        path = Path(directory).resolve()
+        if not path.is_dir():
+            raise UserError(f"extra directory {directory!r} does not exist")
+        groups.append(Group(path.name, path.parent, tuple(_python_files(path))))
     return groups
 
 
@@ -247,7 +249,7 @@ def assign_splits(group_names: list[str], config: CorpusConfig) -> dict[str, str
     ranked = sorted(set(group_names), key=lambda name: (seeded_hash(config.seed, "split:" + name), name))
 
     def count(size: float | int) -> int:
-        return int(size) if isinstance(size, int) else (max(1, round(size * len(ranked))) if size > 0 else 0)
+        return int(size) if size >= 1 else max(1, round(size * len(ranked))) if size > 0 else 0
 
     n_val, n_cal = count(config.validation_size), count(config.calibration_size)
     if n_val + n_cal >= len(ranked):

@@ -132,3 +132,15 @@ def test_cli_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
         corpus_module.parse_args(["--help"])
     assert "example: python -m pretrain.corpus --out" in capsys.readouterr().out
+
+
+def test_extra_dirs_become_groups_without_their_test_suites(tmp_path):
+    package = tmp_path / "mypkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""My package, documented at enough length to be kept."""\n')
+    (package / "a.py").write_text("def a():\n    return 1\n")
+    (package / "tests" / "test_a.py").write_text("assert True\n")
+    dsd = build_corpus(CorpusConfig(sources=("code",), extra_dirs=(str(package),), min_chars=1))
+    rows = [row for split in dsd for row in dsd[split] if row["doc_id"] == "code:mypkg"]
+    assert len(rows) == 1
+    assert "# file: mypkg/a.py\ndef a():" in rows[0]["text"] and "test_a" not in rows[0]["text"]
