@@ -271,14 +271,12 @@ def build_corpus(config: CorpusConfig | None = None) -> datasets.DatasetDict:
     pool.sort(key=lambda c: (seeded_hash(config.seed, "doc:" + c.doc_id), c.doc_id))
     wanted = config.max_documents or len(pool)
     documents = []
-    with tqdm(total=wanted, desc="corpus documents", unit="doc", disable=None) as progress:
-        for candidate in pool:
-            text = candidate.load()
-            if len(text) >= config.min_chars:
-                documents.append((candidate, text))
-                progress.update()
-                if len(documents) == wanted:
-                    break
+    for candidate in tqdm(pool, desc="corpus candidates read", unit="doc", disable=None):
+        text = candidate.load()
+        if len(text) >= config.min_chars:
+            documents.append((candidate, text))
+            if len(documents) == wanted:
+                break
     if not documents:
         raise UserError("the corpus came out empty; lower min_chars or add sources")
     split_of = assign_splits([c.group.name for c, _ in documents], config)
