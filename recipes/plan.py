@@ -83,9 +83,7 @@ def shape_after(kind: str, args: dict[str, Any], shape: ModelShape, drops: dict[
         return dataclasses.replace(shape, depths=depths)
     if kind == "neuron_prune":
         heads = args.get("heads") or shape.heads
-        kv = shape.kv_heads if shape.kv_heads == shape.heads else max(1, heads // shape.group_size)
-        if shape.kv_heads == shape.heads:
-            kv = heads
+        kv = heads // shape.group_size  # whole kv groups are kept, so the group size is unchanged
         return dataclasses.replace(shape, hidden=args.get("hidden") or shape.hidden,
                                    ffn=args.get("ffn_width") or shape.ffn, heads=heads, kv_heads=kv)
     if kind == "vocab_prune":
