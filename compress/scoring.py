@@ -281,8 +281,9 @@ def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progr
         raise UserError(f"cannot score {unknown_units}: units are layers, heads, channels (tokens: compress.vocab)")
     resolved = {unit: get_scorer(unit, name) for unit, name in scorers.items() if name}
     adapter = get_adapter(model)
-    calib = as_calibration_set(batches, model)
     needs = set().union(*(s.needs for s in resolved.values())) if resolved else set()
+    # scorers without statistics (random, v2_heuristic) need no data at all
+    calib = as_calibration_set(batches, model) if needs or batches else None
     needs_grad = "grad" in needs
 
     was_training = model.training
@@ -333,8 +334,8 @@ def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progr
     scores.meta = {
         "scorers": {unit: s.name for unit, s in resolved.items()},
         "model_type": getattr(model.config, "model_type", None),
-        "num_tokens": calib.num_tokens,
-        "data": description or calib.description,
+        "num_tokens": calib.num_tokens if calib is not None else 0,
+        "data": description or (calib.description if calib is not None else "none"),
         "calibration_loss": loss,
         "seed": seed,
     }
