@@ -1,0 +1,422 @@
+"""Neuron pruning: FFN channels, attention heads (whole kv groups) and the hidden dimension, chosen by score.
+
+OpenBA-V2's stage S4 cut hidden 4096 -> 2560, FFN 11008 -> 6912 and heads 40 -> 20 with random structured masks
+(one global hidden mask, per-layer head and FFN masks) and sliced every dependent tensor. Here the masks come from
+importance scores (HIGHER = keep, see compress/scoring.py); the scorer "random" reproduces the paper's baseline.
+
+    prune_neurons(model, scores, ffn_ratio=0.5, head_ratio=0.5)          # in place, returns a NeuronPruneResult
+    python -m compress.neuron --model DIR --calib DATA --ffn-width 6912 --heads 20 --hidden 2560 --out DIR
+
+Rules the pruner keeps:
+- Query heads go with their kv head (a kv group is the unit), so GQA stays valid; a group scores the sum of its
+  query heads' scores. T5 keeps one head set per stack and kind (its position bias is shared by every layer), ranked
+  by the summed score across the stack's layers.
+- Uniform widths unless `per_layer`: then the stack's kept total is distributed by a global ranking of raw scores
+  across its layers. Only families whose config stores per-layer shapes (OpenBA) allow it.
+- `round_to` rounds kept FFN and hidden widths to a multiple (64/128 suit fast kernels), never below one multiple.
+  Head counts are not rounded: they are already whole groups.
+- Every check runs before the first tensor changes: a bad request leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from compress.adapters import Adapter, block_hidden_out, get_adapter
+from core.errors import UserError, main_guard
+
+HIDDEN_SCORES = "hidden"  # name of the hidden-dimension scores [hidden_size] in a scores mapping
+HIDDEN_FILE = "hidden.safetensors"  # beside scores.safetensors (ImportanceScores has no hidden unit)
+
+
+# --- plans -------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class NeuronPlan:
+    """Which units survive: FFN channels per (stack, layer), kv groups per (stack, layer, attention), hidden dims."""
+
+    channels: dict[tuple[str, int], torch.Tensor] = dataclasses.field(default_factory=dict)
+    heads: dict[tuple[str, int, int], torch.Tensor] = dataclasses.field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class NeuronPruneResult:
+    """What a prune did: parameters before and after, widths per stack, the width ratio a budget solved for."""
+
+    params_before: int
+    params_after: int
+    hidden_before: int
+    hidden_after: int
+    widths_before: dict[str, dict[str, list[int]]]
+    widths_after: dict[str, dict[str, list[int]]]
+    solved_ratio: float | None = None
+    plan: NeuronPlan | None = dataclasses.field(default=None, repr=False)
+
+
+def round_width(n: float, round_to: int, maximum: int) -> int:
+    """`n` rounded to the nearest multiple of `round_to`, at least one multiple, at most `maximum` (never zero)."""
+    if round_to <= 1:
+        return int(min(max(round(n), 1), maximum))
+    rounded = max(int(round(n / round_to)), 1) * round_to
+    return int(min(rounded, maximum))
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted (ties keep the lower index, so equal scores prune from the end)."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def _scores_for(scores: Mapping[str, torch.Tensor] | Any, name: str, expected: int, what: str) -> torch.Tensor:
+    try:
+        values = scores[name]
+    except KeyError:
+        raise UserError(f"no '{name}' scores for {what}: score the model for this unit first") from None
+    values = torch.as_tensor(values).detach().float().reshape(-1).cpu()
+    if values.numel() != expected:
+        raise UserError(f"scores '{name}' have {values.numel()} entries but {what} has {expected}: "
+                        "the scores belong to another model (or one pruned since)")
+    return values
+
+
+def widths_of(adapter: Adapter) -> dict[str, dict[str, list[int]]]:
+    """Per stack: FFN width and query-head count of every layer (the summary table and the manifest show them)."""
+    out = {}
+    for stack in adapter.stacks:
+        blocks = adapter.blocks(stack)
+        out[stack] = {"ffn": [adapter.mlp(b).width for b in blocks],
+                      "heads": [adapter.attentions(b)[0].num_heads for b in blocks]}
+    return out
+
+
+# --- checks that need no scores ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class NeuronTargets:
+    """The requested kept sizes; None means the unit is not pruned (ratios are of each layer's current width)."""
+
+    ffn_width: int | None = None
+    ffn_ratio: float | None = None
+    heads: int | None = None
+    head_ratio: float | None = None
+    hidden: int | None = None
+    hidden_ratio: float | None = None
+    per_layer: bool = False
+    round_to: int = 1
+
+    def prunes_hidden(self) -> bool:
+        return self.hidden is not None or self.hidden_ratio is not None
+
+    def prunes_heads(self) -> bool:
+        return self.heads is not None or self.head_ratio is not None
+
+    def prunes_ffn(self) -> bool:
+        return self.ffn_width is not None or self.ffn_ratio is not None
+
+
+def check_targets(adapter: Adapter, targets: NeuronTargets) -> None:
+    """Every error a request can have, found from the model's shapes alone (before scoring and before surgery)."""
+    for count, ratio, unit in ((targets.ffn_width, targets.ffn_ratio, "FFN width"),
+                               (targets.heads, targets.head_ratio, "head count"),
+                               (targets.hidden, targets.hidden_ratio, "hidden size")):
+        if count is not None and ratio is not None:
+            raise UserError(f"give the kept {unit} as a count or a ratio, not both")
+        if count is not None and count < 1:
+            raise UserError(f"the kept {unit} must be at least 1, got {count}")
+        if ratio is not None and not 0.0 < ratio <= 1.0:
+            raise UserError(f"the kept {unit} ratio must be in (0, 1], got {ratio}")
+    if targets.round_to < 1:
+        raise UserError(f"round_to must be a positive integer, got {targets.round_to}")
+    if targets.per_layer and not adapter.per_layer_shapes:
+        raise UserError(f"{adapter.family} checkpoints need the same width in every layer: per-layer pruning is "
+                        "only for families whose config stores per-layer shapes (openba)")
+    if targets.prunes_heads() and not adapter.supports_head_pruning:
+        raise UserError(f"{adapter.family}: head pruning is not supported ({adapter.head_pruning_reason()})")
+    if targets.prunes_hidden() and not adapter.supports_hidden_pruning:
+        raise UserError(f"{adapter.family}: hidden-dimension pruning is not supported "
+                        f"({adapter.hidden_pruning_reason()})")
+    hidden = adapter.input_embeddings().embedding_dim
+    if targets.hidden is not None and targets.hidden > hidden:
+        raise UserError(f"cannot keep {targets.hidden} hidden dimensions: the model has {hidden}")
+    for stack, layer, block in adapter.all_blocks():
+        width = adapter.mlp(block).width
+        if targets.ffn_width is not None and targets.ffn_width > width:
+            raise UserError(f"cannot keep {targets.ffn_width} FFN channels: {stack} layer {layer} has {width}")
+        if targets.heads is not None:
+            for view in adapter.attentions(block):
+                if targets.heads > view.num_heads:
+                    raise UserError(f"cannot keep {targets.heads} heads: {stack} layer {layer} {view.kind}-attention "
+                                    f"has {view.num_heads}")
+                if targets.heads % view.group_size:
+                    raise UserError(f"kept query heads ({targets.heads}) must be a multiple of the kv group size "
+                                    f"({view.group_size} query heads share a kv head) so GQA stays valid")
+    if not targets.per_layer:
+        shape = _uniform_shape_after(adapter, targets)
+        problem = type(adapter).shape_problem(shape) if shape is not None else None
+        if problem:
+            raise UserError(f"{adapter.family}: {problem}")
+
+
+def _uniform_shape_after(adapter: Adapter, targets: NeuronTargets):
+    """The family-neutral shape a uniform prune leads to (None when layers differ already: nothing to check)."""
+    first = adapter.all_blocks()[0][2]
+    view = adapter.attentions(first)[0]
+    if any(adapter.mlp(b).width != adapter.mlp(first).width for _, _, b in adapter.all_blocks()):
+        return None
+    shape = type(adapter).config_shape(adapter.config)
+    ffn = _kept_ffn(adapter.mlp(first).width, targets)
+    kv = _kept_groups(view.num_kv_heads, view.group_size, targets)
+    hidden = _kept_hidden(adapter.input_embeddings().embedding_dim, targets)
+    return dataclasses.replace(shape, hidden=hidden, ffn=ffn, heads=kv * view.group_size, kv_heads=kv,
+                               head_dim=view.head_dim)
+
+
+def _kept_ffn(width: int, targets: NeuronTargets) -> int:
+    if targets.ffn_width is not None:
+        return round_width(targets.ffn_width, targets.round_to, width)
+    if targets.ffn_ratio is not None:
+        return round_width(width * targets.ffn_ratio, targets.round_to, width)
+    return width
+
+
+def _kept_groups(num_kv: int, group_size: int, targets: NeuronTargets) -> int:
+    if targets.heads is not None:
+        return targets.heads // group_size
+    if targets.head_ratio is not None:
+        return int(min(max(round(num_kv * targets.head_ratio), 1), num_kv))
+    return num_kv
+
+
+def _kept_hidden(hidden: int, targets: NeuronTargets) -> int:
+    if targets.hidden is not None:
+        return round_width(targets.hidden, targets.round_to, hidden)
+    if targets.hidden_ratio is not None:
+        return round_width(hidden * targets.hidden_ratio, targets.round_to, hidden)
+    return hidden
+
+
+# --- choosing units ----------------------------------------------------------------------------------------------
+def plan_neurons(adapter: Adapter, scores, targets: NeuronTargets) -> NeuronPlan:
+    """Which channels, kv groups and hidden dimensions survive `targets`, by score; checks everything first."""
+    check_targets(adapter, targets)
+    plan = NeuronPlan()
+    if targets.prunes_ffn():
+        _plan_channels(adapter, scores, targets, plan)
+    if targets.prunes_heads():
+        _plan_heads(adapter, scores, targets, plan)
+    if targets.prunes_hidden():
+        hidden = adapter.input_embeddings().embedding_dim
+        values = _scores_for(scores, HIDDEN_SCORES, hidden, "the hidden dimension")
+        plan.hidden = top_k(values, _kept_hidden(hidden, targets))
+    return plan
+
+
+def _plan_channels(adapter: Adapter, scores, targets: NeuronTargets, plan: NeuronPlan) -> None:
+    for stack in adapter.stacks:
+        layers = [(i, adapter.mlp(b).width) for i, b in enumerate(adapter.blocks(stack))]
+        values = {i: _scores_for(scores, f"channels.{stack}.{i}", w, f"{stack} layer {i}'s FFN") for i, w in layers}
+        counts = {i: _kept_ffn(w, targets) for i, w in layers}
+        if targets.per_layer:
+            counts = _global_counts(values, sum(counts.values()))
+            counts = {i: round_width(c, targets.round_to, dict(layers)[i]) for i, c in counts.items()}
+        for i, _ in layers:
+            plan.channels[(stack, i)] = top_k(values[i], counts[i])
+
+
+def _global_counts(values: dict[Any, torch.Tensor], total: int) -> dict[Any, int]:
+    """How many of each group's units fall in the top `total` of all groups' scores together."""
+    keys = list(values)
+    owner = torch.cat([torch.full((len(values[k]),), n) for n, k in enumerate(keys)])
+    kept = owner[top_k(torch.cat([values[k] for k in keys]), total)]
+    return {k: int((kept == n).sum()) for n, k in enumerate(keys)}
+
+
+def _group_scores(adapter: Adapter, scores, stack: str, layer: int, view) -> torch.Tensor:
+    name = f"heads.{stack}.{view.kind}.{layer}"
+    values = _scores_for(scores, name, view.num_heads, f"{stack} layer {layer} {view.kind}-attention")
+    return values.reshape(view.num_kv_heads, view.group_size).sum(1)
+
+
+def _plan_heads(adapter: Adapter, scores, targets: NeuronTargets, plan: NeuronPlan) -> None:
+    for stack in adapter.stacks:
+        views = [(i, a, view) for i, block in enumerate(adapter.blocks(stack))
+                 for a, view in enumerate(adapter.attentions(block))]
+        groups = {(i, a): _group_scores(adapter, scores, stack, i, view) for i, a, view in views}
+        counts = {(i, a): _kept_groups(view.num_kv_heads, view.group_size, targets) for i, a, view in views}
+        if adapter.shared_head_set:
+            # T5: every layer uses the position bias of layer 0, so one head set per kind across the stack
+            for kind in {view.kind for _, _, view in views}:
+                same = [(i, a) for i, a, view in views if view.kind == kind]
+                kept = top_k(sum(groups[key] for key in same), counts[same[0]])
+                for key in same:
+                    plan.heads[(stack, *key)] = kept
+            continue
+        if targets.per_layer:
+            # one count per block (a decoder block's self- and cross-attention keep as many heads: OpenBA's config)
+            pooled = _global_counts(groups, sum(counts.values()))
+            for i in {i for i, _, _ in views}:
+                keys = [(j, a) for j, a, _ in views if j == i]
+                per_block = round(sum(pooled[k] for k in keys) / len(keys))
+                for key in keys:
+                    counts[key] = int(min(max(per_block, 1), len(groups[key])))
+        for key, values in groups.items():
+            plan.heads[(stack, *key)] = top_k(values, counts[key])
+
+
+# --- surgery -----------------------------------------------------------------------------------------------------
+def apply_plan(adapter: Adapter, plan: NeuronPlan) -> None:
+    """Slice every tensor the plan's units touch, then write the new widths into the config."""
+    blocks = {(stack, i): block for stack, i, block in adapter.all_blocks()}
+    for (stack, i), channels in plan.channels.items():
+        adapter.keep_channels(adapter.mlp(blocks[(stack, i)]), channels)
+    for (stack, i, a), kv_heads in plan.heads.items():
+        adapter.keep_heads(adapter.attentions(blocks[(stack, i)])[a], kv_heads)
+    if plan.hidden is not None:
+        adapter.keep_hidden(plan.hidden)
+    adapter.sync_widths()
+
+
+def count_after(model, plan: NeuronPlan) -> int:
+    """Parameters the model would have after `plan`, found by applying it to a weightless twin on the meta device."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from core.checkpoint import count_parameters
+
+    auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
+    with torch.device("meta"):
+        twin = auto.from_config(copy.deepcopy(model.config))
+    apply_plan(get_adapter(twin), plan)
+    return count_parameters(twin)
+
+
+def prune_neurons(model, scores, ffn_width: int | None = None, ffn_ratio: float | None = None,
+                  heads: int | None = None, head_ratio: float | None = None, hidden: int | None = None,
+                  hidden_ratio: float | None = None, per_layer: bool = False, round_to: int = 1,
+                  target_params: int | None = None) -> NeuronPruneResult:
+    """Prune FFN channels, heads (per kv group) and hidden dimensions of `model` in place, keeping the best scored.
+
+    `scores` maps names to tensors (an `ImportanceScores` or a dict): `channels.{stack}.{layer}`,
+    `heads.{stack}.{kind}.{layer}` and, for the hidden dimension, `hidden` (see `hidden_scores`). With
+    `target_params`, one width ratio for FFN and heads (those not given explicitly) is solved so that the model
+    has at most that many parameters; an explicit hidden size is applied as given.
+    """
+    from core.checkpoint import count_parameters
+
+    adapter = get_adapter(model)
+    targets = NeuronTargets(ffn_width, ffn_ratio, heads, head_ratio, hidden, hidden_ratio, per_layer, round_to)
+    params_before, widths_before = count_parameters(model), widths_of(adapter)
+    hidden_before = adapter.input_embeddings().embedding_dim
+    solved = None
+    if target_params is not None:
+        targets, solved = solve_budget(model, adapter, scores, targets, int(target_params))
+    elif not (targets.prunes_ffn() or targets.prunes_heads() or targets.prunes_hidden()):
+        raise UserError("nothing to prune: give an FFN width, a head count, a hidden size (or ratios) or a budget")
+    plan = plan_neurons(adapter, scores, targets)
+    apply_plan(adapter, plan)
+    return NeuronPruneResult(params_before, count_parameters(model), hidden_before,
+                             adapter.input_embeddings().embedding_dim, widths_before, widths_of(adapter), solved, plan)
+
+
+def solve_budget(model, adapter: Adapter, scores, targets: NeuronTargets, target_params: int,
+                 steps: int = 24) -> tuple[NeuronTargets, float]:
+    """The largest width ratio (for FFN and heads not fixed by `targets`) whose pruned model fits `target_params`."""
+    free_ffn = not targets.prunes_ffn()
+    free_heads = not targets.prunes_heads() and adapter.supports_head_pruning
+    if not (free_ffn or free_heads):
+        raise UserError("a parameter budget needs the FFN width or the head count left free to solve for")
+
+    views = [v for _, _, b in adapter.all_blocks() for v in adapter.attentions(b)]
+    uniform_heads = not targets.per_layer and len({(v.num_heads, v.num_kv_heads) for v in views}) == 1
+
+    def with_ratio(ratio: float) -> NeuronTargets:
+        solved = dataclasses.replace(targets, ffn_ratio=ratio if free_ffn else targets.ffn_ratio)
+        if free_heads and uniform_heads:
+            # a head count the family's config accepts (LlamaConfig: one that divides the hidden size)
+            return dataclasses.replace(solved, heads=_valid_head_count(adapter, solved, views[0], ratio))
+        return dataclasses.replace(solved, head_ratio=ratio if free_heads else targets.head_ratio)
+
+    def params(ratio: float) -> int:
+        return count_after(model, plan_neurons(adapter, scores, with_ratio(ratio)))
+
+    if params(1.0) <= target_params:
+        return with_ratio(1.0), 1.0
+    smallest = params(1e-9)  # one kv group and one rounding multiple per layer
+    if smallest > target_params:
+        raise UserError(f"target of {target_params:,} parameters is out of reach by neuron pruning: the smallest "
+                        f"widths give {smallest:,} (prune layers or the vocabulary too, see compress.budget)")
+    low, high = 1e-9, 1.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if params(middle) <= target_params else (low, middle)
+    return with_ratio(low), low
+
+
+def _valid_head_count(adapter: Adapter, targets: NeuronTargets, view, ratio: float) -> int:
+    """The largest whole-group head count at or below `ratio` of the heads whose uniform shape the family accepts."""
+    wanted = int(min(max(round(view.num_kv_heads * ratio), 1), view.num_kv_heads))
+    for kv in [*range(wanted, 0, -1), *range(wanted + 1, view.num_kv_heads + 1)]:
+        shape = _uniform_shape_after(adapter, dataclasses.replace(targets, heads=kv * view.group_size))
+        if shape is None or type(adapter).shape_problem(shape) is None:
+            return kv * view.group_size
+    raise UserError(f"{adapter.family}: no head count fits the config's rules at this hidden size")
+
+
+# --- hidden-dimension scores -------------------------------------------------------------------------------------
+def hidden_scores(model, calib=None, scorer: str = "activation", seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Scores [hidden_size] for the hidden dimension (higher = keep).
+
+    "activation" (Minitron's embedding-channel importance): token-mean |h| of the residual stream after every
+    block, summed over all blocks of all stacks, from one calibration pass. "random": seeded uniform scores,
+    OpenBA-V2's global random hidden mask.
+    """
+    from compress.scorers import seeded_generator
+
+    size = get_adapter(model).input_embeddings().embedding_dim
+    if scorer == "random":
+        return torch.rand(size, generator=seeded_generator(seed, HIDDEN_SCORES))
+    if scorer != "activation":
+        raise UserError(f"unknown hidden scorer '{scorer}': use activation or random")
+    if calib is None:
+        raise UserError("activation scores for the hidden dimension need calibration data (--calib)")
+    return _residual_activation(model, calib, progress)
+
+
+def _residual_activation(model, calib, progress: bool) -> torch.Tensor:
+    from compress.calibration import as_calibration_set, calibration_pass
+
+    adapter = get_adapter(model)
+    calib = as_calibration_set(calib, model)
+    size = adapter.input_embeddings().embedding_dim
+    sums = {stack: torch.zeros(size, dtype=torch.float64) for stack in adapter.stacks}
+    tokens = {stack: 0 for stack in adapter.stacks}
+    masks: dict[str, torch.Tensor | None] = {}
+
+    def hook(stack: str, first: bool):
+        def collect(module, args, kwargs, output):
+            hidden = block_hidden_out(output).detach()
+            mask = masks.get(stack)
+            rows = hidden[mask.to(hidden.device)] if mask is not None else hidden.reshape(-1, hidden.shape[-1])
+            sums[stack] += rows.abs().sum(0).double().cpu()
+            if first:
+                tokens[stack] += rows.shape[0]
+        return collect
+
+    def on_batch(_, batch_masks):
+        masks.clear()
+        masks.update(batch_masks)
+
+    handles = [block.register_forward_hook(hook(stack, i == 0), with_kwargs=True)
+               for stack, i, block in adapter.all_blocks()]
+    try:
+        calibration_pass(model, calib, on_batch=on_batch, desc="hidden scores", progress=progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = sum(sums[s] / max(tokens[s], 1) for s in adapter.stacks)
+    return total.float()
