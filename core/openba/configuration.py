@@ -37,6 +37,10 @@ class OpenBAConfig(PreTrainedConfig):
         layernorm_epsilon: 1e-5 (torch's LayerNorm default, which the public code uses).
         initializer_range: 0.02, std of the normal init of fresh weights (loading ignores it).
         encoder_ffn_sizes, decoder_ffn_sizes, encoder_head_counts, decoder_head_counts: per-layer shapes, or None.
+        segment_attention: "auto" (default), "mask" or "flash_varlen": how attention over packed documents
+            (segment ids) runs. "mask" builds SDPA/eager masks; "flash_varlen" calls flash-attn's varlen kernel on the
+            non-padding tokens (CUDA, fp16/bf16); "auto" takes flash_varlen where it applies, else masks. Set
+            "mask" to compare the two or to rule the kernel out when debugging.
     """
 
     model_type = "openba"
@@ -64,6 +68,7 @@ class OpenBAConfig(PreTrainedConfig):
     decoder_ffn_sizes: list[int] | None = None
     encoder_head_counts: list[int] | None = None
     decoder_head_counts: list[int] | None = None
+    segment_attention: str = "auto"
     use_cache: bool = True
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
@@ -72,6 +77,8 @@ class OpenBAConfig(PreTrainedConfig):
     is_encoder_decoder: bool = True
 
     def __post_init__(self, **kwargs):
+        if self.segment_attention not in ("auto", "mask", "flash_varlen"):
+            raise ValueError(f"segment_attention must be auto, mask or flash_varlen, got {self.segment_attention!r}")
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         for name, depth in (

@@ -27,6 +27,13 @@ of `q` and the same columns of `o`; removing FFN channel c takes rows c and widt
 
 Attention runs through transformers' interface: "sdpa" (default) or "eager". Flash-attention is not declared
 supported: its padded and varlen paths have not been checked against these two on a GPU.
+
+Packed documents: `encoder_segment_ids` / `decoder_segment_ids` (batch, seq) number the documents of a packed row
+1, 2, ... (0 = padding). Encoder self-attention stays within a segment, decoder self-attention is causal within a
+segment, cross-attention reaches only the encoder tokens of the same segment, and positions restart per segment
+unless given. The masks are transformers' own builders with an `and_mask_function`; positions are never handed to
+the builders (see `OpenBAStack.forward`). With `config.segment_attention` "auto" and flash-attn installed, CUDA
+half-precision tensors take `flash_attn_varlen_func` over the non-padding tokens instead (`SegmentLayout`).
 """
 
 import torch
@@ -47,6 +54,68 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import OpenBAConfig
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the segment id changes along the last dimension."""
+    index = torch.arange(segment_ids.shape[-1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+
+
+def same_segment(query_segments: torch.Tensor, key_segments: torch.Tensor):
+    """Mask function for transformers' builders: a query sees keys of its own segment. A padding query (segment
+    0) may see every key, so that no row of the mask is empty (its output is never used)."""
+
+    def allowed(batch_idx, head_idx, q_idx, kv_idx):
+        query = query_segments[batch_idx, q_idx]
+        return (query == key_segments[batch_idx, kv_idx]) | (query == 0)
+
+    return allowed
+
+
+def flash_varlen_available(tensor: torch.Tensor) -> bool:
+    """flash_attn_varlen_func applies: flash-attn importable, CUDA tensors in half precision."""
+    if not tensor.is_cuda or tensor.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SegmentLayout:
+    """The non-padding tokens of a packed (batch, seq) row set, flattened, and the cumulative lengths of their
+    segments: the arguments of `flash_attn_varlen_func`. Segments must appear in the same order on the encoder and
+    decoder side (as packing writes them) for cross-attention to pair them."""
+
+    def __init__(self, segment_ids: torch.Tensor):
+        batch, seq = segment_ids.shape
+        flat = segment_ids.reshape(-1)
+        self.index = (flat != 0).nonzero().squeeze(1)
+        rows = torch.arange(batch, device=flat.device).repeat_interleave(seq)
+        keys = rows[self.index] * (int(flat.max()) + 1) + flat[self.index]
+        counts = torch.unique_consecutive(keys, return_counts=True)[1]
+        self.cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_length = int(counts.max())
+
+
+def flash_varlen_attention(query, key, value, query_layout, key_layout, causal, dropout, scaling):
+    """(batch, seq, heads, dim) tensors -> attention output of the query's shape, zero at padding tokens."""
+    from flash_attn import flash_attn_varlen_func
+
+    def gather(states, layout):
+        return states.reshape(-1, *states.shape[2:]).index_select(0, layout.index)
+
+    out = flash_attn_varlen_func(
+        gather(query, query_layout), gather(key, key_layout), gather(value, key_layout),
+        query_layout.cu_seqlens, key_layout.cu_seqlens, query_layout.max_length, key_layout.max_length,
+        dropout_p=dropout, softmax_scale=scaling, causal=causal,
+    )
+    full = out.new_zeros(query.shape[0] * query.shape[1], *out.shape[1:])
+    return full.index_copy(0, query_layout.index, out).view(query.shape)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +176,23 @@ class OpenBAAttention(nn.Module):
         return states.view(batch, seq, self.num_heads, parts * self.head_dim).chunk(parts, dim=-1)
 
     def forward(
-        self, hidden_states, attention_mask=None, rotary=None, encoder_hidden_states=None, cache=None, layer_idx=0
+        self,
+        hidden_states,
+        attention_mask=None,
+        rotary=None,
+        encoder_hidden_states=None,
+        cache=None,
+        layer_idx=0,
+        varlen=None,
     ):
-        """`layer_idx` is the block's current depth (its cache slot), passed in so that dropping layers is safe."""
+        """`layer_idx` is the block's current depth (its cache slot), passed in so that dropping layers is safe.
+        `varlen` = (query SegmentLayout, key SegmentLayout) selects flash-attn varlen for packed segments."""
         batch, seq, _ = hidden_states.shape
         if self.is_cross:
             (query,) = self._heads(self.q(hidden_states), 1)
+            if varlen is not None:
+                key, value = self._heads(self.kv(encoder_hidden_states), 2)
+                return self._varlen(query, key, value, varlen)
             query = query.transpose(1, 2)
             if cache is not None and cache.is_updated.get(layer_idx):
                 # the encoder output does not change during generation: its keys and values are computed once
@@ -126,9 +206,10 @@ class OpenBAAttention(nn.Module):
         else:
             query, key, value = self._heads(self.qkv(hidden_states), 3)
             cos, sin = rotary
-            query = apply_rotary(query, cos, sin).transpose(1, 2)
-            key = apply_rotary(key, cos, sin).transpose(1, 2)
-            value = value.transpose(1, 2)
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+            if varlen is not None:
+                return self._varlen(query, key, value, varlen)
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
             if cache is not None:
                 key, value = cache.self_attention_cache.update(key, value, layer_idx)
 
@@ -143,6 +224,11 @@ class OpenBAAttention(nn.Module):
             scaling=self.scaling,
         )
         return self.o(output.reshape(batch, seq, -1))
+
+    def _varlen(self, query, key, value, varlen):
+        dropout = self.config.attention_dropout if self.training else 0.0
+        output = flash_varlen_attention(query, key, value, *varlen, self.is_causal, dropout, self.scaling)
+        return self.o(output.reshape(*query.shape[:2], -1))
 
 
 class OpenBAMLP(nn.Module):
@@ -183,9 +269,13 @@ class OpenBABlock(GradientCheckpointingLayer):
         encoder_attention_mask=None,
         cache=None,
         layer_idx=0,
+        self_varlen=None,
+        cross_varlen=None,
     ):
         normed = self.input_layernorm(hidden_states)
-        attended = self.self_attn(normed, attention_mask, rotary=rotary, cache=cache, layer_idx=layer_idx)
+        attended = self.self_attn(
+            normed, attention_mask, rotary=rotary, cache=cache, layer_idx=layer_idx, varlen=self_varlen
+        )
         hidden_states = hidden_states + self.dropout(attended)
         mlp_norm = self.post_attn_layernorm
         if self.is_decoder:
@@ -195,6 +285,7 @@ class OpenBABlock(GradientCheckpointingLayer):
                 encoder_hidden_states=encoder_hidden_states,
                 cache=cache,
                 layer_idx=layer_idx,
+                varlen=cross_varlen,
             )
             hidden_states = hidden_states + self.dropout(attended)
             mlp_norm = self.post_inter_attn_layernorm
@@ -228,8 +319,12 @@ class OpenBAStack(nn.Module):
         use_cache=False,
         output_hidden_states=False,
         output_attentions=False,
+        segment_ids=None,
+        encoder_segment_ids=None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """`segment_ids`: this stack's packed-document ids (0 = padding); the decoder also needs the encoder's
+        `encoder_segment_ids` for its cross-attention."""
         if output_attentions:
             raise NotImplementedError("OpenBA does not return attention weights; use forward hooks instead")
         if (input_ids is None) == (inputs_embeds is None):
@@ -245,20 +340,45 @@ class OpenBAStack(nn.Module):
         elif cache is not None and not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache, DynamicCache())
         past = cache.get_seq_length() if cache is not None else 0
+        if segment_ids is not None:
+            if past:
+                raise ValueError("segment ids describe a whole packed row; they cannot continue a cache")
+            if self.is_decoder and encoder_segment_ids is None:
+                raise ValueError("decoder segment ids need the encoder's segment ids for cross-attention")
         if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).expand(batch, seq)
+            if segment_ids is not None:
+                position_ids = segment_positions(segment_ids)
+            else:
+                position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).expand(batch, seq)
         rotary = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_theta)
 
+        self_varlen = cross_varlen = None
+        if segment_ids is not None and self._use_flash_varlen(inputs_embeds):
+            layout = SegmentLayout(segment_ids)
+            self_varlen = (layout, layout)
+            if self.is_decoder:
+                cross_varlen = (layout, SegmentLayout(encoder_segment_ids))
+
         # position_ids are not passed to the mask builders: they would read a jump in positions (LOGO synthesis)
-        # as the start of a new packed document and cut attention there
-        if self.is_decoder:
+        # as the start of a new packed document and cut attention there. Packed documents use segment ids instead.
+        self_segments = same_segment(segment_ids, segment_ids) if segment_ids is not None else None
+        if self_varlen is not None:
+            mask = cross_mask = None
+        elif self.is_decoder:
             self_cache = cache.self_attention_cache if cache is not None else None
-            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, self_cache)
+            mask = create_causal_mask(
+                self.config, inputs_embeds, attention_mask, self_cache, and_mask_function=self_segments
+            )
+            cross_segments = same_segment(segment_ids, encoder_segment_ids) if segment_ids is not None else None
             cross_mask = create_bidirectional_mask(
-                self.config, inputs_embeds, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
+                self.config,
+                inputs_embeds,
+                encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                and_mask_function=cross_segments,
             )
         else:
-            mask = create_bidirectional_mask(self.config, inputs_embeds, attention_mask)
+            mask = create_bidirectional_mask(self.config, inputs_embeds, attention_mask, and_mask_function=self_segments)
             cross_mask = None
 
         hidden_states = inputs_embeds
@@ -272,6 +392,8 @@ class OpenBAStack(nn.Module):
                 cross_mask,
                 cache=cache,
                 layer_idx=index,
+                self_varlen=self_varlen,
+                cross_varlen=cross_varlen,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -279,6 +401,13 @@ class OpenBAStack(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
         )
+
+
+    def _use_flash_varlen(self, tensor: torch.Tensor) -> bool:
+        choice = getattr(self.config, "segment_attention", "auto")
+        if choice == "flash_varlen" and not flash_varlen_available(tensor):
+            raise ValueError("segment_attention='flash_varlen' needs flash-attn and CUDA fp16/bf16 tensors")
+        return choice == "flash_varlen" or (choice == "auto" and flash_varlen_available(tensor))
 
 
 class OpenBAPreTrainedModel(PreTrainedModel):
@@ -330,8 +459,12 @@ class OpenBAPreTrainedModel(PreTrainedModel):
         cache,
         use_cache,
         output_hidden_states,
+        encoder_segment_ids=None,
+        decoder_segment_ids=None,
     ) -> tuple[BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions]:
         """Run the encoder (unless its outputs are given) and the decoder; shared by both model classes."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("packed documents need both encoder_segment_ids and decoder_segment_ids")
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
@@ -339,6 +472,7 @@ class OpenBAPreTrainedModel(PreTrainedModel):
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 output_hidden_states=output_hidden_states,
+                segment_ids=encoder_segment_ids,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
@@ -352,6 +486,8 @@ class OpenBAPreTrainedModel(PreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            segment_ids=decoder_segment_ids,
+            encoder_segment_ids=encoder_segment_ids,
         )
         return encoder_outputs, decoder_outputs
 
@@ -382,6 +518,8 @@ class OpenBAModel(OpenBAPreTrainedModel):
         decoder_inputs_embeds=None,
         use_cache=None,
         output_hidden_states=None,
+        encoder_segment_ids=None,
+        decoder_segment_ids=None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -398,6 +536,8 @@ class OpenBAModel(OpenBAPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -442,6 +582,8 @@ class OpenBAForConditionalGeneration(OpenBAPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         output_hidden_states=None,
+        encoder_segment_ids=None,
+        decoder_segment_ids=None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -462,6 +604,8 @@ class OpenBAForConditionalGeneration(OpenBAPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
         )
         logits = self.lm_head(decoder_outputs.last_hidden_state)
         loss = None
