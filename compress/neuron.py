@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from compress.adapters import Adapter, block_hidden_out, get_adapter
+from compress.calibration import CalibrationConfig
 from core.errors import UserError, main_guard
 
 HIDDEN_SCORES = "hidden"  # name of the hidden-dimension scores [hidden_size] in a scores mapping
@@ -309,18 +310,25 @@ def prune_neurons(model, scores, ffn_width: int | None = None, ffn_ratio: float 
     from core.checkpoint import count_parameters
 
     adapter = get_adapter(model)
-    targets = NeuronTargets(ffn_width, ffn_ratio, heads, head_ratio, hidden, hidden_ratio, per_layer, round_to)
     params_before, widths_before = count_parameters(model), widths_of(adapter)
     hidden_before = adapter.input_embeddings().embedding_dim
+    targets = NeuronTargets(ffn_width, ffn_ratio, heads, head_ratio, hidden, hidden_ratio, per_layer, round_to)
+    plan, solved = plan_prune(model, scores, targets, target_params)
+    apply_plan(adapter, plan)
+    return NeuronPruneResult(params_before, count_parameters(model), hidden_before,
+                             adapter.input_embeddings().embedding_dim, widths_before, widths_of(adapter), solved, plan)
+
+
+def plan_prune(model, scores, targets: NeuronTargets,
+               target_params: int | None = None) -> tuple[NeuronPlan, float | None]:
+    """The checked plan for `targets` (or the budget), without touching the model: (plan, solved ratio or None)."""
+    adapter = get_adapter(model)
     solved = None
     if target_params is not None:
         targets, solved = solve_budget(model, adapter, scores, targets, int(target_params))
     elif not (targets.prunes_ffn() or targets.prunes_heads() or targets.prunes_hidden()):
         raise UserError("nothing to prune: give an FFN width, a head count, a hidden size (or ratios) or a budget")
-    plan = plan_neurons(adapter, scores, targets)
-    apply_plan(adapter, plan)
-    return NeuronPruneResult(params_before, count_parameters(model), hidden_before,
-                             adapter.input_embeddings().embedding_dim, widths_before, widths_of(adapter), solved, plan)
+    return plan_neurons(adapter, scores, targets), solved
 
 
 def solve_budget(model, adapter: Adapter, scores, targets: NeuronTargets, target_params: int,
@@ -420,3 +428,224 @@ def _residual_activation(model, calib, progress: bool) -> torch.Tensor:
             handle.remove()
     total = sum(sums[s] / max(tokens[s], 1) for s in adapter.stacks)
     return total.float()
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class NeuronPruneConfig:
+    """What `python -m compress.neuron` keeps and how it chooses. None leaves a unit unpruned."""
+
+    ffn_width: int | None = None
+    """Kept FFN channels per layer. OpenBA-V2 S4: 11008 -> 6912."""
+    ffn_ratio: float | None = None
+    """Kept fraction of each layer's FFN channels (instead of ffn_width)."""
+    heads: int | None = None
+    """Kept query heads per attention, a multiple of the kv group size. OpenBA-V2 S4: 40 -> 20."""
+    head_ratio: float | None = None
+    """Kept fraction of each attention's kv groups (instead of heads)."""
+    hidden: int | None = None
+    """Kept hidden (residual-stream) size, one mask for the whole model. OpenBA-V2 S4: 4096 -> 2560."""
+    hidden_ratio: float | None = None
+    """Kept fraction of the hidden size (instead of hidden)."""
+    per_layer: bool = False
+    """Let layers keep different widths (a global ranking per stack decides them); OpenBA only. The paper kept
+    widths uniform; per-layer widths follow importance but make layers uneven for kernels and parallelism."""
+    round_to: int = 1
+    """Round kept FFN and hidden widths to a multiple: 64 or 128 suit GPU kernels (V2's 6912 and 2560 are
+    multiples of 128). 1 keeps exact counts."""
+    target_params: int | None = None
+    """Parameter budget: solve one width ratio for FFN and heads (those not given) to fit it."""
+    scorer: str = "activation"
+    """Head and channel scorer: activation (Minitron), wanda, taylor (backward pass), random (OpenBA-V2's random
+    masks, the baseline to beat), or pkg.module:function."""
+    hidden_scorer: str | None = None
+    """Hidden-dimension scorer: activation (residual-stream magnitude) or random; None: random when `scorer` is
+    random, else activation."""
+    seed: int = 0
+    """Seed for the random scorers."""
+    calib: str | None = None
+    """Calibration data: a saved dataset (python -m pretrain.corpus), a directory of text files, or a file."""
+    scores: str | None = None
+    """Directory with scores.safetensors (python -m compress.score, or an earlier prune): reuse, do not rescore."""
+    tokenizer: str | None = None
+    """Tokenizer directory; default: the model directory."""
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+
+    def targets(self) -> NeuronTargets:
+        return NeuronTargets(self.ffn_width, self.ffn_ratio, self.heads, self.head_ratio, self.hidden,
+                             self.hidden_ratio, self.per_layer, self.round_to)
+
+    def resolved_hidden_scorer(self) -> str:
+        return self.hidden_scorer or ("random" if self.scorer == "random" else "activation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compress.layer import parse_count
+
+    parser = argparse.ArgumentParser(
+        prog="python -m compress.neuron",
+        description="Prune FFN channels, attention heads (whole kv groups) and the hidden dimension of a checkpoint "
+                    "by importance score. Writes a checkpoint (model + tokenizer), the scores and a manifest.",
+        epilog="examples:\n"
+               "  python -m compress.neuron --model s3 --calib runs/corpus --ffn-width 6912 --heads 20 --hidden 2560 "
+               "--out s4\n"
+               "  python -m compress.neuron --model s3 --scorer random --ffn-width 6912 --heads 20 --hidden 2560 "
+               "--round-to 128 --out s4-random\n"
+               "  python -m compress.neuron --model ckpt --scores runs/scores --target-params 900M --out ckpt-small\n"
+               "  python -m compress.neuron --model openba --calib runs/corpus --ffn-ratio 0.6 --head-ratio 0.5 "
+               "--per-layer --round-to 64 --out openba-uneven",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (any supported family)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    parser.add_argument("--calib", help="calibration data: saved dataset, directory of text files, or a file")
+    parser.add_argument("--ffn-width", type=int, help="kept FFN channels per layer")
+    parser.add_argument("--ffn-ratio", type=float, help="kept fraction of FFN channels")
+    parser.add_argument("--heads", type=int, help="kept query heads per attention (a multiple of the kv group)")
+    parser.add_argument("--head-ratio", type=float, help="kept fraction of kv groups")
+    parser.add_argument("--hidden", type=int, help="kept hidden size")
+    parser.add_argument("--hidden-ratio", type=float, help="kept fraction of the hidden size")
+    parser.add_argument("--per-layer", action="store_true", default=None, help="uneven widths by global rank (openba)")
+    parser.add_argument("--round-to", type=int, help="round kept FFN and hidden widths to a multiple (e.g. 64)")
+    parser.add_argument("--target-params", type=parse_count, help="parameter budget, e.g. 900M")
+    parser.add_argument("--scorer", help="head/channel scorer: activation (default), wanda, taylor, random, pkg.mod:fn")
+    parser.add_argument("--hidden-scorer", choices=["activation", "random"], help="hidden-dimension scorer")
+    parser.add_argument("--scores", help="reuse scores from this directory instead of rescoring")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--seed", type=int, help="seed of the random scorers")
+    parser.add_argument("--config", help="YAML file with NeuronPruneConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. calibration.num_samples=32")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+TARGET_FIELDS = ("ffn_width", "ffn_ratio", "heads", "head_ratio", "hidden", "hidden_ratio", "target_params")
+
+
+def config_from_args(args: argparse.Namespace) -> NeuronPruneConfig:
+    from core.config import from_dict, load_config, merge, to_dict
+
+    config = load_config(NeuronPruneConfig, args.config, args.set)
+    names = (*TARGET_FIELDS, "per_layer", "round_to", "scorer", "hidden_scorer", "scores", "calib", "tokenizer",
+             "seed")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    data = to_dict(config)
+    if any(name in given for name in TARGET_FIELDS):
+        # targets on the command line replace the YAML's, so a ratio there does not clash with a count here
+        for name in TARGET_FIELDS:
+            data[name] = None
+    return from_dict(NeuronPruneConfig, merge(data, given))
+
+
+def load_scores(directory: str | Path):
+    """Scores saved by compress.score or an earlier prune, with `hidden` when the directory has them."""
+    from safetensors.torch import load_file
+
+    from compress.scoring import ImportanceScores
+
+    scores = ImportanceScores.load(directory)
+    hidden_file = Path(directory) / HIDDEN_FILE
+    return scores, (load_file(str(hidden_file))[HIDDEN_SCORES] if hidden_file.is_file() else None)
+
+
+def _widths_cell(before: list[int], after: list[int]) -> str:
+    def describe(values):
+        return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+
+    return f"{describe(before)} -> {describe(after)}"
+
+
+def summary_rows(metrics: dict) -> list[list]:
+    from core.table import human_count
+
+    rows = []
+    for stack, before in metrics["widths_before"].items():
+        after = metrics["widths_after"][stack]
+        rows.append([stack, len(before["ffn"]), _widths_cell(before["ffn"], after["ffn"]),
+                     _widths_cell(before["heads"], after["heads"]), human_count(metrics["stack_params_before"][stack]),
+                     human_count(metrics["stack_params_after"][stack])])
+    rows.append(["model (all)", "", "", f"hidden {metrics['hidden_before']} -> {metrics['hidden_after']}",
+                 human_count(metrics["params_before"]), human_count(metrics["params_after"])])
+    return rows
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from compress.calibration import calibration_batches
+    from compress.layer import load_inputs, save_into_stage_dir, stack_parameters
+    from compress.plots import plot_scores
+    from compress.scorers import get_scorer
+    from compress.scoring import score_model
+    from core.checkpoint import count_parameters
+    from core.stage import Stage, run_stage
+    from core.table import format_table
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
+    targets = config.targets()
+    if config.target_params is None and not (targets.prunes_ffn() or targets.prunes_heads() or targets.prunes_hidden()):
+        raise UserError("nothing to prune: give --ffn-width, --heads, --hidden (or their ratios) or --target-params")
+    if config.resolved_hidden_scorer() not in ("activation", "random"):
+        raise UserError(f"unknown hidden scorer '{config.hidden_scorer}': use activation or random")
+    model, tokenizer = load_inputs(args.model, config.tokenizer)
+    adapter = get_adapter(model)
+    check_targets(adapter, targets)  # shape errors before the (long) scoring pass
+    units = ["channels"] + (["heads"] if adapter.supports_head_pruning else [])
+    scorers = {unit: config.scorer for unit in units}
+    needs_hidden = targets.prunes_hidden()
+
+    hidden = None
+    if config.scores is not None:
+        scores, hidden = load_scores(config.scores)
+    else:
+        needs_data = any(get_scorer(unit, name).needs for unit, name in scorers.items())
+        if (needs_data or (needs_hidden and config.resolved_hidden_scorer() == "activation")) and config.calib is None:
+            raise UserError(f"the {config.scorer} scorer needs calibration data: give --calib DATA "
+                            "(or --scores DIR, or --scorer random)")
+    calib = None
+    if config.calib is not None:
+        calib = calibration_batches(config.calib, tokenizer, model=model, config=config.calibration)
+    if config.scores is None:
+        scores = score_model(model, calib, scorers, seed=config.seed, progress=not args.no_progress)
+    if needs_hidden and hidden is None:
+        hidden = hidden_scores(model, calib, config.resolved_hidden_scorer(), config.seed, not args.no_progress)
+    named = dict(scores.tensors) if hasattr(scores, "tensors") else dict(scores)
+    if hidden is not None:
+        named[HIDDEN_SCORES] = hidden
+    # the whole plan (and a budget's solve) is checked before the stage opens its output directory
+    plan, solved = plan_prune(model, named, targets, config.target_params)
+
+    before = {"params": count_parameters(model), "stack": stack_parameters(model), "widths": widths_of(adapter),
+              "hidden": adapter.input_embeddings().embedding_dim}
+
+    def run(input_dir, work_dir, cfg):
+        apply_plan(adapter, plan)
+        save_into_stage_dir(model, tokenizer, work_dir)
+        scores.save(work_dir / "scores")
+        if hidden is not None:
+            save_file({HIDDEN_SCORES: hidden.float().contiguous()}, str(work_dir / "scores" / HIDDEN_FILE))
+        plot_scores(scores, work_dir / "scores")
+        after = count_parameters(model)
+        return {"params_before": before["params"], "params_after": after, "kept_fraction": after / before["params"],
+                "stack_params_before": before["stack"], "stack_params_after": stack_parameters(model),
+                "widths_before": before["widths"], "widths_after": widths_of(adapter),
+                "hidden_before": before["hidden"], "hidden_after": adapter.input_embeddings().embedding_dim,
+                "solved_ratio": solved, "scorer": cfg.scorer,
+                "hidden_scorer": cfg.resolved_hidden_scorer() if hidden is not None else None,
+                "calibration_tokens": calib.num_tokens if calib is not None else 0}
+
+    manifest = run_stage(Stage("neuron-prune", run, config), Path(args.model), args.out, force=True)
+    metrics = manifest.metrics
+    print(format_table(summary_rows(metrics),
+                       ["stack", "layers", "FFN width", "heads", "params before", "params after"]))
+    note = f", solved width ratio {solved:.3f}" if solved is not None else ""
+    print(f"kept {metrics['kept_fraction']:.1%} of parameters{note}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -248,3 +248,85 @@ def test_activation_hidden_scores_find_the_loudest_residual_dimension():
     scores = hidden_scores(model, batches, progress=False)
     assert scores.shape == (64,) and int(scores.argmax()) == 5
     assert torch.equal(hidden_scores(model, scorer="random", seed=3), hidden_scores(model, scorer="random", seed=3))
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+WORDS = [f"w{i}" for i in range(93)]
+
+
+def save_with_tokenizer(model, directory):
+    """A tiny checkpoint with a word-level tokenizer whose 96 ids match the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def calibration_file(path):
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, 93, (40,), generator=generator)) for _ in range(12)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_cli(argv):
+    from compress.neuron import main
+
+    main([*argv, "--no-progress", "--set", "calibration.num_samples=4", "--set", "calibration.seq_len=32"])
+
+
+def test_cli_prunes_by_activation_and_the_output_loads_with_plain_auto_classes(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from compress.neuron import load_scores
+
+    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    out = tmp_path / "pruned"
+    run_cli(["--model", str(tmp_path / "model"), "--calib", str(calibration_file(tmp_path / "calib.txt")),
+             "--ffn-width", "64", "--heads", "4", "--hidden", "32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "128 -> 64" in printed and "8 -> 4" in printed and "hidden 64 -> 32" in printed
+    assert (out / "manifest.json").is_file() and (out / "scores" / "scores.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert AutoTokenizer.from_pretrained(str(out))("w1 w2")["input_ids"] == [4, 5]
+    # the same scores applied in memory give the same model
+    scores, hidden = load_scores(out / "scores")
+    expected = build_tiny("llama")
+    prune_neurons(expected, {**scores.tensors, "hidden": hidden}, ffn_width=64, heads=4, hidden=32)
+    inputs = model_inputs(expected)
+    assert torch.equal(logits(reloaded, inputs), logits(expected, inputs))
+
+
+def test_cli_random_scorer_needs_no_data_and_prunes_openba(tmp_path, capsys):
+    build_tiny("openba").save_pretrained(str(tmp_path / "model"))
+    out = tmp_path / "pruned"
+    run_cli(["--model", str(tmp_path / "model"), "--scorer", "random", "--ffn-width", "250", "--heads", "4",
+             "--hidden", "100", "--round-to", "32", "--out", str(out)])
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    config = reloaded.config
+    assert (config.ffn_hidden_size, config.num_heads, config.hidden_size) == (256, 4, 96)
+    assert "kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family, extra, message", [
+    ("llama", ["--heads", "3"], "multiple of the kv group"),
+    ("llama", ["--ffn-width", "64", "--scorer", "wanda"], "needs calibration data"),
+    ("llama", ["--ffn-width", "64", "--scorer", "nope"], "unknown channels scorer"),
+    ("gpt_neox", ["--heads", "2", "--scorer", "random"], "head pruning is not supported"),
+    ("llama", ["--scorer", "random"], "nothing to prune"),
+    ("llama", ["--target-params", "1000", "--scorer", "random"], "out of reach"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, family, extra, message):
+    save_with_tokenizer(build_tiny(family), tmp_path / "model")
+    out = tmp_path / "pruned"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--model", str(tmp_path / "model"), "--out", str(out), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
