@@ -1,0 +1,378 @@
+"""The tiny teacher: `openba-tiny` trained from scratch on the offline corpus with the UL2 mixture, then cached.
+
+It is the embedded default model that later stages compress, so every test and demo has a model whose weights
+mean something without a download. The default config trains for about 10 minutes on 2 CPU cores; the result is
+cached under a directory keyed by the config hash and reused when present. Training runs as a resumable stage
+(`core.stage.run_stage`), so a killed run continues from its last checkpoint.
+
+Quality is judged against a unigram baseline: the entropy of the validation targets' own token distribution, i.e.
+the loss of the best model that ignores context. A teacher must land clearly below it.
+
+    python -m pretrain.teacher --out runs/teacher
+    python -m pretrain.teacher --out runs/t --set train.steps=50 --set model.hidden_size=64   # a quick one
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from core.config import config_hash, load_config
+from core.errors import UserError, main_guard
+from core.stage import MANIFEST, Manifest, Stage, is_complete, run_stage
+from core.table import format_table, human_count
+from pretrain.corpus import CorpusConfig, load_or_build_corpus
+from pretrain.tokenizer import TokenizerConfig
+from pretrain.trainer import TrainConfig, Trainer
+
+DEFAULT_CACHE = Path(os.environ.get("OPENBA_CACHE", Path.home() / ".cache" / "openba_v2"))
+
+
+@dataclass
+class TeacherTrainConfig(TrainConfig):
+    """TrainConfig with defaults for a tiny model from scratch: a higher rate and a warm-up than V2's recovery
+    (1e-4, which starts from trained weights), and checkpoints often enough that a kill loses under a minute."""
+
+    steps: int = 300
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    micro_batch_size: int = 16
+    save_every: int = 25
+    keep_checkpoints: int = 1
+    eval_every: int = 100
+    log_every: int = 10
+
+
+@dataclass
+class TeacherConfig:
+    """What the teacher is and how it is trained. The defaults take ~10 minutes on 2 CPU cores."""
+
+    preset: str = "openba-tiny"
+    """The OpenBA shape (core.openba presets); the vocabulary always comes from the tokenizer."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of preset fields, e.g. {hidden_size: 64, num_decoder_layers: 2} for a test-sized teacher."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The offline stdlib corpus (code + docstrings); built once and cached."""
+    corpus_dir: str | None = None
+    """A corpus saved with `datasets` save_to_disk (splits train/validation, column text) instead of the stdlib
+    one: for real text, or an easy corpus in tests."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The project tokenizer (SentencePiece unigram with sentinels and <R>/<S>/<X>); trained once and cached."""
+    objective_weights: list[float] = field(default_factory=lambda: [0.02, 0.02, 0.8, 0.1, 0.02, 0.02, 0.02])
+    """Sampling weights of the 7 UL2 denoisers R-1, R-2, S, X-1, X-2, X-3, X-4 (D-UL2's initial proportions)."""
+    raw_tokens: int = 256
+    """Corpus tokens per example before corruption (V2 S1-S4 trained with 570 encoder / 380 decoder tokens;
+    shorter is faster on CPU and enough for a tiny model)."""
+    validation_batches: int = 8
+    """Fixed validation batches (drawn once with the same mixture) for the loss and the unigram baseline."""
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    """Trainer settings; micro_batch_size is the number of examples per batch."""
+    seed: int = 0
+    """Seeds model initialisation and the batch sampler."""
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def token_stream(texts, tokenizer) -> np.ndarray:
+    """All texts as one id array, documents separated by EOS (the objectives cut windows across it)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    batch: list[str] = []
+
+    def flush():
+        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(eos)
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) == 256:
+            flush()
+    if batch:
+        flush()
+    return np.asarray(ids, dtype=np.int32)
+
+
+def pad_batch(examples, objective: str) -> dict[str, Any]:
+    """Encoder-decoder tensors from Examples: inputs padded with 0 (masked), targets padded with -100."""
+    from pretrain.objectives import IGNORE_INDEX
+
+    width_in = max(len(e.inputs) for e in examples)
+    width_out = max(len(e.targets) for e in examples)
+    input_ids = torch.zeros(len(examples), width_in, dtype=torch.long)
+    attention = torch.zeros(len(examples), width_in, dtype=torch.long)
+    labels = torch.full((len(examples), width_out), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example.inputs)] = torch.tensor(example.inputs)
+        attention[row, : len(example.inputs)] = 1
+        labels[row, : len(example.targets)] = torch.tensor(example.targets)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "objective": objective}
+
+
+class UL2Batches:
+    """Endless batches from a token stream: each batch one denoiser sampled from the mixture, windows taken in
+    order (wrapping around). Its state (position, RNG) is what the trainer checkpoints for an exact resume.
+
+    A stand-in until pretrain/data.py (packing, mixtures by source) is in place.
+    """
+
+    def __init__(self, tokens: np.ndarray, mixture, batch_size: int, raw_tokens: int, seed: int):
+        if len(tokens) < raw_tokens + 1:
+            raise UserError(f"the corpus has {len(tokens)} tokens, fewer than one example ({raw_tokens})")
+        self.tokens, self.mixture = tokens, mixture
+        self.batch_size, self.raw_tokens = batch_size, raw_tokens
+        self.rng = np.random.default_rng(seed)
+        self.position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "rng": self.rng.bit_generator.state, "mixture": self.mixture.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        self.rng.bit_generator.state = state["rng"]
+        self.mixture.load_state_dict(state["mixture"])
+
+    def next_batch(self) -> dict[str, Any]:
+        objective = self.mixture.sample(self.rng)
+        examples = []
+        for _ in range(self.batch_size):
+            if self.position + self.raw_tokens > len(self.tokens):
+                self.position = 0
+            window = self.tokens[self.position : self.position + self.raw_tokens].tolist()
+            self.position += self.raw_tokens
+            examples.append(objective(window, self.rng))
+        return pad_batch(examples, objective.name)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.next_batch()
+
+
+def unigram_entropy(batches) -> float:
+    """Entropy (nats) of the target tokens' own frequency distribution: the loss of the best context-free model."""
+    labels = torch.cat([b["labels"].flatten() for b in batches])
+    labels = labels[labels != -100]
+    counts = torch.bincount(labels).double()
+    probs = counts[counts > 0] / labels.numel()
+    return float(-(probs * probs.log()).sum())
+
+
+class ValidationLoss:
+    """eval_fn: token-weighted cross-entropy over fixed validation batches, overall and per denoiser."""
+
+    def __init__(self, batches: list[dict[str, Any]]):
+        self.batches = batches
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        device = next(model.parameters()).device
+        sums: dict[str, list[float]] = {}
+        for batch in self.batches:
+            labels = batch["labels"].to(device)
+            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            logits = model(**tensors, labels=labels).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+            tokens = int((labels != -100).sum())
+            for key in ("all", batch["objective"]):
+                entry = sums.setdefault(key, [0.0, 0])
+                entry[0] += float(loss)
+                entry[1] += tokens
+        metrics = {"val_loss": sums["all"][0] / sums["all"][1]}
+        metrics.update({f"val_loss/{k}": s / n for k, (s, n) in sorted(sums.items()) if k != "all"})
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def _load_texts(config: TeacherConfig, cache_dir: Path):
+    import datasets
+
+    if config.corpus_dir is None:
+        return load_or_build_corpus(config.corpus, cache_dir / "corpus")
+    path = Path(config.corpus_dir)
+    if not (path / "dataset_dict.json").is_file():
+        raise UserError(f"corpus_dir {path} is not a saved DatasetDict (save one with save_to_disk)")
+    corpus = datasets.load_from_disk(str(path))
+    missing = [s for s in ("train", "validation") if s not in corpus]
+    if missing:
+        raise UserError(f"corpus_dir {path} lacks the split(s) {missing}")
+    return corpus
+
+
+def ensure_tokenizer(config: TeacherConfig, corpus, cache_dir: Path):
+    """The project tokenizer for this corpus and tokenizer config, trained once and cached."""
+    from pretrain.tokenizer import load_tokenizer, train_tokenizer
+
+    key = config_hash({"corpus": dataclasses.asdict(config.corpus), "corpus_dir": config.corpus_dir,
+                       "tokenizer": dataclasses.asdict(config.tokenizer)})
+    path = cache_dir / f"tokenizer-{key}"
+    if not (path / "tokenizer.json").is_file():
+        train_tokenizer(corpus, config.tokenizer, path)
+    return load_tokenizer(path)
+
+
+def _check(config: TeacherConfig) -> None:
+    from core.openba import PRESETS
+
+    if config.preset not in PRESETS:
+        raise UserError(f"unknown OpenBA preset {config.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    unknown = sorted(set(config.model) - set(PRESETS[config.preset]) - {"rope_theta", "layernorm_epsilon"})
+    if unknown:
+        raise UserError(f"model overrides {unknown} are not OpenBA preset fields ({', '.join(PRESETS[config.preset])})")
+    if "vocab_size" in config.model:
+        raise UserError("model.vocab_size comes from the tokenizer; set tokenizer.vocab_size instead")
+    if len(config.objective_weights) != 7:
+        raise UserError(f"objective_weights needs 7 weights (R-1, R-2, S, X-1, X-2, X-3, X-4), "
+                        f"got {len(config.objective_weights)}")
+    if config.raw_tokens < 8 or config.validation_batches < 1:
+        raise UserError("raw_tokens must be >= 8 and validation_batches >= 1")
+
+
+def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Build corpus, tokenizer, model and data; train (resuming from work_dir/checkpoints); save the checkpoint."""
+    from core.checkpoint import save_checkpoint
+    from core.openba import openba_config
+    from core.openba.modeling import OpenBAForConditionalGeneration
+    from pretrain.objectives import SpecialIds, ul2_mixture
+
+    _check(config)
+    corpus = _load_texts(config, cache_dir)
+    tokenizer = ensure_tokenizer(config, corpus, cache_dir)
+    ids = SpecialIds.from_tokenizer(tokenizer)
+    train_tokens = token_stream(corpus["train"]["text"], tokenizer)
+    val_tokens = token_stream(corpus["validation"]["text"], tokenizer)
+    if len(val_tokens) < config.raw_tokens + 1:
+        raise UserError(f"the validation split has {len(val_tokens)} tokens, fewer than one example")
+
+    data = UL2Batches(train_tokens, ul2_mixture(ids, config.objective_weights), config.train.micro_batch_size,
+                      config.raw_tokens, config.seed)
+    validation = UL2Batches(val_tokens, ul2_mixture(ids, config.objective_weights), config.train.micro_batch_size,
+                            config.raw_tokens, config.seed + 1)
+    val_batches = [validation.next_batch() for _ in range(config.validation_batches)]
+    unigram = unigram_entropy(val_batches)
+
+    torch.manual_seed(config.seed)
+    model_config = openba_config(config.preset, **{**config.model, "vocab_size": len(tokenizer)})
+    model = OpenBAForConditionalGeneration(model_config)
+    trainer = Trainer(model, config.train, data, eval_fn=ValidationLoss(val_batches))
+    result = trainer.train(work_dir)
+
+    staging = work_dir / "_model"
+    save_checkpoint(model, tokenizer, staging)
+    for item in staging.iterdir():
+        os.replace(item, work_dir / item.name)
+    staging.rmdir()
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # optimizer states: resume-only, 3x the model
+    val_loss = result.get("eval/val_loss")
+    return {
+        "val_loss": val_loss,
+        "unigram_entropy": unigram,
+        "val_loss_below_unigram": None if val_loss is None else unigram - val_loss,
+        "per_objective": {k[len("eval/val_loss/"):]: v for k, v in result.items() if k.startswith("eval/val_loss/")},
+        "train_loss": result.get("loss"),
+        "steps": result.get("step"),
+        "train_tokens_seen": result.get("tokens"),
+        "train_seconds": result.get("seconds"),
+        "tokens_per_s": (result.get("tokens") or 0) / max(result.get("seconds") or 0.0, 1e-9),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "corpus_tokens": {"train": int(len(train_tokens)), "validation": int(len(val_tokens))},
+        "vocab_size": len(tokenizer),
+    }
+
+
+def teacher_dir(config: TeacherConfig, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """Where the teacher for `config` is cached: `<cache>/teacher-<config hash>`."""
+    return Path(cache_dir) / f"teacher-{config_hash(config)}"
+
+
+def ensure_teacher(config: TeacherConfig | None = None, cache_dir: str | Path = DEFAULT_CACHE,
+                   force: bool = False) -> Path:
+    """The cached teacher checkpoint for `config` (default: the embedded default), trained first if missing."""
+    config = config or TeacherConfig()
+    _check(config)
+    cache_dir = Path(cache_dir)
+    out = teacher_dir(config, cache_dir)
+    stage = Stage("teacher", lambda _input, work, cfg: train_teacher(cfg, work, cache_dir), config, resumable=True)
+    run_stage(stage, None, out, force=force)
+    return out
+
+
+def summary_rows(manifest: Manifest) -> list[tuple[str, Any]]:
+    m = manifest.metrics
+    rows = [
+        ("validation loss (nats/token)", m.get("val_loss")),
+        ("unigram baseline (nats/token)", m.get("unigram_entropy")),
+        ("margin below unigram", m.get("val_loss_below_unigram")),
+        ("final train loss", m.get("train_loss")),
+        ("steps", m.get("steps")),
+        ("train tokens seen", human_count(m.get("train_tokens_seen") or 0)),
+        ("train seconds", m.get("train_seconds")),
+        ("tokens/s", round(m.get("tokens_per_s") or 0)),
+        ("parameters", human_count(m.get("parameters") or 0)),
+        ("vocabulary", m.get("vocab_size")),
+    ]
+    rows += [(f"validation loss {name}", value) for name, value in sorted((m.get("per_objective") or {}).items())]
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.teacher",
+        description="Train the tiny OpenBA teacher from scratch on the offline corpus with the UL2 mixture (about "
+                    "10 minutes on 2 CPU cores), cache it by config hash, and copy it to --out.",
+        epilog="examples:\n  python -m pretrain.teacher --out runs/teacher\n"
+               "  python -m pretrain.teacher --out runs/quick --set train.steps=40 --set model.hidden_size=64\n"
+               "  python -m pretrain.teacher --config teacher.yaml --out runs/teacher --cache-dir /data/cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", help="where to put the teacher checkpoint (default: only the cache)")
+    parser.add_argument("--config", help="YAML with TeacherConfig fields (preset, model, corpus, tokenizer, train, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config field, e.g. train.steps=100 (repeatable)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                        help=f"cache for corpus, tokenizer and teachers (default {DEFAULT_CACHE}; env OPENBA_CACHE)")
+    parser.add_argument("--force", action="store_true", help="retrain even when the cache holds this teacher")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = load_config(TeacherConfig, args.config, args.overrides)
+    _check(config)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not (out / MANIFEST).is_file():
+        raise UserError(f"--out {out} exists and is not a teacher checkpoint; choose a new directory")
+    reused = not args.force and is_complete(teacher_dir(config, args.cache_dir), config)
+    cached = ensure_teacher(config, args.cache_dir, force=args.force)
+    manifest = Manifest.read(cached)
+    if out is not None and out.resolve() != cached.resolve():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(cached, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    print(format_table(summary_rows(manifest), ["teacher", "value"]))
+    print(f"{'reused from cache' if reused else 'trained'}: {cached}" + (f" -> {out}" if out is not None else ""))
+    val, unigram = manifest.metrics.get("val_loss"), manifest.metrics.get("unigram_entropy")
+    if val is not None and unigram is not None and not val < unigram:
+        raise UserError(f"the teacher's validation loss {val:.3f} is not below the unigram baseline {unigram:.3f}; "
+                        "train longer (train.steps) or check the data")
+
+
+if __name__ == "__main__":
+    main()
