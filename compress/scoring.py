@@ -131,12 +131,16 @@ class ImportanceScores:
         except Exception as err:  # safetensors raises its own error types
             raise UserError(f"corrupt scores file {path}: {str(err).splitlines()[0]}") from None
         meta: dict[str, Any] = {}
+        order: list[str] = []
         if (directory / META_FILE).is_file():
             try:
-                meta = json.loads((directory / META_FILE).read_text()).get("meta", {})
+                blob = json.loads((directory / META_FILE).read_text())
             except json.JSONDecodeError as err:
                 raise UserError(f"{directory / META_FILE} is not valid JSON: {err}") from None
-        return cls(tensors, meta)
+            meta, order = blob.get("meta", {}), list(blob.get("tensors", {}))
+        # safetensors sorts names; scores.json keeps the model's order (layer 2 before layer 10)
+        ordered = [n for n in order if n in tensors] + sorted(n for n in tensors if n not in order)
+        return cls({n: tensors[n] for n in ordered}, meta)
 
     def __repr__(self) -> str:
         return f"ImportanceScores({len(self)} tensors, scorers={self.meta.get('scorers', {})})"
