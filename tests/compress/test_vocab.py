@@ -1,0 +1,422 @@
+"""Vocabulary pruning: lossless on kept tokens for a SentencePiece unigram (OpenBA) and a byte-level BPE (Llama)
+tokenizer, exact logits on kept tokens, tied and untied heads, identity when nothing is pruned, and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import sentencepiece as spm
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+
+from compress.tokenizer_surgery import read_tokenizer_files, required_tokens, sentencepiece_pieces
+from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens)
+from core.errors import UserError
+from pretrain.corpus import CorpusConfig, load_or_build_corpus
+from pretrain.tokenizer import TokenizerConfig, mode_token_ids, sentinel_ids, train_tokenizer
+
+SP_VOCAB = 1000
+BPE_VOCAB = 800
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vocab")
+
+
+@pytest.fixture(scope="session")
+def corpus(workdir):
+    return load_or_build_corpus(CorpusConfig(max_documents=60), workdir / "corpus")
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_dir(corpus, workdir):
+    config = TokenizerConfig(vocab_size=SP_VOCAB, max_training_chars=300_000)
+    return train_tokenizer(corpus, config, workdir / "sp-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(corpus, workdir):
+    """A Llama-3/Qwen2-style byte-level BPE that prepends <s> through its post-processor."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<s>", "</s>", "<unk>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus["train"]["text"], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(workdir / "bpe-tokenizer"))
+    return workdir / "bpe-tokenizer"
+
+
+def _save(model, tokenizer_dir: Path, out: Path) -> Path:
+    model.save_pretrained(str(out))
+    for path in tokenizer_dir.iterdir():
+        if path.name != "manifest.json":
+            shutil.copy(path, out / path.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def openba_dir(sp_tokenizer_dir, workdir):
+    from core.openba import openba_config
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=SP_VOCAB))
+    with torch.no_grad():  # a trained head's bias is not zero; make it matter in the logits comparison
+        model.lm_head.bias.normal_()
+    return _save(model, sp_tokenizer_dir, workdir / "openba")
+
+
+def _llama_dir(bpe_tokenizer_dir, workdir, tied: bool) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BPE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return _save(LlamaForCausalLM(config), bpe_tokenizer_dir, workdir / f"llama-tied-{tied}")
+
+
+@pytest.fixture(scope="session")
+def llama_dirs(bpe_tokenizer_dir, workdir):
+    return {tied: _llama_dir(bpe_tokenizer_dir, workdir, tied) for tied in (True, False)}
+
+
+@pytest.fixture(scope="session")
+def t5_tied_dir(sp_tokenizer_dir, workdir):
+    """T5 ties its LM head to the embedding shared by encoder and decoder."""
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=SP_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1, tie_word_embeddings=True)
+    return _save(T5ForConditionalGeneration(config), sp_tokenizer_dir, workdir / "t5-tied")
+
+
+@pytest.fixture(scope="session")
+def pruned_openba(openba_dir, corpus, workdir):
+    out = workdir / "openba-pruned"
+    manifest = prune_vocabulary(openba_dir, out, VocabConfig(coverage=0.9), corpus=corpus)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def pruned_llamas(llama_dirs, corpus, workdir):
+    outs = {}
+    for tied, path in llama_dirs.items():
+        out = workdir / f"llama-tied-{tied}-pruned"
+        outs[tied] = (out, prune_vocabulary(path, out, VocabConfig(coverage=0.9), corpus=corpus))
+    return outs
+
+
+def kept_ids(original_dir: Path, pruned_dir: Path) -> list[int]:
+    """Old id of every new id, recovered from the token strings (independently of the pruner's own bookkeeping)."""
+    old = {t: i for i, t in enumerate(read_tokenizer_files(original_dir).tokens())}
+    return [old[t] for t in read_tokenizer_files(pruned_dir).tokens()]
+
+
+def text_chunks(texts, size=400):
+    return [text[i : i + size] for text in texts for i in range(0, len(text), size)]
+
+
+def text_lines(texts):
+    return [line for text in texts for line in text.splitlines(keepends=True) if line.strip()]
+
+
+def check_in_domain(original_dir, pruned_dir, texts):
+    """Texts whose original ids are all kept encode to exactly the remapped ids; returns (in-domain, others)."""
+    old_tok, new_tok = AutoTokenizer.from_pretrained(str(original_dir)), AutoTokenizer.from_pretrained(str(pruned_dir))
+    old_to_new = {old: new for new, old in enumerate(kept_ids(original_dir, pruned_dir))}
+    in_domain = others = 0
+    for text in texts:
+        old = old_tok(text, add_special_tokens=False)["input_ids"]
+        new = new_tok(text, add_special_tokens=False)["input_ids"]
+        if all(i in old_to_new for i in old):
+            assert new == [old_to_new[i] for i in old], text
+            in_domain += 1
+        else:
+            others += 1
+            assert new_tok.decode(new) == old_tok.decode(old)  # still encodable, through smaller pieces
+    return in_domain, others
+
+
+# --- lossless on kept tokens ---------------------------------------------------------------------------------------
+def test_sentencepiece_in_domain_text_encodes_to_remapped_ids(openba_dir, pruned_openba, corpus):
+    out, _ = pruned_openba
+    in_domain, others = check_in_domain(openba_dir, out, text_lines(list(corpus["train"]["text"])[:10]))
+    assert in_domain > 100 and others > 10  # both kinds occur: the check is not vacuous
+
+
+def test_sentencepiece_round_trips_validation_text_although_pieces_were_removed(openba_dir, pruned_openba, corpus):
+    out, _ = pruned_openba
+    old_tok, new_tok = AutoTokenizer.from_pretrained(str(openba_dir)), AutoTokenizer.from_pretrained(str(out))
+    kept = set(kept_ids(openba_dir, out))
+    validation = list(corpus["validation"]["text"])
+    used_removed = 0
+    for text in validation + ["naïve café 東京 🙂\t\n  x  "]:
+        used_removed += not set(old_tok(text, add_special_tokens=False)["input_ids"]) <= kept
+        ids = new_tok(text, add_special_tokens=False)["input_ids"]
+        assert new_tok.decode(ids) == text
+    assert used_removed >= len(validation)
+
+
+def test_pruned_sentencepiece_model_encodes_like_the_pruned_fast_tokenizer(pruned_openba, corpus):
+    out, _ = pruned_openba
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    fast = AutoTokenizer.from_pretrained(str(out))
+    assert sp.get_piece_size() == len(fast)
+    assert [sp.id_to_piece(i) for i in range(len(fast))] == fast.convert_ids_to_tokens(list(range(len(fast))))
+    chunks = text_chunks(list(corpus["train"]["text"])[:5]) + text_chunks(list(corpus["validation"]["text"]))
+    same = sum(sp.encode(t) == fast(t, add_special_tokens=False)["input_ids"] for t in chunks)
+    assert same == len(chunks)
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
+
+
+def test_byte_level_bpe_in_domain_text_encodes_to_remapped_ids(llama_dirs, pruned_llamas, corpus):
+    out, _ = pruned_llamas[False]
+    in_domain, others = check_in_domain(llama_dirs[False], out, text_lines(list(corpus["train"]["text"])[:10]))
+    assert in_domain > 50 and others > 10
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = tokenizer("naïve café 東京 🙂 zzqx")["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<s>") == 0  # the post-processor's BOS id was remapped
+    assert tokenizer.decode(ids[1:]) == "naïve café 東京 🙂 zzqx"
+
+
+def test_bpe_merges_only_reference_kept_tokens_and_every_kept_token_is_producible(bpe_tokenizer_dir, pruned_llamas):
+    out, _ = pruned_llamas[False]
+    files = read_tokenizer_files(out)
+    vocab = files.model_vocab()
+    merges = [tuple(m) for m in files.model["merges"]]
+    original = read_tokenizer_files(bpe_tokenizer_dir)
+    assert 0 < len(merges) < len(original.model["merges"])
+    produced = {a + b for a, b in merges}
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in merges)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    assert alphabet <= set(vocab)
+    assert all(t in produced or t in alphabet for t in vocab if t not in ("<s>", "</s>", "<unk>"))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    for token in list(vocab)[300::40]:  # every kept token still comes out of its own text
+        assert tokenizer.convert_ids_to_tokens(tokenizer(tokenizer.convert_tokens_to_string([token]),
+                                                         add_special_tokens=False)["input_ids"]) == [token]
+
+
+# --- the model -----------------------------------------------------------------------------------------------------
+def _logits(model, ids):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids[:, :7]).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", ["openba", "llama-untied", "llama-tied", "t5-tied"])
+def test_logits_on_kept_tokens_equal_the_original(name, openba_dir, pruned_openba, llama_dirs, pruned_llamas,
+                                                  t5_tied_dir, corpus, workdir):
+    if name == "openba":
+        original, (out, _) = openba_dir, pruned_openba
+    elif name.startswith("llama"):
+        tied = name == "llama-tied"
+        original, (out, _) = llama_dirs[tied], pruned_llamas[tied]
+    else:
+        original, out = t5_tied_dir, workdir / "t5-pruned"
+        prune_vocabulary(t5_tied_dir, out, VocabConfig(coverage=0.9), corpus=corpus)
+    auto = AutoModelForSeq2SeqLM if name in ("openba", "t5-tied") else AutoModelForCausalLM
+    before, after = auto.from_pretrained(str(original)).eval(), auto.from_pretrained(str(out)).eval()
+    keep = torch.tensor(kept_ids(original, out))
+    assert after.config.vocab_size % 128 == 0 and after.config.vocab_size >= len(keep) > 0
+    assert len(keep) < before.config.vocab_size
+    new_ids = torch.randint(0, len(keep), (2, 16), generator=torch.Generator().manual_seed(0))
+    old_logits, new_logits = _logits(before, keep[new_ids]), _logits(after, new_ids)
+    assert torch.equal(new_logits[..., : len(keep)], old_logits[..., keep])
+    embed = after.get_input_embeddings().weight
+    assert torch.equal(embed[: len(keep)], before.get_input_embeddings().weight[keep])
+    assert not embed[len(keep):].any()  # padding rows hold zeros
+    tied = name.endswith("-tied")
+    assert (after.get_output_embeddings().weight is embed) == tied
+
+
+def test_padding_rows_get_no_probability_with_a_head_bias_and_are_suppressed_without(pruned_openba, pruned_llamas):
+    out, manifest = pruned_openba
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+    n = manifest.metrics["tokens_after"]
+    ids = torch.randint(0, n, (1, 10), generator=torch.Generator().manual_seed(1))
+    probs = _logits(model, ids).softmax(-1)
+    assert probs[..., n:].max().item() == 0.0 and torch.all(model.lm_head.bias[n:] == -1e4)
+    assert manifest.metrics["padding_masked"]
+    llama_out, llama_manifest = pruned_llamas[False]
+    generation = json.loads((llama_out / "generation_config.json").read_text())
+    padding = list(range(llama_manifest.metrics["tokens_after"], llama_manifest.metrics["rows_after"]))
+    assert padding and set(padding) <= set(generation["suppress_tokens"])
+    assert not llama_manifest.metrics["padding_masked"]
+
+
+def test_config_token_ids_follow_their_tokens(pruned_openba, pruned_llamas):
+    out, _ = pruned_openba
+    config = json.loads((out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert config["pad_token_id"] == config["decoder_start_token_id"] == tokenizer.pad_token_id == 0
+    assert config["eos_token_id"] == tokenizer.eos_token_id == 1
+    llama_out, _ = pruned_llamas[True]
+    config = json.loads((llama_out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_out))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def test_pruning_nothing_is_the_identity(openba_dir, corpus, workdir):
+    out = workdir / "openba-identity"
+    prune_vocabulary(openba_dir, out, VocabConfig(keep=SP_VOCAB, pad_to=1), corpus=corpus["validation"])
+    before, after = AutoModelForSeq2SeqLM.from_pretrained(str(openba_dir)), AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    state_before, state_after = before.state_dict(), after.state_dict()
+    assert state_before.keys() == state_after.keys()
+    assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    assert json.loads((out / "tokenizer.json").read_text())["model"] == \
+        json.loads((openba_dir / "tokenizer.json").read_text())["model"]
+    assert (out / "tokenizer.model").read_bytes() == (openba_dir / "tokenizer.model").read_bytes()
+
+
+def test_specials_sentinels_mode_tokens_and_bytes_are_always_kept(openba_dir, sp_tokenizer_dir, corpus, workdir):
+    files = read_tokenizer_files(openba_dir)
+    required = required_tokens(files)
+    minimum = sum(len(ids) for ids in required.values())
+    out = workdir / "openba-minimal"
+    prune_vocabulary(openba_dir, out, VocabConfig(keep=minimum), corpus=corpus)
+    original, pruned = AutoTokenizer.from_pretrained(str(sp_tokenizer_dir)), AutoTokenizer.from_pretrained(str(out))
+    assert len(pruned) == minimum
+    kept = set(pruned.get_vocab())
+    for token in original.all_special_tokens + [f"<0x{b:02X}>" for b in range(256)]:
+        assert token in kept
+    assert len(sentinel_ids(pruned)) == 100 and set(mode_token_ids(pruned)) == {"R", "S", "X"}
+    pieces = sentencepiece_pieces((out / "tokenizer.model").read_bytes())
+    assert sorted(p.text for p in pieces if p.type == 1) == sorted(["\u2581", files.tokens()[required["min-score anchor"][0]]])
+    text = list(corpus["validation"]["text"])[0][:2000]
+    assert pruned.decode(pruned(text, add_special_tokens=False)["input_ids"]) == text  # all bytes now
+
+
+# --- selection and counting ----------------------------------------------------------------------------------------
+def test_coverage_keeps_the_fewest_most_frequent_tokens(openba_dir, corpus):
+    files = read_tokenizer_files(openba_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(openba_dir))
+    counts = count_tokens(tokenizer, corpus, VocabConfig(coverage=0.8), files)
+    required = required_tokens(files)
+    selection = select_tokens(counts, files, required, coverage=0.8)
+    forced = {i for ids in required.values() for i in ids}
+    chosen = [i for i in selection.keep if i not in forced]
+    c = counts.counts
+    assert c[selection.keep].sum() >= 0.8 * counts.total
+    assert c[selection.keep].sum() - c[chosen].min() < 0.8 * counts.total  # one fewer would not reach it
+    dropped = sorted(set(range(len(c))) - set(selection.keep))
+    assert c[dropped].max() <= c[chosen].min()
+    assert selection.coverage == pytest.approx(float(c[selection.keep].sum()) / counts.total)
+
+
+def test_counts_are_saved_and_reused_without_recounting(pruned_openba, openba_dir, workdir):
+    out, manifest = pruned_openba
+    counts = load_token_counts(out / "scores", read_tokenizer_files(openba_dir))
+    assert counts.total == manifest.metrics["corpus_tokens"] and len(counts.counts) == SP_VOCAB
+    again = workdir / "openba-from-counts"
+    second = prune_vocabulary(openba_dir, again, VocabConfig(coverage=0.9, counts=str(out / "scores")))
+    assert (again / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+    assert second.metrics["corpus_coverage"] == manifest.metrics["corpus_coverage"]
+    with pytest.raises(UserError, match="another tokenizer"):
+        load_token_counts(out / "scores", read_tokenizer_files(out))
+
+
+def test_counting_reads_text_files_and_saved_datasets(openba_dir, corpus, workdir):
+    tokenizer = AutoTokenizer.from_pretrained(str(openba_dir))
+    texts = list(corpus["validation"]["text"])
+    folder = workdir / "text-files"
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"{i}.txt").write_text(text)
+    corpus["validation"].save_to_disk(str(workdir / "validation-dataset"))
+    expected = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    config = VocabConfig(coverage=1.0)
+    from_files = count_tokens(tokenizer, str(folder), config)
+    from_dataset = count_tokens(tokenizer, str(workdir / "validation-dataset"), config)
+    assert from_dataset.total == expected and from_dataset.documents == len(texts)
+    assert abs(from_files.total - expected) <= 0.01 * expected  # files are read in chunks of whole lines
+
+
+# --- bad input: a UserError before anything is written -------------------------------------------------------------
+def _nothing_written(out: Path) -> bool:
+    return not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_keeping_fewer_tokens_than_required_is_an_error(openba_dir, corpus, workdir):
+    out = workdir / "too-few"
+    with pytest.raises(UserError, match="must stay"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=50), corpus=corpus)
+    assert _nothing_written(out)
+
+
+def test_an_empty_corpus_is_an_error(openba_dir, workdir):
+    out = workdir / "empty"
+    with pytest.raises(UserError, match="empty"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=datasets.Dataset.from_dict({"text": []}))
+    with pytest.raises(UserError, match="empty"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=["", ""])
+    assert _nothing_written(out)
+
+
+def test_a_corpus_from_another_tokenizer_is_an_error(openba_dir, bpe_tokenizer_dir, corpus, workdir):
+    out = workdir / "foreign"
+    too_big = datasets.Dataset.from_dict({"input_ids": [[5, 7, SP_VOCAB + 10]]})
+    with pytest.raises(UserError, match="another tokenizer"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=too_big)
+    bpe = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))  # its ids are all < SP_VOCAB, but mean other text
+    bpe_ids = datasets.Dataset.from_dict({"input_ids": bpe(list(corpus["validation"]["text"]), add_special_tokens=False)["input_ids"]})
+    with pytest.raises(UserError, match="another tokenizer"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=bpe_ids)
+    sp = AutoTokenizer.from_pretrained(str(openba_dir))  # the same tokenizer's ids are accepted
+    own = datasets.Dataset.from_dict({"input_ids": sp(list(corpus["validation"]["text"]), add_special_tokens=False)["input_ids"]})
+    assert count_tokens(sp, own, VocabConfig(keep=500)).total == sum(len(r) for r in own["input_ids"])
+    with pytest.raises(UserError, match="byte fallback"):
+        prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=["東京都の天気は晴れです。" * 20])
+    assert _nothing_written(out)
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+def test_cli_prunes_a_checkpoint_and_prints_a_summary(openba_dir, corpus, workdir, capsys):
+    corpus_dir = workdir / "corpus-saved"
+    corpus.save_to_disk(str(corpus_dir))
+    out = workdir / "cli-out"
+    main(["--model", str(openba_dir), "--corpus", str(corpus_dir), "--keep", "600", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "tokenizer ids" in printed and "corpus coverage" in printed and "same segmentation" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "vocab" and manifest["metrics"]["tokens_after"] == 600
+    assert manifest["metrics"]["rows_after"] == 640
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 600
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(openba_dir), "--corpus", str(corpus_dir), "--keep", "10", "--out", str(workdir / "x")])
+    assert exit_info.value.code == 2 and "error: keep=10" in capsys.readouterr().err
+
+
+def test_cli_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "example: python -m compress.vocab" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pruned_decoder_only_checkpoint_runs_in_lm_eval(pruned_llamas, workdir):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out, _ = pruned_llamas[False]
+    data = workdir / "lm-eval-data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(4)))
+    tasks = workdir / "lm-eval-tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "vocab_ppl.yaml").write_text(
+        "task: vocab_ppl\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+    results = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["vocab_ppl"],
+                              device="cpu", batch_size=2, task_manager=TaskManager(include_path=str(tasks)))
+    bits = results["results"]["vocab_ppl"]["bits_per_byte,none"]
+    assert bits == bits and 0 < bits < 100  # finite: padding rows and the tokenizer load in the harness
