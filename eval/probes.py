@@ -1,0 +1,105 @@
+"""Long-context probes: put a fact into a long context at a chosen depth, ask for it back at the end.
+
+Two kinds, both answered by greedy generation and scored by exact match:
+
+- `needle`: one sentence ("The secret number of the amber heron is 482913.") inserted at a line boundary of held-out
+  corpus text (needle in a haystack; the haystack is real code and prose, not repeated filler).
+- `kv`: a JSON object of random 8-hex-digit keys and values that fills the whole context; the asked pair sits at the
+  depth (key-value retrieval as in "Lost in the Middle" and LongBench's kv_retrieval: no semantic shortcut at all).
+
+Lengths are in characters of context before the question, not tokens: the same rows then serve every tokenizer, so
+a gate can compare stages across vocabulary pruning. `token_lengths` measures them in a given tokenizer's tokens.
+Depth is the fraction of the context before the fact (0 = first line, 1 = last line, just before the question).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+PROBE_KINDS = ("needle", "kv")
+
+_ADJECTIVES = (
+    "amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lively",
+    "mellow", "nimble", "odd", "pale", "quiet", "rapid", "silent", "tidy", "urban", "vivid", "wary", "young",
+)
+_NOUNS = (
+    "heron", "otter", "falcon", "badger", "lynx", "marten", "beetle", "walrus", "gecko", "ibis", "jackal", "koala",
+    "lemur", "moose", "newt", "oriole", "puffin", "quail", "raven", "stoat", "tapir", "urchin", "viper", "wombat",
+)
+
+
+def haystack(texts: Sequence[str], length: int, rng: random.Random) -> str:
+    """About `length` characters of the texts, starting at a random line of a random text, cut at a line end."""
+    start_text = rng.randrange(len(texts))
+    first = texts[start_text]
+    lines = first.splitlines(keepends=True)
+    pieces = ["".join(lines[rng.randrange(len(lines)):])] if lines else []
+    index = start_text
+    while sum(map(len, pieces)) < length:
+        index = (index + 1) % len(texts)
+        pieces.append(texts[index] if texts[index].endswith("\n") else texts[index] + "\n")
+    text = "".join(pieces)[: length + 1]
+    cut = text.rfind("\n", 0, length)
+    return text[: cut + 1] if cut > 0 else text[:length]
+
+
+def _line_start_near(text: str, position: int) -> int:
+    """The start of the line nearest to `position` (0 or len(text) at the ends)."""
+    if position <= 0:
+        return 0
+    if position >= len(text):
+        return len(text)
+    before = text.rfind("\n", 0, position)
+    after = text.find("\n", position)
+    candidates = [before + 1] + ([after + 1] if after != -1 else [len(text)])
+    return min(candidates, key=lambda p: abs(p - position))
+
+
+def needle_row(texts: Sequence[str], length: int, depth: float, rng: random.Random) -> dict:
+    """A haystack of corpus text with one secret-number sentence at `depth`, and the question about it."""
+    name = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
+    answer = str(rng.randrange(100_000, 1_000_000))
+    needle = f"The secret number of the {name} is {answer}.\n"
+    context = haystack(texts, max(length - len(needle), 1), rng)
+    at = _line_start_near(context, round(depth * len(context)))
+    context = context[:at] + needle + context[at:]
+    question = f"\nQuestion: What is the secret number of the {name}?\nAnswer:"
+    return {"prompt": context + question, "answer": answer, "fact_at": at, "context_chars": len(context)}
+
+
+def kv_row(length: int, depth: float, rng: random.Random) -> dict:
+    """A JSON object of random hex key-value pairs about `length` characters long; asks for the pair at `depth`."""
+    pair_chars = len('"0123abcd": "0123abcd",\n')
+    count = max(2, (length - 4) // pair_chars)
+    keys: set[str] = set()
+    while len(keys) < count:  # distinct keys, or the question would have two answers
+        keys.add(f"{rng.getrandbits(32):08x}")
+    pairs = [(key, f"{rng.getrandbits(32):08x}") for key in sorted(keys, key=lambda _: rng.random())]
+    asked = min(count - 1, round(depth * (count - 1)))
+    lines = [f'"{key}": "{value}"' for key, value in pairs]
+    context = "{\n" + ",\n".join(lines) + "\n}\n"
+    key, answer = pairs[asked]
+    question = f'\nQuestion: What is the value of the key "{key}" in the JSON object above?\nAnswer:'
+    return {"prompt": context + question, "answer": answer, "fact_at": context.index(f'"{key}"'),
+            "context_chars": len(context)}
+
+
+def probe_rows(kind: str, texts: Sequence[str], length: int, depths: Sequence[float], samples: int,
+               seed: int) -> list[dict]:
+    """All rows of one (kind, length) task: `samples` rows per depth, each from its own seeded generator."""
+    rows = []
+    for sample in range(samples):  # sample-major, so that lm-eval's --limit keeps every depth
+        for depth in depths:
+            rng = random.Random(f"{seed}:probe:{kind}:{length}:{depth}:{sample}")
+            row = needle_row(texts, length, depth, rng) if kind == "needle" else kv_row(length, depth, rng)
+            rows.append({"kind": kind, "length": length, "depth": depth, "sample": sample, **row})
+    return rows
+
+
+def token_lengths(rows: Sequence[dict], tokenizer) -> dict[int, float]:
+    """Mean prompt length in `tokenizer`'s tokens per character length: what a probe length means for a model."""
+    totals: dict[int, list[int]] = {}
+    for row in rows:
+        totals.setdefault(row["length"], []).append(len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]))
+    return {length: sum(counts) / len(counts) for length, counts in sorted(totals.items())}
