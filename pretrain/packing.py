@@ -81,13 +81,18 @@ def collate_packed(rows: Sequence[PackedRow], encoder_decoder: bool, input_lengt
             "labels": tensor([_pad(r.labels, input_length, IGNORE_INDEX) for r in rows]),
             "position_ids": tensor([_pad_positions(r.input_positions, input_length) for r in rows]),
         }
+    encoder_segments = tensor([_pad(r.input_segments, input_length, 0) for r in rows])
+    decoder_segments = tensor([_pad(r.target_segments, target_length, 0) for r in rows])
+    # the padding masks change nothing next to the segment ids; they let token counters skip padding
     return {
         "input_ids": tensor([_pad(r.inputs, input_length, pad_id) for r in rows]),
-        "encoder_segment_ids": tensor([_pad(r.input_segments, input_length, 0) for r in rows]),
+        "attention_mask": (encoder_segments != 0).long(),
+        "encoder_segment_ids": encoder_segments,
         "position_ids": tensor([_pad(r.input_positions, input_length, 0) for r in rows]),
         "labels": tensor([_pad(r.targets, target_length, IGNORE_INDEX) for r in rows]),
         "decoder_input_ids": tensor([_pad(r.decoder_inputs, target_length, pad_id) for r in rows]),
-        "decoder_segment_ids": tensor([_pad(r.target_segments, target_length, 0) for r in rows]),
+        "decoder_attention_mask": (decoder_segments != 0).long(),
+        "decoder_segment_ids": decoder_segments,
         "decoder_position_ids": tensor([_pad(r.target_positions, target_length, 0) for r in rows]),
     }
 
@@ -120,13 +125,10 @@ def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Positions restarting at 0 wherever the segment id changes along the last dimension."""
-    length = segment_ids.shape[-1]
-    index = torch.arange(length, device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
-    return index - start_index
+    """Positions restarting at 0 wherever the segment id changes (the rule OpenBA applies to its segment ids)."""
+    from core.openba.modeling import segment_positions
+
+    return segment_positions(segment_ids)
 
 
 def document_attention_mask(query_segments: torch.Tensor, key_segments: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ class ObjectiveBatches:
                                 f"{input_length}" + (f" / target_length {target_length}" if encoder_decoder else ""))
         self._document: np.ndarray | None = None
         self._offset = 0
-        self._document_state = documents.state_dict()
+        self._document_state = copy.deepcopy(documents.state_dict())
         self.stats = {"tokens": 0, "slots": 0, "target_tokens": 0, "target_slots": 0, "batches": 0}
 
     def _fits(self, input_room: int, target_room: int | None):
@@ -72,11 +73,11 @@ class ObjectiveBatches:
         if objective.raw_length(fits, variant, max_spans=self.max_spans) == 0:
             return None
         if self._document is None or len(self._document) - self._offset < objective.min_tokens:
-            self._document_state = self.documents.state_dict()
+            self._document_state = copy.deepcopy(self.documents.state_dict())
             self._document = next(self.documents)
             self._offset = 0
             while len(self._document) < objective.min_tokens:
-                self._document_state = self.documents.state_dict()
+                self._document_state = copy.deepcopy(self.documents.state_dict())
                 self._document = next(self.documents)
         left = len(self._document) - self._offset
         n = objective.raw_length(fits, variant, limit=left, max_spans=self.max_spans)
@@ -119,7 +120,7 @@ class ObjectiveBatches:
         return batch
 
     def state_dict(self) -> dict:
-        return {"documents": self._document_state, "offset": self._offset, "in_document": self._document is not None,
+        return {"documents": copy.deepcopy(self._document_state), "offset": self._offset, "in_document": self._document is not None,
                 "rng": self.rng.bit_generator.state, "mixture": self.mixture.state_dict(), "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
