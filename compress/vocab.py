@@ -66,7 +66,7 @@ class VocabConfig:
     """The counting corpus (saved dataset / DatasetDict dir, text files, jsonl/parquet); recorded in the manifest.
     None when a dataset is passed in memory or counts are reused."""
     counts: str | None = None
-    """Reuse token counts saved by an earlier run (`<out>/scores/tokens.safetensors`) instead of counting."""
+    """Reuse token counts saved by an earlier run (its `<out>/scores` directory) instead of counting."""
     tokenizer: str | None = None
     """Tokenizer directory, if not the model directory."""
     split: str = "train"
@@ -223,14 +223,14 @@ def _open_dataset(dataset, config: VocabConfig, description: str) -> CorpusSourc
 class TokenCounts:
     """How often each tokenizer id occurs in the corpus (`counts[i]`), with what was counted."""
 
-    counts: torch.Tensor  # int64 [vocab]
+    counts: torch.Tensor  # [vocab]: int64 when counted here, float64 when reloaded from scores
     documents: int
     description: str = ""
     tokenizer_sha256: str = ""
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        return int(round(float(self.counts.sum())))
 
 
 def tokenizer_fingerprint(files: TokenizerFiles) -> str:
@@ -301,42 +301,34 @@ def _check_fallback_share(tokenizer, counts: torch.Tensor, config: VocabConfig) 
 
 
 def save_token_counts(counts: TokenCounts, directory: str | Path) -> Path:
-    """`tokens.safetensors` (name `tokens`, [vocab] int64) + `tokens.json` (what was counted), reusable by `counts=`."""
-    from safetensors.torch import save_file
+    """Save as importance scores (`compress.scoring.ImportanceScores`, name `tokens`, higher = keep), reusable with
+    `counts=`. The scores format stores float32: counts above 2**24 lose their last bits there (24-bit mantissa), which
+    can reorder near-ties on reuse; the exact total and document count are kept in the meta."""
+    from compress.scoring import ImportanceScores
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({COUNTS_NAME: counts.counts.contiguous()}, str(directory / f"{COUNTS_NAME}.safetensors"))
-    meta = {"name": COUNTS_NAME, "kind": "token frequency (higher = keep)", "vocab_size": len(counts.counts),
-            "total_tokens": counts.total, "documents": counts.documents, "corpus": counts.description,
-            "tokenizer_sha256": counts.tokenizer_sha256}
-    (directory / f"{COUNTS_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return directory / f"{COUNTS_NAME}.safetensors"
+    meta = {"scorers": {COUNTS_NAME: "frequency"}, "total_tokens": counts.total, "documents": counts.documents,
+            "corpus": counts.description, "tokenizer_sha256": counts.tokenizer_sha256}
+    return ImportanceScores({COUNTS_NAME: counts.counts}, meta).save(directory)
 
 
 def load_token_counts(path: str | Path, files: TokenizerFiles | None = None) -> TokenCounts:
-    """Counts saved by `save_token_counts` (a file or the directory holding it), checked against the tokenizer."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Token scores saved by `save_token_counts` or `compress.score` (a scores directory), checked against the
+    tokenizer they will select from."""
+    from compress.scoring import ImportanceScores
 
     path = Path(path)
-    if path.is_dir():
-        path = path / f"{COUNTS_NAME}.safetensors"
-    if not path.is_file():
+    directory = path.parent if path.is_file() else path
+    if not directory.is_dir():
         raise UserError(f"no token counts at {path}")
-    try:
-        counts = load_file(str(path))[COUNTS_NAME].long()
-    except (SafetensorError, KeyError, OSError) as err:
-        raise UserError(f"{path} holds no '{COUNTS_NAME}' counts: {err}") from None
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    loaded = TokenCounts(counts, int(meta.get("documents", 0)), meta.get("corpus", str(path)),
-                         meta.get("tokenizer_sha256", ""))
+    scores = ImportanceScores.load(directory)
+    counts = scores[COUNTS_NAME].double()
+    loaded = TokenCounts(counts, int(scores.meta.get("documents", 0)), scores.meta.get("corpus", str(directory)),
+                         scores.meta.get("tokenizer_sha256", ""))
     if files is not None:
         if len(counts) != len(files) or (loaded.tokenizer_sha256 and loaded.tokenizer_sha256 != tokenizer_fingerprint(files)):
-            raise UserError(f"the counts in {path} were made with another tokenizer ({len(counts)} ids vs {len(files)})")
-    if loaded.total == 0:
-        raise UserError(f"the counts in {path} are all zero: the corpus they came from was empty")
+            raise UserError(f"the counts in {directory} were made with another tokenizer ({len(counts)} ids vs {len(files)})")
+    if not torch.isfinite(counts).all() or (counts < 0).any() or loaded.total == 0:
+        raise UserError(f"the token counts in {directory} must be finite, non-negative and not all zero")
     return loaded
 
 
@@ -662,7 +654,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
     parser.add_argument("--corpus", help="saved dataset/DatasetDict, text files or jsonl/parquet to count tokens on")
-    parser.add_argument("--counts", help="reuse token counts saved by an earlier run (DIR/scores/tokens.safetensors)")
+    parser.add_argument("--counts", help="reuse token counts saved by an earlier run (its OUT/scores directory)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--keep", type=int, help="tokenizer ids to keep, required tokens included")
     target.add_argument("--coverage", type=float, help="keep the fewest tokens covering this share of the corpus")
