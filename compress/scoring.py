@@ -153,68 +153,76 @@ def _num(value: torch.Tensor) -> float | None:
 
 # --- the scoring pass ------------------------------------------------------------------------------------------
 class StatisticsCollector:
-    """Forward hooks that keep running sums of the requested statistics; nothing per token outlives its batch."""
+    """Forward hooks that keep running sums of the requested statistics; nothing per token outlives its batch.
 
-    def __init__(self, adapter, needs: set[str]):
+    Sums stay on the model's device (no host sync per hook) and are read once, after the pass.
+    """
+
+    def __init__(self, adapter, needs: dict[str, set[str]]):
         self.adapter = adapter
-        self.needs = needs
+        self.needs = needs  # unit -> statistics its scorer needs
         self.masks: dict[str, torch.Tensor | None] = {}
         self.handles: list[Any] = []
-        self.block_sums: dict[tuple[str, int], torch.Tensor] = {}  # [cos sum, angle sum, tokens]
-        self.column_sums: dict[tuple, dict[str, torch.Tensor]] = {}  # key -> {"abs": [in], "sq": [in], "tokens": []}
+        self.block_sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # cos, angle (sums) and tokens
+        self.column_sums: dict[tuple, dict[str, torch.Tensor]] = {}  # key -> abs / sq sums per column, tokens
 
     def on_batch(self, index: int, masks: dict[str, torch.Tensor | None]) -> None:
-        self.masks = masks
+        device = next(self.adapter.model.parameters()).device
+        self.masks = {stack: (m.to(device) if m is not None else None) for stack, m in masks.items()}
 
     def _tokens(self, x: torch.Tensor, stack: str) -> torch.Tensor:
         """[tokens, features] of the real (unpadded) positions."""
         mask = self.masks.get(stack)
         if mask is not None and mask.shape == x.shape[:-1]:
-            return x[mask.to(x.device)]
+            return x[mask]
         return x.reshape(-1, x.shape[-1])
 
     def attach(self) -> "StatisticsCollector":
+        layer_needs = self.needs.get("layers", set()) & {"cosine", "angular"}
+        for stack, index, block in self.adapter.all_blocks():
+            if layer_needs:
+                self.handles.append(block.register_forward_hook(
+                    self._block_hook((stack, index), stack, "angular" in layer_needs), with_kwargs=True))
+            targets = []
+            if self.needs.get("heads", set()) & {"act_abs", "act_norm"}:
+                targets += [(("heads", stack, view.kind, index), view.linear(view.o), self.needs["heads"])
+                            for view in self.adapter.attentions(block)]
+            if self.needs.get("channels", set()) & {"act_abs", "act_norm"}:
+                mlp = self.adapter.mlp(block)
+                targets.append((("channels", stack, None, index), mlp.linear(mlp.down), self.needs["channels"]))
+            for key, linear, needs in targets:
+                self.handles.append(linear.register_forward_pre_hook(self._column_hook(key, stack, needs)))
+        return self
+
+    def _block_hook(self, key, stack, angular: bool):
         from compress.adapters import block_hidden_in, block_hidden_out
 
-        layer_stats = self.needs & {"cosine", "angular"}
-        column_stats = self.needs & {"act_abs", "act_norm"}
-        for stack, index, block in self.adapter.all_blocks():
-            if layer_stats:
-                key = (stack, index)
-                self.block_sums[key] = torch.zeros(3, dtype=torch.float64)
+        sums = self.block_sums.setdefault(key, {})
 
-                def block_hook(module, args, kwargs, output, key=key, stack=stack):
-                    h_in = self._tokens(block_hidden_in(args, kwargs).detach(), stack).float()
-                    h_out = self._tokens(block_hidden_out(output).detach(), stack).float()
-                    cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).clamp(-1.0, 1.0)
-                    sums = self.block_sums[key]
-                    sums[0] += float(cos.sum())
-                    if "angular" in self.needs:
-                        sums[1] += float(torch.arccos(cos).sum() / math.pi)
-                    sums[2] += cos.numel()
+        def hook(module, args, kwargs, output):
+            h_in = self._tokens(block_hidden_in(args, kwargs).detach(), stack).float()
+            h_out = self._tokens(block_hidden_out(output).detach(), stack).float()
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).clamp(-1.0, 1.0)
+            _accumulate(sums, "cos", cos.sum(dtype=torch.float64))
+            if angular:
+                _accumulate(sums, "angle", torch.arccos(cos).sum(dtype=torch.float64) / math.pi)
+            sums["tokens"] = sums.get("tokens", 0) + cos.numel()
 
-                self.handles.append(block.register_forward_hook(block_hook, with_kwargs=True))
-            if not column_stats:
-                continue
-            targets = [(("heads", stack, view.kind, index), view.linear(view.o))
-                       for view in self.adapter.attentions(block)]
-            mlp = self.adapter.mlp(block)
-            targets.append((("channels", stack, None, index), mlp.linear(mlp.down)))
-            for key, linear in targets:
-                self.column_sums[key] = {}
+        return hook
 
-                def column_hook(module, args, key=key, stack=stack):
-                    x = self._tokens(args[0].detach(), stack)
-                    sums = self.column_sums[key]
-                    if "act_abs" in self.needs:
-                        _accumulate(sums, "abs", x.abs().sum(0, dtype=torch.float32))
-                    if "act_norm" in self.needs:
-                        xf = x.float()
-                        _accumulate(sums, "sq", (xf * xf).sum(0))
-                    sums["tokens"] = sums.get("tokens", 0) + x.shape[0]
+    def _column_hook(self, key, stack, needs):
+        sums = self.column_sums.setdefault(key, {})
 
-                self.handles.append(linear.register_forward_pre_hook(column_hook))
-        return self
+        def hook(module, args):
+            x = self._tokens(args[0].detach(), stack)
+            if "act_abs" in needs:
+                _accumulate(sums, "abs", x.abs().sum(0, dtype=torch.float32))
+            if "act_norm" in needs:
+                xf = x.float()
+                _accumulate(sums, "sq", (xf * xf).sum(0))
+            sums["tokens"] = sums.get("tokens", 0) + x.shape[0]
+
+        return hook
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -224,9 +232,13 @@ class StatisticsCollector:
     def layer_stats(self, stack: str, num_blocks: int) -> dict[str, torch.Tensor]:
         if not self.block_sums:
             return {}
-        sums = torch.stack([self.block_sums[(stack, i)] for i in range(num_blocks)])
-        tokens = sums[:, 2].clamp(min=1)
-        return {"cosine": (sums[:, 0] / tokens).float(), "angular": (sums[:, 1] / tokens).float()}
+        stats = {}
+        for stat, name in (("cos", "cosine"), ("angle", "angular")):
+            if all(stat in self.block_sums.get((stack, i), {}) for i in range(num_blocks)):
+                stats[name] = torch.stack([
+                    self.block_sums[(stack, i)][stat].cpu() / max(self.block_sums[(stack, i)]["tokens"], 1)
+                    for i in range(num_blocks)]).float()
+        return stats
 
     def column_stats(self, unit: str, stack: str, kind: str | None, layer: int) -> dict[str, torch.Tensor]:
         sums = self.column_sums.get((unit, stack, kind, layer), {})
@@ -285,7 +297,8 @@ def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progr
         raise UserError(f"cannot score {unknown_units}: units are layers, heads, channels (tokens: compress.vocab)")
     resolved = {unit: get_scorer(unit, name) for unit, name in scorers.items() if name}
     adapter = get_adapter(model)
-    needs = set().union(*(s.needs for s in resolved.values())) if resolved else set()
+    needs_by_unit = {unit: set(s.needs) for unit, s in resolved.items()}
+    needs = set().union(*needs_by_unit.values()) if resolved else set()
     # scorers without statistics (random, v2_heuristic) need no data at all
     calib = as_calibration_set(batches, model) if needs or batches else None
     needs_grad = "grad" in needs
@@ -293,7 +306,7 @@ def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progr
     was_training = model.training
     model.eval()
     flags = {p: p.requires_grad for p in model.parameters()}
-    collector = StatisticsCollector(adapter, needs).attach()
+    collector = StatisticsCollector(adapter, needs_by_unit).attach()
     loss = None
     try:
         if needs_grad:

@@ -266,7 +266,7 @@ def test_layer_command_prunes_a_saved_openba_iteratively_and_reuses_scores(saved
     pruned, _ = reload(tmp_path / "iterative", seq2seq=True)
     assert pruned.config.num_decoder_layers == 4 and len(pruned.decoder.block) == 4
     score_main(["--model", str(path), "--calib", str(calib), "--out", str(tmp_path / "scores"),
-                "--layers", "skip_loss"] + SMALL_CALIB)
+                "--layers", "skip_loss", "--set", "calibration.num_samples=2"] + SMALL_CALIB)
     main(["--model", str(path), "--scores", str(tmp_path / "scores"), "--remove", "decoder=1",
           "--out", str(tmp_path / "reused"), "--no-progress"])
     removed = json.loads((tmp_path / "reused" / "manifest.json").read_text())["metrics"]["removed"]
