@@ -15,9 +15,12 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids"
 
 
 def model_inputs(model, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a batch that go into the model (not labels, "objective" or counters); decoder inputs for
-    encoder-decoders are the labels shifted right, as the model itself would make them."""
+    """The tensors of a batch that go into the model (not labels, "objective" or counters), and use_cache=False;
+    decoder inputs for encoder-decoders are the labels shifted right, as the model itself would make them."""
     inputs = {k: batch[k] for k in MODEL_KEYS if isinstance(batch.get(k), torch.Tensor)}
+    # a cache (transformers creates one whenever config.use_cache) turns off position-based packing detection in
+    # `masking_utils`: packed decoder-only rows would silently attend across documents
+    inputs["use_cache"] = False
     if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     return inputs
