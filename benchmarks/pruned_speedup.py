@@ -1,0 +1,117 @@
+"""Forward-pass speed-up of neuron-pruned models against their parameter ratio, measured side by side in one run.
+
+Structured pruning only pays if smaller dense matrices run proportionally faster. For an OpenBA-shaped and a
+Llama-shaped model (a bit larger than the test models, so matrix products dominate on a CPU), 50% of FFN channels
+and 50% of kv groups are pruned; original and pruned forward passes alternate, and the median of each is compared.
+Target (issue 3): speed-up >= 0.8 x parameter ratio.
+
+    python benchmarks/pruned_speedup.py [--repeats 7] [--batch 4] [--seq 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.adapters import get_adapter  # noqa: E402
+from compress.neuron import prune_neurons  # noqa: E402
+from compress.scorers import seeded_generator  # noqa: E402
+from core.checkpoint import count_parameters  # noqa: E402
+from core.table import format_table, human_count  # noqa: E402
+
+VOCAB = 8192
+
+
+def openba_model():
+    from transformers import AutoModelForSeq2SeqLM
+
+    from core.openba import openba_config
+
+    config = openba_config("openba-tiny", vocab_size=VOCAB, hidden_size=512, kv_channels=32, num_heads=20,
+                           ffn_hidden_size=1376, num_layers=2, num_decoder_layers=6)
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def llama_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(config)
+
+
+def random_scores(model) -> dict[str, torch.Tensor]:
+    """OpenBA-V2's baseline (random masks): the choice does not change the speed, only the widths do."""
+    adapter = get_adapter(model)
+    scores = {}
+    for stack, i, block in adapter.all_blocks():
+        name = f"channels.{stack}.{i}"
+        scores[name] = torch.rand(adapter.mlp(block).width, generator=seeded_generator(0, name))
+        for view in adapter.attentions(block):
+            name = f"heads.{stack}.{view.kind}.{i}"
+            scores[name] = torch.rand(view.num_heads, generator=seeded_generator(0, name))
+    return scores
+
+
+def inputs_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    if model.config.is_encoder_decoder:
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB, (batch, seq // 2), generator=generator)}
+    return {"input_ids": ids}
+
+
+def timed(model, inputs) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs, use_cache=False)
+    return time.perf_counter() - start
+
+
+def measure(name: str, build, args) -> list:
+    torch.manual_seed(0)
+    original = build().eval()
+    pruned = build().eval()
+    pruned.load_state_dict(original.state_dict())
+    prune_neurons(pruned, random_scores(pruned), ffn_ratio=0.5, head_ratio=0.5)
+    inputs = inputs_for(original, args.batch, args.seq)
+    for model in (original, pruned):  # warm-up: allocator and kernel choice
+        timed(model, inputs)
+    times = {"original": [], "pruned": []}
+    for _ in range(args.repeats):  # alternate so that drifting machine load hits both alike
+        times["original"].append(timed(original, inputs))
+        times["pruned"].append(timed(pruned, inputs))
+    before, after = count_parameters(original), count_parameters(pruned)
+    t_before, t_after = statistics.median(times["original"]), statistics.median(times["pruned"])
+    param_ratio, speedup = before / after, t_before / t_after
+    return [name, human_count(before), human_count(after), param_ratio, f"{t_before * 1e3:.1f}",
+            f"{t_after * 1e3:.1f}", speedup, speedup / param_ratio, "yes" if speedup >= 0.8 * param_ratio else "NO"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    # one thread by default: on a shared CPU, multi-threaded kernels wait on busy cores and the timings swing
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure("openba (2/6 layers, h512, 20 heads)", openba_model, args),
+            measure("llama (6 layers, h512, 16q/8kv heads)", llama_model, args)]
+    print(f"50% FFN channels + 50% kv groups pruned; batch {args.batch} x {args.seq} tokens, median of "
+          f"{args.repeats} alternating runs, {torch.get_num_threads()} threads")
+    print(format_table(rows, ["model", "params", "pruned", "param ratio", "ms before", "ms after", "speed-up",
+                              "speed-up / param ratio", ">= 0.8"]))
+
+
+if __name__ == "__main__":
+    main()
