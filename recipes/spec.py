@@ -39,6 +39,9 @@ class RecipeConfig:
     stages: list[StageSpec] = dataclasses.field(default_factory=list)
     gates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Gate configs by name (see eval.gate.GateConfig)."""
+    cache_dir: str | None = None
+    """Where the corpus, tokenizer and tiny teacher are cached across runs (default: $OPENBA_CACHE or
+    ~/.cache/openba_v2), so a second run, in any run directory, skips the 10-minute teacher training."""
     world_size: int = 8
     """GPUs the real-scale plan assumes for its memory estimate (ZeRO-3 shards states across them)."""
     min_free_disk_gb: float = 1.0

@@ -1,0 +1,131 @@
+"""Stage kinds: the steps a recipe strings together, each the same function its own command line runs.
+
+A kind pairs a config dataclass (the recipe's `args` are checked against it) with a stage function
+`run(input_dir, work_dir, config, context) -> metrics` that writes a checkpoint into `work_dir`. Nothing here
+re-implements a step; it only fills in what a recipe knows and a standalone command would be told: the calibration
+corpus, the teacher for distillation, the run's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from core.errors import UserError
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage of one recipe run shares."""
+
+    run_dir: Path
+    cache_dir: Path
+    corpus_dir: Path | None = None  # the offline corpus saved with save_to_disk (calibration and counting)
+    teacher_dir: Path | None = None  # the unpruned model, for distillation
+    min_free_disk_gb: float = 1.0
+
+
+@dataclasses.dataclass
+class Kind:
+    config_cls: type
+    run: Callable[[Path | None, Path, Any, Context], dict[str, Any]]
+    resumable: bool = False
+    defaults: Callable[[dict[str, Any], Context], dict[str, Any]] = lambda args, context: args
+
+
+def _with_calibration(args: dict[str, Any], context: Context) -> dict[str, Any]:
+    if args.get("calib") is None and args.get("scores") is None and context.corpus_dir is not None:
+        return {**args, "calib": str(context.corpus_dir)}
+    return args
+
+
+def _with_corpus(args: dict[str, Any], context: Context) -> dict[str, Any]:
+    if args.get("corpus") is None and args.get("counts") is None and context.corpus_dir is not None:
+        return {**args, "corpus": str(context.corpus_dir)}
+    return args
+
+
+def _copy_checkpoint(source: Path, work_dir: Path) -> None:
+    for item in source.iterdir():
+        if item.is_file() and item.name != "manifest.json":
+            shutil.copy2(item, work_dir / item.name)
+
+
+def run_teacher(input_dir, work_dir, config, context):
+    from pretrain.teacher import ensure_teacher, teacher_dir
+
+    cached = ensure_teacher(config, context.cache_dir)
+    _copy_checkpoint(cached, work_dir)
+    from core.stage import Manifest
+
+    return {"cached_at": str(teacher_dir(config, context.cache_dir)), **Manifest.read(cached).metrics}
+
+
+def run_layer_prune(input_dir, work_dir, config, context):
+    from compress.layer import layer_prune_stage
+
+    return layer_prune_stage(input_dir, work_dir, config)
+
+
+def run_neuron_prune(input_dir, work_dir, config, context):
+    from compress.neuron import neuron_prune_stage
+
+    return neuron_prune_stage(input_dir, work_dir, config)
+
+
+def run_vocab_prune(input_dir, work_dir, config, context):
+    from compress.vocab import prepare, write_pruned
+
+    return write_pruned(prepare(input_dir, config), work_dir, config)
+
+
+def run_train(input_dir, work_dir, config, context):
+    from pretrain.continual import continual_stage
+
+    if config.distill_weight > 0 and config.teacher is None:
+        if context.teacher_dir is None:
+            raise UserError("distillation needs a teacher: set args.teacher or start the recipe from a teacher stage")
+        config = dataclasses.replace(config, teacher=str(context.teacher_dir))
+    return continual_stage(input_dir, work_dir, config)
+
+
+def run_align(input_dir, work_dir, config, context):
+    from align.logo import logo_stage
+
+    return logo_stage(input_dir, work_dir, config)
+
+
+def _kinds() -> dict[str, Kind]:
+    from compress.layer import LayerPruneConfig
+    from compress.neuron import NeuronPruneConfig
+    from compress.vocab import VocabConfig
+    from pretrain.teacher import TeacherConfig
+
+    kinds = {
+        "teacher": Kind(TeacherConfig, run_teacher),
+        "layer_prune": Kind(LayerPruneConfig, run_layer_prune, defaults=_with_calibration),
+        "neuron_prune": Kind(NeuronPruneConfig, run_neuron_prune, defaults=_with_calibration),
+        "vocab_prune": Kind(VocabConfig, run_vocab_prune, defaults=_with_corpus),
+    }
+    try:
+        from pretrain.continual import ContinualConfig
+
+        kinds["train"] = Kind(ContinualConfig, run_train, resumable=True)
+    except ImportError:
+        pass
+    try:
+        from align.logo import LogoStageConfig
+
+        kinds["align"] = Kind(LogoStageConfig, run_align, resumable=True)
+    except ImportError:
+        pass
+    return kinds
+
+
+def get_kind(name: str) -> Kind:
+    kinds = _kinds()
+    if name not in kinds:
+        raise UserError(f"unknown stage kind '{name}' (kinds: {', '.join(kinds)})")
+    return kinds[name]

@@ -1,0 +1,224 @@
+"""OpenBA-V2, then LOGO: prune -> recover -> prune -> recover -> vocabulary prune -> continual -> align, gated.
+
+    python -m recipes.openba_v2                                   # the tiny embedded default, on a laptop CPU
+    python -m recipes.openba_v2 --config recipes/configs/openba_v2_15b.yaml --dry-run
+    python -m recipes.openba_v2 --only recover_1 --set stages.recover_1.args.train.steps=50
+
+Each stage reads the previous stage's directory under the run directory and writes its own atomically with a
+manifest; a rerun skips finished stages and resumes a training stage from its last checkpoint. After every stage
+with a gate, the gate evaluates the new checkpoint against the previous gated stage's results; a failing gate stops
+the recipe before the stage's output is published, and everything before it stays as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from core.config import from_dict, load_config, merge, parse_override, to_dict
+from core.errors import UserError, main_guard
+from core.stage import MANIFEST, Manifest, Stage, run_stages
+from core.table import format_table, human_count
+from recipes.kinds import Context, get_kind
+from recipes.spec import RecipeConfig, StageSpec
+
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "openba_v2_tiny.yaml"
+GATE_FILE = "gate.json"
+
+
+def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
+    """The recipe config; `--set stages.NAME.args.key=value` addresses a stage by name (lists are by name here)."""
+    path = Path(path or DEFAULT_CONFIG)
+    stage_overrides = [o for o in overrides if o.startswith("stages.")]
+    recipe = load_config(RecipeConfig, path, [o for o in overrides if not o.startswith("stages.")])
+    by_name = {spec.name: spec for spec in recipe.stages}
+    if len(by_name) != len(recipe.stages):
+        raise UserError("stage names in a recipe must be unique")
+    for override in stage_overrides:
+        tree = parse_override(override)["stages"]
+        for name, fields in tree.items():
+            if name not in by_name:
+                raise UserError(f"override {override!r} names no stage '{name}' (stages: {', '.join(by_name)})")
+            spec_dict = merge(to_dict(by_name[name]), fields)
+            by_name[name] = from_dict(StageSpec, spec_dict, prefix=f"stages.{name}.")
+    recipe.stages = [by_name[spec.name] for spec in recipe.stages]
+    return recipe
+
+
+def check_recipe(recipe: RecipeConfig, context: Context) -> list[tuple[StageSpec, Any, Any]]:
+    """Resolve every stage's config and gate before anything runs: a typo in stage 6 fails at start."""
+    from eval.gate import GateConfig
+
+    resolved = []
+    for spec in recipe.stages:
+        kind = get_kind(spec.kind)
+        args = kind.defaults(dict(spec.args), context)
+        config = from_dict(kind.config_cls, args, prefix=f"stages.{spec.name}.args.")
+        gate = None
+        if spec.gate is not None:
+            if spec.gate not in recipe.gates:
+                raise UserError(f"stage '{spec.name}' names gate '{spec.gate}', which the recipe does not define "
+                                f"(gates: {', '.join(recipe.gates) or 'none'})")
+            gate = from_dict(GateConfig, {**recipe.gates[spec.gate], "name": spec.gate}, prefix=f"gates.{spec.gate}.")
+        resolved.append((spec, config, gate))
+    if recipe.model is None and (not recipe.stages or recipe.stages[0].kind != "teacher"):
+        raise UserError("the recipe has no input: set `model` (a checkpoint directory) or start with a teacher stage")
+    if recipe.model is not None and not Path(recipe.model).is_dir():
+        raise UserError(f"the recipe's input model {recipe.model} does not exist")
+    return resolved
+
+
+def previous_gate(run_dir: Path, names: list[str], index: int) -> Path | None:
+    """The gate results of the closest earlier stage that ran a gate: the baseline for this stage's gate."""
+    for name in reversed(names[:index]):
+        path = run_dir / name / GATE_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def gated(spec: StageSpec, config: Any, gate, context: Context, names: list[str], index: int):
+    """The stage function: run the kind, then the gate on its output; a failing gate raises (nothing published)."""
+    kind = get_kind(spec.kind)
+
+    def run(input_dir: Path | None, work_dir: Path, _stage_config) -> dict[str, Any]:
+        check_disk(work_dir, input_dir, context)
+        metrics = kind.run(input_dir, work_dir, config, context) or {}
+        if gate is not None:
+            metrics["gate"] = run_stage_gate(work_dir, gate, previous_gate(context.run_dir, names, index))
+        return metrics
+
+    return run
+
+
+def run_stage_gate(work_dir: Path, gate, baseline: Path | None) -> dict[str, Any]:
+    from core.checkpoint import load_model, load_tokenizer
+    from eval.gate import GateFailed
+
+    model = load_model(work_dir).eval()
+    tokenizer = load_tokenizer(work_dir)
+    from eval.gate import run_gate
+
+    result = run_gate(model, tokenizer, gate, baseline=str(baseline) if baseline else None)
+    (work_dir / GATE_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    (work_dir / "gate.md").write_text(result.to_markdown())
+    print(result.to_table())
+    if not result.passed:
+        raise GateFailed(result)
+    return {"name": gate.name, "passed": True, "checks": len(result.rows)}
+
+
+def check_disk(work_dir: Path, input_dir: Path | None, context: Context) -> None:
+    """Refuse to start a stage that cannot fit its output: about the input checkpoint's size again, plus margin."""
+    need = sum(p.stat().st_size for p in Path(input_dir).rglob("*") if p.is_file()) if input_dir else 0
+    free = shutil.disk_usage(work_dir).free
+    margin = context.min_free_disk_gb * 2**30
+    if free < 2 * need + margin:
+        raise UserError(f"not enough disk for the next stage in {work_dir}: {free / 2**30:.1f} GiB free, "
+                        f"about {(2 * need + margin) / 2**30:.1f} GiB needed")
+
+
+def build_stages(recipe: RecipeConfig, context: Context) -> list[Stage]:
+    resolved = check_recipe(recipe, context)
+    names = [spec.name for spec, _, _ in resolved]
+    stages = []
+    for index, (spec, config, gate) in enumerate(resolved):
+        stage_config = {"kind": spec.kind, "args": to_dict(config),
+                        "gate": to_dict(gate) if gate is not None else None}
+        stages.append(Stage(spec.name, gated(spec, config, gate, context, names, index), stage_config,
+                            resumable=get_kind(spec.kind).resumable))
+    return stages
+
+
+def stage_row(name: str, manifest: Manifest) -> list[Any]:
+    metrics = manifest.metrics
+    params = metrics.get("parameters") or metrics.get("params_after") or metrics.get("parameters_after")
+    gate = metrics.get("gate") or {}
+    return [name, manifest.config.get("kind", ""), human_count(params) if params else "",
+            _fmt(metrics.get("val_loss")), _fmt(metrics.get("bits_per_byte")),
+            "pass" if gate.get("passed") else ("-" if not gate else "FAIL"),
+            f"{manifest.timings.get('seconds', 0):.0f}s"]
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.openba_v2", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_CONFIG.relative_to(CONFIGS.parent.parent)})")
+    parser.add_argument("--run-dir", help="override the config's run_dir")
+    parser.add_argument("--from", dest="start", help="first stage to run (earlier stages must have completed)")
+    parser.add_argument("--to", dest="stop", help="last stage to run")
+    parser.add_argument("--only", help="run just this stage")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan on the meta device; load no weights")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set stages.recover_1.args.train.steps=20 (repeatable)")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    recipe = load_recipe(args.config, overrides)
+    if args.dry_run:
+        from recipes.plan import format_plan, plan
+
+        print(format_plan(plan(recipe), recipe.world_size))
+        return
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    context = make_context(recipe, run_dir)
+    stages = build_stages(recipe, context)
+    started = time.time()
+    rows: list[list[Any]] = []
+
+    def done(stage: Stage, manifest: Manifest) -> None:
+        rows.append(stage_row(stage.name, manifest))
+        print(f"[{stage.name}] done in {manifest.timings.get('seconds', 0):.0f}s")
+
+    try:
+        run_stages(stages, run_dir, input_dir=recipe.model, start=args.start, stop=args.stop, only=args.only,
+                   on_done=done)
+    finally:
+        if rows:
+            print(format_table(rows, ["stage", "kind", "params", "val loss", "bits/byte", "gate", "time"]))
+    from recipes.report import write_report
+
+    report = write_report(recipe, run_dir)
+    print(f"finished in {time.time() - started:.0f}s; report: {report}")
+
+
+def make_context(recipe: RecipeConfig, run_dir: Path) -> Context:
+    """Shared inputs: the offline corpus the teacher trained on (calibration, vocabulary counts, recovery data) and
+    the teacher itself (the first stage's output, or the input model) for distillation."""
+    from pretrain.corpus import CorpusConfig, load_or_build_corpus
+    from pretrain.teacher import DEFAULT_CACHE
+
+    cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else DEFAULT_CACHE
+    context = Context(run_dir=run_dir, cache_dir=cache_dir, min_free_disk_gb=recipe.min_free_disk_gb)
+    first = recipe.stages[0] if recipe.stages else None
+    if recipe.model is None and first is not None and first.kind == "teacher":
+        teacher = from_dict(get_kind("teacher").config_cls, dict(first.args))
+        if teacher.corpus_dir is not None:
+            context.corpus_dir = Path(teacher.corpus_dir)
+        else:
+            corpus_config = teacher.corpus
+            load_or_build_corpus(corpus_config, cache_dir / "corpus")
+            context.corpus_dir = cache_dir / "corpus" / f"corpus-{corpus_config.fingerprint()}"
+        context.teacher_dir = run_dir / first.name
+    else:
+        context.teacher_dir = Path(recipe.model) if recipe.model else None
+    return context
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""report.md of a recipe run: the stage table, importance plots, loss curves, gate tables and probe heatmaps.
+
+Everything is read back from the run directory (manifests, gate.json, metrics.jsonl, scores/*.png), so a report can
+be rebuilt at any time, also for a run that stopped at a failing gate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from core.stage import MANIFEST, Manifest
+from core.table import format_table, human_count
+from recipes.spec import RecipeConfig
+
+PARAM_KEYS = ("parameters", "params_after", "parameters_after")
+
+
+def stage_manifests(recipe: RecipeConfig, run_dir: Path) -> list[tuple[str, Manifest]]:
+    return [(spec.name, Manifest.read(run_dir / spec.name)) for spec in recipe.stages
+            if (run_dir / spec.name / MANIFEST).is_file()]
+
+
+def parameters(manifest: Manifest) -> int | None:
+    return next((manifest.metrics[k] for k in PARAM_KEYS if manifest.metrics.get(k)), None)
+
+
+def gate_metric(run_dir: Path, name: str, task: str, metric: str) -> float | None:
+    """A metric from a stage's gate results (e.g. corpus_ppl / bits_per_byte), or None."""
+    path = run_dir / name / "gate.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text()).get("results", {}).get("results", {})
+    value = (results.get(task) or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def stage_table(recipe: RecipeConfig, run_dir: Path, markdown: bool = True) -> str:
+    manifests = stage_manifests(recipe, run_dir)
+    first = next((parameters(m) for _, m in manifests if parameters(m)), None)
+    rows = []
+    for name, manifest in manifests:
+        params = parameters(manifest)
+        gate = manifest.metrics.get("gate") or {}
+        rows.append([
+            name, manifest.config.get("kind", ""), human_count(params) if params else "",
+            f"{100 * (1 - params / first):.1f}%" if params and first else "",
+            _fmt(manifest.metrics.get("val_loss")),
+            _fmt(gate_metric(run_dir, name, "corpus_ppl", "bits_per_byte")),
+            _fmt(gate_metric(run_dir, name, "corpus_mc", "acc")),
+            "pass" if gate.get("passed") else "-",
+            f"{manifest.timings.get('seconds', 0):.0f}",
+        ])
+    headers = ["stage", "kind", "params", "removed", "val loss (own tokens)", "bits/byte", "MC acc", "gate", "seconds"]
+    return format_table(rows, headers, markdown=markdown)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def plot_loss_curves(run_dir: Path, names: list[str], out: Path) -> Path | None:
+    """Training loss per step of every training stage (from its metrics.jsonl), one line per stage."""
+    curves = {}
+    for name in names:
+        path = run_dir / name / "metrics.jsonl"
+        if path.is_file():
+            points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            points = [p for p in points if "loss" in p and "step" in p]
+            if points:
+                curves[name] = ([p["step"] for p in points], [p["loss"] for p in points])
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, (steps, losses) in curves.items():
+        axis.plot(steps, losses, label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (nats/token)")
+    axis.set_title("Training loss per stage")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] | None = None) -> Path:
+    run_dir = Path(run_dir)
+    names = [spec.name for spec in recipe.stages]
+    lines = [f"# {recipe.name}: run report", "", "## Stages", "", stage_table(recipe, run_dir), ""]
+    lines += ["`val loss` is each stage's own validation loss (nats per token of its own tokenizer: not comparable "
+              "across vocabulary pruning); `bits/byte` is from the gate's held-out perplexity task and compares "
+              "across every stage.", ""]
+    curve = plot_loss_curves(run_dir, names, run_dir / "loss_curves.png")
+    if curve:
+        lines += ["## Loss curves", "", f"![loss curves]({curve.name})", ""]
+    for name in names:
+        plots = sorted((run_dir / name / "scores").glob("*.png")) if (run_dir / name / "scores").is_dir() else []
+        if plots:
+            lines += [f"## Importance scores: {name}", ""]
+            lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots] + [""]
+    for name in names:
+        gate_md = run_dir / name / "gate.md"
+        if gate_md.is_file():
+            lines += [f"## Gate after {name}", "", gate_md.read_text().strip(), ""]
+    lines += extra_sections or []
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
