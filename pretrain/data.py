@@ -75,6 +75,8 @@ def load_text_dataset(paths: list[str] | str, split: str = "train", streaming: b
             if split not in loaded:
                 raise UserError(f"{resolved[0]} has no split {split!r}; it has {sorted(loaded)}")
             loaded = loaded[split]
+        if len(loaded) == 0:
+            raise UserError(f"{resolved[0]} ({split}) is empty")
         return loaded.to_iterable_dataset() if streaming else loaded
     files = []
     for path in resolved:
@@ -85,6 +87,9 @@ def load_text_dataset(paths: list[str] | str, split: str = "train", streaming: b
         raise UserError(f"unsupported data files {bad[:3]}: use {sorted(FILE_BUILDERS)} or a saved dataset dir")
     if len(kinds) > 1:
         raise UserError(f"data files mix kinds {sorted(kinds)}; give one kind per config")
+    files = [p for p in files if p.stat().st_size > 0]  # datasets' json reader fails on an empty file
+    if not files:
+        raise UserError(f"the data files in {', '.join(paths)} are empty")
     return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=streaming)
 
 
@@ -112,6 +117,7 @@ class TokenizedDocuments:
             raise UserError(f"{name}: the dataset is empty")
         self.epoch, self.index = 0, 0
         self._cache: dict[int, np.ndarray] = {}
+        self._order, self._order_epoch = np.arange(0), -1
         self._stream: Iterator | None = None
         self._check_not_empty()
 
@@ -129,7 +135,7 @@ class TokenizedDocuments:
             ids = ids + [self.tokenizer.eos_token_id if self.tokenizer is not None else 1]
         return np.asarray(ids, dtype=np.int32)
 
-    def _order(self) -> np.ndarray:
+    def _permutation(self) -> np.ndarray:
         n = len(self.dataset)
         return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
 
@@ -148,9 +154,9 @@ class TokenizedDocuments:
             if not self.repeat:
                 raise StopIteration
             self.epoch, self.index = self.epoch + 1, 0
-        if self.index == 0 or not hasattr(self, "_order_cache") or self._order_cache[0] != self.epoch:
-            self._order_cache = (self.epoch, self._order())
-        row = int(self._order_cache[1][self.index])
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self._permutation(), self.epoch
+        row = int(self._order[self.index])
         self.index += 1
         if row not in self._cache:
             self._cache[row] = self.tokenize(self.dataset[row])
