@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -163,28 +165,23 @@ def _open_path(path: Path, config: VocabConfig) -> CorpusSource:
 def _text_file_batches(paths: list[Path], config: VocabConfig, chunk_chars: int = 100_000) -> Iterator[list[str]]:
     """Each file streamed in chunks of whole lines (about `chunk_chars`), so a huge file never sits in memory.
     Segmentation at a chunk edge can differ from the whole file's, which moves counts negligibly."""
-    batch, documents = [], 0
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            chunk, size = [], 0
-            for line in handle:
-                chunk.append(line)
-                size += len(line)
-                if size >= chunk_chars:
-                    batch.append("".join(chunk))
-                    chunk, size = [], 0
-                    if len(batch) == config.batch_size:
-                        yield batch
-                        documents += len(batch)
-                        batch = []
-                if config.max_documents is not None and documents + len(batch) >= config.max_documents:
-                    break
-            if chunk and (config.max_documents is None or documents + len(batch) < config.max_documents):
-                batch.append("".join(chunk))
-        if config.max_documents is not None and documents + len(batch) >= config.max_documents:
-            break
-    if batch:
-        yield batch[: None if config.max_documents is None else config.max_documents - documents]
+
+    def chunks() -> Iterator[str]:
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                lines, size = [], 0
+                for line in handle:
+                    lines.append(line)
+                    size += len(line)
+                    if size >= chunk_chars:
+                        yield "".join(lines)
+                        lines, size = [], 0
+                if lines:
+                    yield "".join(lines)
+
+    limited = itertools.islice(chunks(), config.max_documents)
+    while batch := list(itertools.islice(limited, config.batch_size)):
+        yield batch
 
 
 def _open_dataset(dataset, config: VocabConfig, description: str) -> CorpusSource:
@@ -258,7 +255,7 @@ def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFi
             else:
                 ids = [list(map(int, row)) for row in batch]
                 samples += ids[: max(0, 16 - len(samples))]
-            flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
+            flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
             if len(flat) and (flat.min() < 0 or flat.max() >= vocab):
                 raise UserError(f"the corpus holds token id {int(flat.max())} but this tokenizer has {vocab} ids: "
                                 "it was tokenized with another tokenizer")
@@ -491,27 +488,36 @@ def config_required_ids(model, n_tokens: int) -> list[int]:
 
 # --- checking the result -------------------------------------------------------------------------------------------
 def compare_segmentation(old_tokenizer, new_tokenizer, keep: list[int], texts: Iterable[str]) -> dict:
-    """How much text keeps its segmentation: share of documents encoded to the remapped original ids, among all and
-    among in-domain ones (original ids all kept; must be 1.0), decodes equal to the original's, token growth."""
+    """How much text keeps its segmentation after pruning.
+
+    `same_tokens`: share of the original tokens that the pruned tokenizer reproduces (same character span, remapped
+    id); `same_segmentation`: share of documents encoded to exactly the remapped original ids; the same among
+    in-domain documents (original ids all kept: must be 1.0); decodes equal to the original's; token growth.
+    """
     old_to_new = {old: new for new, old in enumerate(keep)}
     stats = Counter()
     for text in tqdm(list(texts), desc="check segmentation", unit="doc", disable=None):
-        old = old_tokenizer(text, add_special_tokens=False)["input_ids"]
-        new = new_tokenizer(text, add_special_tokens=False)["input_ids"]
-        in_domain = all(i in old_to_new for i in old)
-        same = in_domain and new == [old_to_new[i] for i in old]
+        old = old_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        new = new_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        old_ids, new_ids = old["input_ids"], new["input_ids"]
+        in_domain = all(i in old_to_new for i in old_ids)
+        same = in_domain and new_ids == [old_to_new[i] for i in old_ids]
+        old_spans = Counter((tuple(span), old_to_new[i]) for span, i in zip(old["offset_mapping"], old_ids) if i in old_to_new)
+        new_spans = Counter((tuple(span), i) for span, i in zip(new["offset_mapping"], new_ids))
         stats["documents"] += 1
         stats["in_domain"] += in_domain
         stats["same"] += same
         stats["in_domain_same"] += same and in_domain
-        stats["decode_same"] += _decode(new_tokenizer, new) == _decode(old_tokenizer, old)
-        stats["old_tokens"] += len(old)
-        stats["new_tokens"] += len(new)
+        stats["same_tokens"] += sum((old_spans & new_spans).values())
+        stats["decode_same"] += _decode(new_tokenizer, new_ids) == _decode(old_tokenizer, old_ids)
+        stats["old_tokens"] += len(old_ids)
+        stats["new_tokens"] += len(new_ids)
     docs = stats["documents"]
     if not docs:
         return {"documents": 0}
     return {
         "documents": docs,
+        "same_tokens": stats["same_tokens"] / max(stats["old_tokens"], 1),
         "same_segmentation": stats["same"] / docs,
         "in_domain_documents": stats["in_domain"],
         "in_domain_same_segmentation": stats["in_domain_same"] / stats["in_domain"] if stats["in_domain"] else None,
@@ -598,6 +604,7 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
         "tokens_before": len(prepared.files), "tokens_after": len(keep),
         "rows_before": prepared.rows_before, "rows_after": padding["rows"],
         "padding_rows": padding["padding_rows"], "padding_masked": padding["padding_masked"], "tied": padding["tied"],
+        "padding_logit_bias": config.padding_logit_bias,
         "parameters_before": prepared.parameters_before, "parameters_after": count_parameters(model),
         "corpus_documents": prepared.counts.documents, "corpus_tokens": prepared.counts.total,
         "corpus_coverage": prepared.selection.coverage,
@@ -618,28 +625,38 @@ def prune_vocabulary(model_dir: str | Path, out_dir: str | Path, config: VocabCo
 
 
 def summary_table(metrics: dict) -> str:
+    """Before/after numbers as a table, then what the padding rows hold and why tokens were forced."""
     check = metrics.get("check", {})
-    padding = "none" if not metrics["padding_rows"] else (
-        f"{metrics['padding_rows']} (zero rows, "
-        + ("bias -1e4: probability 0)" if metrics["padding_masked"] else "logit 0: suppressed in generation only)"))
     rows = [
         ("tokenizer ids", metrics["tokens_before"], metrics["tokens_after"]),
         ("model vocab rows", metrics["rows_before"], metrics["rows_after"]),
         ("parameters", human_count(metrics["parameters_before"]), human_count(metrics["parameters_after"])),
         ("parameter ratio", 1.0, metrics["parameters_after"] / metrics["parameters_before"]),
         ("corpus coverage", 1.0, metrics["corpus_coverage"]),
-        ("padding rows", "", padding),
-        ("required tokens", "", ", ".join(f"{k} {v}" for k, v in metrics["required"].items())),
-        ("corpus", "", f"{metrics['corpus_documents']} docs, {metrics['corpus_tokens']:,} tokens"),
     ]
     if check.get("documents"):
         rows += [
-            ("same segmentation", 1.0, check["same_segmentation"]),
-            ("in-domain same", 1.0, check["in_domain_same_segmentation"]),
+            ("same segmentation (tokens)", 1.0, check["same_tokens"]),
+            ("same segmentation (docs)", 1.0, check["same_segmentation"]),
             ("decode = original", 1.0, check["decode_matches_original"]),
             ("tokens per text", 1.0, check["token_growth"]),
         ]
-    return format_table(rows, ["", "before", "after"])
+    if not metrics["padding_rows"]:
+        padding = "none"
+    elif metrics["padding_masked"]:
+        padding = f"{metrics['padding_rows']}, zero rows with head bias {metrics['padding_logit_bias']:g}: probability 0"
+    else:
+        padding = f"{metrics['padding_rows']}, zero rows, logit 0 (bias-free head): suppressed in generation only"
+    lines = [
+        format_table(rows, ["", "before", "after"]),
+        f"padding rows: {padding}",
+        "forced tokens: " + ", ".join(f"{k} {v}" for k, v in metrics["required"].items())
+        + (f"; {metrics['added_for_merges']} added for BPE merge derivations" if metrics["added_for_merges"] else ""),
+        f"corpus: {metrics['corpus_documents']} documents, {metrics['corpus_tokens']:,} tokens",
+    ]
+    if check.get("documents"):
+        lines.append(f"segmentation checked on {check['documents']} documents ({check['in_domain_documents']} in-domain)")
+    return "\n".join(lines)
 
 
 # --- command line --------------------------------------------------------------------------------------------------

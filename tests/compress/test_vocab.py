@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
-from compress.tokenizer_surgery import read_tokenizer_files, required_tokens, sentencepiece_pieces
+from compress.tokenizer_surgery import read_tokenizer_files, required_tokens, sentencepiece_pieces, write_pruned_tokenizer
 from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens)
 from core.errors import UserError
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
@@ -126,8 +126,9 @@ def text_lines(texts):
     return [line for text in texts for line in text.splitlines(keepends=True) if line.strip()]
 
 
-def check_in_domain(original_dir, pruned_dir, texts):
-    """Texts whose original ids are all kept encode to exactly the remapped ids; returns (in-domain, others)."""
+def check_in_domain(original_dir, pruned_dir, texts, lossless=True):
+    """Texts whose original ids are all kept encode to exactly the remapped ids; the others, when the tokenizer can
+    spell anything (`lossless`), decode as before. Returns (in-domain, others)."""
     old_tok, new_tok = AutoTokenizer.from_pretrained(str(original_dir)), AutoTokenizer.from_pretrained(str(pruned_dir))
     old_to_new = {old: new for new, old in enumerate(kept_ids(original_dir, pruned_dir))}
     in_domain = others = 0
@@ -139,7 +140,7 @@ def check_in_domain(original_dir, pruned_dir, texts):
             in_domain += 1
         else:
             others += 1
-            assert new_tok.decode(new) == old_tok.decode(old)  # still encodable, through smaller pieces
+            assert new_tok.decode(new) == old_tok.decode(old) or not lossless  # still encodable, through smaller pieces
     return in_domain, others
 
 
@@ -201,6 +202,62 @@ def test_bpe_merges_only_reference_kept_tokens_and_every_kept_token_is_producibl
     for token in list(vocab)[300::40]:  # every kept token still comes out of its own text
         assert tokenizer.convert_ids_to_tokens(tokenizer(tokenizer.convert_tokens_to_string([token]),
                                                          add_special_tokens=False)["input_ids"]) == [token]
+
+
+def test_sentencepiece_pruning_reports_how_much_text_keeps_its_segmentation(pruned_openba):
+    check = pruned_openba[1].metrics["check"]
+    assert check["documents"] == 2 and check["decode_matches_original"] == 1.0
+    assert 0.5 < check["same_tokens"] < 1.0 and check["token_growth"] > 1.0  # pieces were removed, text still fits
+
+
+def _other_tokenizer(kind: str, texts: list[str]) -> PreTrainedTokenizerFast:
+    """WordLevel, WordPiece, or a Metaspace Unigram WITHOUT byte fallback (so its alphabet must survive)."""
+    if kind == "wordlevel":
+        tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        trainer = trainers.WordLevelTrainer(vocab_size=600, special_tokens=["[PAD]", "[UNK]"], show_progress=False)
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trainer = trainers.WordPieceTrainer(vocab_size=600, special_tokens=["[PAD]", "[UNK]"], show_progress=False)
+    else:
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=600, special_tokens=["[PAD]", "[UNK]"], unk_token="[UNK]",
+                                          show_progress=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace() if kind == "unigram" else pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.Metaspace() if kind == "unigram" else decoders.WordPiece()
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("kind", ["wordlevel", "wordpiece", "unigram"])
+def test_tokenizer_surgery_on_other_tokenizer_models(kind, corpus, workdir):
+    texts = list(corpus["train"]["text"])[:10]
+    source, out = workdir / f"{kind}-tokenizer", workdir / f"{kind}-pruned"
+    original = _other_tokenizer(kind, texts)
+    original.save_pretrained(str(source))
+    files = read_tokenizer_files(source)
+    config = VocabConfig(coverage=0.8)
+    counts = count_tokens(original, texts, config, files)
+    selection = select_tokens(counts, files, required_tokens(files), coverage=0.8)
+    assert len(selection.keep) < len(files)
+    write_pruned_tokenizer(files, selection.keep, out)
+    # WordLevel maps removed words to [UNK]; the others keep their alphabet, so nothing new becomes [UNK]
+    in_domain, others = check_in_domain(source, out, text_lines(texts[:6]), lossless=kind != "wordlevel")
+    assert in_domain >= 10 and others >= 5
+
+
+def test_slow_bpe_files_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, pruned_llamas, workdir):
+    source = workdir / "bpe-with-slow-files"
+    shutil.copytree(bpe_tokenizer_dir, source)
+    model = read_tokenizer_files(source).model
+    (source / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (source / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
+    out = workdir / "bpe-slow-pruned"
+    keep = kept_ids(bpe_tokenizer_dir, pruned_llamas[False][0])
+    write_pruned_tokenizer(read_tokenizer_files(source), keep, out)
+    pruned = read_tokenizer_files(out).model
+    assert json.loads((out / "vocab.json").read_text()) == pruned["vocab"]
+    merges = (out / "merges.txt").read_text().splitlines()[1:]
+    assert merges == [f"{a} {b}" for a, b in pruned["merges"]]
 
 
 # --- the model -----------------------------------------------------------------------------------------------------
