@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from core.errors import UserError
 
-LOSSES = ("logo", "simpo", "dpo", "orpo")
+LOSSES = ("logo", "simpo", "dpo", "orpo", "sft")
 
 # LOGO's published settings per base model (paper, Table 7 and the released scripts): beta, gamma = beta *
 # gamma_beta_ratio, lambda (sft_weight), M (num_rejected).
@@ -41,8 +41,9 @@ LOGO_PRESETS: dict[str, dict[str, float | int]] = {
 class LossConfig:
     """Which preference loss and its weights. Defaults: LOGO on Llama-3-8B (the paper's main setting)."""
 
-    loss: Literal["logo", "simpo", "dpo", "orpo"] = "logo"
-    """logo (reference-free, M dis-preferred, SFT term); simpo, dpo (needs a reference model), orpo: baselines."""
+    loss: Literal["logo", "simpo", "dpo", "orpo", "sft"] = "logo"
+    """logo (reference-free, M dis-preferred, SFT term); simpo, dpo (needs a reference model), orpo: baselines;
+    sft: NLL of the preferred response only (instruction tuning on the same data: the paper's SFT comparison)."""
     beta: float = 10.0
     """Scale of the length-normalised margin (logo, simpo). LOGO: 10 for Llama-3-8B, 2.5 Mistral-7B, 3 Llama-2-7B.
     Larger beta saturates the sigmoid sooner; lower it for models whose mean log-likelihoods differ less."""
@@ -69,6 +70,11 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         return self.loss == "dpo"
+
+    @property
+    def responses_used(self) -> int:
+        """Responses per row the loss reads: the preferred one, plus M dis-preferred unless it is SFT."""
+        return 1 if self.loss == "sft" else 1 + self.num_rejected
 
 
 def logo_preset(name: str, **overrides) -> LossConfig:
@@ -111,6 +117,10 @@ def preference_loss(
     config: LossConfig, policy: ResponseLogps, reference: ResponseLogps | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured loss (a scalar, mean over the batch) and metrics for logging."""
+    if config.loss == "sft":
+        nll = preferred_nll(policy).float()
+        return nll, {"loss": nll.item(), "nll_chosen": nll.item(),
+                     "logp_chosen": policy.mean_logp[:, 0].float().mean().item()}
     responses = config.num_rejected + 1
     if policy.sum_logp.shape[1] < responses:
         raise UserError(f"the batch holds {policy.sum_logp.shape[1] - 1} dis-preferred responses per row; "

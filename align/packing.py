@@ -66,21 +66,22 @@ def _sum_per_response(values: torch.Tensor, owner: torch.Tensor, responses: int)
     return ResponseLogps(sums, counts)
 
 
-def check_batch(batch: dict) -> None:
+def check_batch(batch: dict, min_responses: int = 2) -> None:
     missing = [key for key in (*PROMPT_KEYS[:2], *RESPONSE_KEYS) if key not in batch]
     if missing:
         raise UserError(f"a preference batch needs {', '.join(missing)}; build batches with align.batches")
-    if batch["response_ids"].dim() != 3 or batch["response_ids"].shape[1] < 2:
-        raise UserError("response_ids must be [batch, 1 + M, length] with M >= 1 dis-preferred responses")
+    if batch["response_ids"].dim() != 3 or batch["response_ids"].shape[1] < min_responses:
+        raise UserError(f"response_ids must be [batch, 1 + M, length] with M >= {min_responses - 1} dis-preferred "
+                        "responses")
     if (batch["response_mask"].sum(-1) == 0).any():
         raise UserError("a response has no tokens; every preferred and dis-preferred response needs at least one")
     if (batch["attention_mask"].sum(-1) == 0).any():
         raise UserError("a prompt has no tokens")
 
 
-def response_logps(model, batch: dict, shared: bool = True) -> ResponseLogps:
-    """Summed log-probabilities and token counts of every response, [batch, 1 + M]."""
-    check_batch(batch)
+def response_logps(model, batch: dict, shared: bool = True, min_responses: int = 2) -> ResponseLogps:
+    """Summed log-probabilities and token counts of every response, [batch, 1 + M] (M >= min_responses - 1)."""
+    check_batch(batch, min_responses)
     if getattr(unwrap(model).config, "is_encoder_decoder", False):
         return _seq2seq_logps(model, batch, shared)
     return _packed_logps(model, batch) if shared else _separate_logps(model, batch)
@@ -149,8 +150,6 @@ def packed_layout(batch: dict) -> dict[str, torch.Tensor]:
             targets[row, slot:slot + r] = tokens
             owner[row, slot:slot + r] = i
             at, slot = at + r, slot + r
-        # padding tokens continue the positions so the position row stays increasing
-        packed_positions[row, at:] = packed_positions[row, at - 1] + 1 + torch.arange(total - at, device=device)
     return {"input_ids": packed, "segment": segment, "position_ids": packed_positions, "keep": keep,
             "targets": targets, "owner": owner}
 

@@ -24,7 +24,7 @@ changes no base (it credits Llama-3's base 500000 for scaling).
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Sequence
 
 import torch
 
@@ -66,12 +66,25 @@ class PositionConfig:
         return self.chunk_size * self.max_chunks
 
 
-def check_fits(config: PositionConfig, context_length: int, tail_length: int) -> None:
-    """UserError unless `context_length` context tokens and `tail_length` question/answer tokens fit the window."""
-    if context_length > config.real_context:
-        raise UserError(f"context of {context_length} tokens exceeds the real context of {config.max_chunks} chunks "
-                        f"x {config.chunk_size} tokens = {config.real_context}; raise position.max_chunks or build "
-                        "the data with fewer chunks")
+def chunk_lengths_of(context: int | Sequence[int], config: PositionConfig) -> list[int]:
+    """Chunk lengths of a context: given as a list, or a token count split into `chunk_size` pieces."""
+    if isinstance(context, int):
+        full, rest = divmod(context, config.chunk_size)
+        return [config.chunk_size] * full + ([rest] if rest else [])
+    return [int(length) for length in context if int(length) > 0]
+
+
+def check_fits(config: PositionConfig, context: int | Sequence[int], tail_length: int) -> None:
+    """UserError unless the context chunks and `tail_length` question/answer tokens fit the real context and window."""
+    chunks = chunk_lengths_of(context, config)
+    context_length = sum(chunks)
+    if len(chunks) > config.max_chunks or context_length > config.real_context:
+        raise UserError(f"context of {context_length} tokens in {len(chunks)} chunks exceeds the real context of "
+                        f"{config.max_chunks} chunks x {config.chunk_size} tokens = {config.real_context}; raise "
+                        "position.max_chunks or build the data with fewer chunks")
+    if max(chunks, default=0) > config.chunk_size:
+        raise UserError(f"a context chunk has {max(chunks)} tokens, more than position.chunk_size="
+                        f"{config.chunk_size}; build the data with the same chunk size")
     if context_length + tail_length > config.window:
         raise UserError(f"context ({context_length}) plus question and response ({tail_length}) = "
                         f"{context_length + tail_length} tokens exceeds the synthesised window of {config.window}; "
@@ -86,45 +99,46 @@ def choose_strategy(config: PositionConfig, generator: torch.Generator) -> str:
 def _uniform_biases(upper: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Integer draws from U(1, upper) (0 where upper < 1: no room to skip)."""
     high = upper.floor().long()
-    draws = 1 + (torch.rand(upper.shape, generator=generator) * high.clamp(min=1).double()).floor().long()
+    draws = 1 + (torch.rand(upper.shape, generator=generator, dtype=torch.float64) * high.clamp(min=1)).floor().long()
     return torch.where(high >= 1, draws.clamp(max=high.clamp(min=1)), torch.zeros_like(high))
 
 
-def context_biases(context_length: int, real_length: int, config: PositionConfig, strategy: str,
+def context_biases(chunks: Sequence[int], real_length: int, config: PositionConfig, strategy: str,
                    generator: torch.Generator) -> torch.Tensor:
     """Non-decreasing bias per context token, each within its chunk's bound j * (K - k) / N."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if context_length == 0:
+    chunks = [int(length) for length in chunks if int(length) > 0]
+    if not chunks:
         return torch.zeros(0, dtype=torch.long)
-    chunks = math.ceil(context_length / config.chunk_size)
     room = config.window - real_length
-    chunk_of_token = torch.arange(context_length) // config.chunk_size  # 0-based chunk index
-    bound = (torch.arange(1, chunks + 1, dtype=torch.float64) * room / chunks)
+    chunk_of_token = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(chunks))
+    bound = torch.arange(1, len(chunks) + 1, dtype=torch.float64) * room / len(chunks)
     if strategy == "continuous":
         per_chunk = torch.cummax(_uniform_biases(bound, generator), dim=0).values
         return per_chunk[chunk_of_token]
     per_token = _uniform_biases(bound[chunk_of_token], generator)
     # chunks are contiguous runs, so sorting by (chunk, bias) sorts inside each chunk only
     order = torch.argsort(chunk_of_token * (room + 1) + per_token, stable=True)
-    per_token = per_token[order]
-    return torch.cummax(per_token, dim=0).values
+    return torch.cummax(per_token[order], dim=0).values
 
 
-def synthesize_positions(context_length: int, tail_length: int, config: PositionConfig,
+def synthesize_positions(context: int | Sequence[int], tail_length: int, config: PositionConfig,
                          generator: torch.Generator, strategy: str | None = None) -> tuple[torch.Tensor, str]:
-    """Position ids of a context of `context_length` tokens followed by `tail_length` question/answer tokens.
+    """Position ids of a context followed by `tail_length` question/answer tokens.
 
-    Returns (positions [context_length + tail_length], strategy). Context positions follow `context_biases`; the
-    tail is contiguous and ends on `window - 1`. Without synthesis the positions are 0..k-1.
+    `context` is the list of chunk lengths (chunks as the data built them) or a token count (cut into `chunk_size`
+    pieces). Returns (positions [context + tail], strategy). Context positions follow `context_biases`; the tail is
+    contiguous and ends on `window - 1`. Without synthesis the positions are 0..k-1.
     """
-    real_length = context_length + tail_length
-    check_fits(config, context_length, tail_length)
+    chunks = chunk_lengths_of(context, config)
+    real_length = sum(chunks) + tail_length
+    check_fits(config, chunks, tail_length)
     if not config.synthesize:
         return torch.arange(real_length), "plain"
     strategy = strategy or choose_strategy(config, generator)
     biases = torch.cat([
-        context_biases(context_length, real_length, config, strategy, generator),
+        context_biases(chunks, real_length, config, strategy, generator),
         torch.full((tail_length,), config.window - real_length, dtype=torch.long),
     ])
     return torch.arange(real_length) + biases, strategy

@@ -21,3 +21,21 @@ def preference_batch(rows: int = 2, responses: int = 3, prompt: int = 10, length
     response_mask[-1, -1, 1:] = 0
     return {"input_ids": ids * mask, "attention_mask": mask, "position_ids": positions, "response_ids": response_ids,
             "response_mask": response_mask}
+
+
+def byte_tokenizer(directory):
+    """A byte-level tokenizer (ids 0-2 pad/eos/unk, then the 256 bytes) saved to `directory`: no training needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: 3 + i for i, char in enumerate(sorted(alphabet))}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+BYTE_VOCAB = 3 + 256

@@ -25,7 +25,7 @@ def test_positions_strictly_increase_inside_the_window_and_the_tail_ends_it(stra
 @pytest.mark.parametrize("seed", range(5))
 def test_continuous_chunks_keep_their_spacing_order_and_bounds(seed):
     context, real = 100, 112
-    biases = context_biases(context, real, CONFIG, "continuous", sample_generator(seed))
+    biases = context_biases([16] * 6 + [4], real, CONFIG, "continuous", sample_generator(seed))
     chunks = biases.split(CONFIG.chunk_size)
     room = CONFIG.window - real
     for j, chunk in enumerate(chunks, start=1):
@@ -36,7 +36,7 @@ def test_continuous_chunks_keep_their_spacing_order_and_bounds(seed):
 
 
 def test_sparse_biases_vary_inside_chunks_and_never_fall():
-    biases = context_biases(100, 112, CONFIG, "sparse", sample_generator(0))
+    biases = context_biases([16] * 6 + [4], 112, CONFIG, "sparse", sample_generator(0))
     assert (biases[1:] >= biases[:-1]).all()
     assert len(set(biases[: CONFIG.chunk_size].tolist())) > 1
 
@@ -67,8 +67,21 @@ def test_window_equal_to_the_real_length_leaves_no_gaps():
     assert torch.equal(positions, torch.arange(72))
 
 
+def test_uneven_chunks_from_the_data_each_get_their_own_bias():
+    chunks = [10, 16, 3, 12]
+    positions, _ = synthesize_positions(chunks, 5, CONFIG, sample_generator(2), "continuous")
+    gaps = (positions[1:] - positions[:-1]).tolist()
+    boundaries = {9, 25, 28}  # last token of each chunk but the last
+    assert all(gap == 1 for i, gap in enumerate(gaps) if i not in boundaries and i < sum(chunks) - 1)
+    assert positions[0] >= 1 and any(gaps[i] > 1 for i in boundaries)  # the skips sit between chunks
+
+
 def test_context_longer_than_the_real_chunks_or_the_window_is_an_error():
     with pytest.raises(UserError, match="exceeds the real context"):
         synthesize_positions(8 * 16 + 1, 4, CONFIG, sample_generator(0))
+    with pytest.raises(UserError, match="exceeds the real context"):
+        synthesize_positions([4] * 9, 4, CONFIG, sample_generator(0))
+    with pytest.raises(UserError, match="chunk_size"):
+        synthesize_positions([17, 4], 4, CONFIG, sample_generator(0))
     with pytest.raises(UserError, match="exceeds the synthesised window"):
         synthesize_positions(100, 1000, CONFIG, sample_generator(0))

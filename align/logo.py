@@ -1,0 +1,315 @@
+"""LOGO training as a stage: preference data + a checkpoint -> an aligned checkpoint, through the shared Trainer.
+
+    python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo
+
+What happens, in order (every check before anything is written):
+1. load the model and tokenizer, the preference rows (align/data.py format), tokenize and check every row
+   (context fits `position.max_chunks` x `position.chunk_size`, responses fit, everything fits the window);
+2. extend the model to the synthesised window: its supported length becomes `position.window`, and its RoPE base
+   `position.rope_theta` when set (`pretrain.long_context`; LOGO changes no base);
+3. optionally wrap the model in LoRA (peft; LOGO: r 32, alpha 16, dropout 0 on the attention projections, which the
+   model family's adapter names: q/k/v/o for Llama, qkv/o/q/kv for OpenBA);
+4. train with `pretrain.trainer.Trainer` and `align.objective.PreferenceObjective` as its loss (DeepSpeed, exact
+   resume from checkpoints kept in the stage's partial directory, progress bar, metrics.jsonl);
+5. merge LoRA into the weights and save a plain safetensors checkpoint (loadable with `from_pretrained`); the
+   unmerged adapter is saved beside it in `lora_adapter/`. The output has a manifest (`core.stage.run_stage`).
+
+Decoder-only models with the shared context need a dense 4D mask, so `train.attn_implementation: auto` runs sdpa
+for them (flash-attention cannot take the mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from core.config import load_config
+from core.errors import UserError, main_guard
+from core.table import format_table, human_count
+from align.batches import BatchConfig, PreferenceBatches
+from align.losses import LOGO_PRESETS, LossConfig
+from align.positions import PositionConfig
+from pretrain.trainer import TrainConfig
+
+
+@dataclasses.dataclass
+class LogoTrainConfig(TrainConfig):
+    """The shared trainer's config with LOGO's optimisation as defaults (a subclass, so that overriding one field
+    from YAML or --set keeps LOGO's values for the others): lr 5e-7 cosine (to 0) with 120 warm-up steps over
+    1200 steps, 64 samples per step (8 GPUs x 8 accumulation steps there; here 64 accumulation steps of one row),
+    weight decay 0.05. LOGO trains LoRA adapters at this rate; full fine-tuning of a small model wants more."""
+
+    steps: int = 1200
+    lr: float = 5e-7
+    min_lr: float = 0.0
+    warmup_steps: int = 120
+    weight_decay: float = 0.05
+    grad_accum_steps: int = 64
+    micro_batch_size: int = 1
+    save_every: int = 100
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """LoRA through peft (LOGO trains LoRA adapters: r 32, alpha 16, dropout 0 on q/k/v/o)."""
+
+    enabled: bool = False
+    r: int = 32
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    """Module names (suffixes) to adapt; None: every attention projection the family adapter lists."""
+
+
+@dataclasses.dataclass
+class LogoConfig:
+    """Everything the LOGO stage does; `python -m align.logo --config FILE --set key=value` fills it."""
+
+    data: str = ""
+    """Preference dataset (save_to_disk directory or JSONL) from python -m align.build_data."""
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
+    batches: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    train: LogoTrainConfig = dataclasses.field(default_factory=LogoTrainConfig)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    shared_context: bool = True
+    """Score all responses on one shared context (packed mask / one encoder pass); false: 1 + M full copies."""
+    max_rows: int | None = None
+    """Use only the first N rows of the data (smoke runs)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What the stage trains, built (and checked) before the stage directory exists."""
+
+    model: Any
+    tokenizer: Any
+    batches: PreferenceBatches
+    objective: Any
+    extended: dict[str, Any]
+    trainable: int
+    total: int
+
+
+# ---------------------------------------------------------------------------------------------------- preparation
+
+
+def lora_targets(model) -> list[str]:
+    """Full names of every attention projection (and output projection) the family adapter knows."""
+    from compress.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    targets = []
+    for _, _, block in adapter.all_blocks():
+        for view in adapter.attentions(block):
+            prefix = names[id(view.module)]
+            for projection in [p.name for p in view.projections] + [view.o]:
+                target = f"{prefix}.{projection}"
+                if target not in targets:
+                    targets.append(target)
+    return targets
+
+
+def wrap_lora(model, settings: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules or lora_targets(model)
+    task = "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
+    try:
+        return get_peft_model(model, LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                                target_modules=targets, task_type=task))
+    except ValueError as err:
+        raise UserError(f"LoRA: {str(err).splitlines()[0]}") from None
+
+
+def extend_to_window(model, config: LogoConfig, batches: PreferenceBatches) -> dict[str, Any]:
+    """Make the model accept the synthesised positions: supported length -> window, and the RoPE base if set."""
+    from pretrain.long_context import LongContextConfig, apply_long_context, supported_lengths
+
+    needed = batches.max_position() + 1
+    supported, _ = supported_lengths(model.config)
+    if config.position.rope_theta is None and (supported is None or needed <= supported):
+        return {}
+    return apply_long_context(model, LongContextConfig(rope_theta=config.position.rope_theta,
+                                                       train_seq_len=max(needed, supported or 0)))
+
+
+def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path | None = None,
+            tokenizer_dir: str | Path | None = None) -> Prepared:
+    """Load, check and set up everything; raises UserError before any output exists."""
+    from align.data import load_rows
+    from align.objective import PreferenceObjective
+    from core.checkpoint import count_parameters, load_model, load_tokenizer
+
+    if not config.data:
+        raise UserError("no preference data given (--data DIR or data: in the config)")
+    rows = load_rows(config.data)
+    if config.max_rows is not None:
+        rows = rows.select(range(min(config.max_rows, len(rows))))
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    batches = PreferenceBatches(rows, tokenizer, config.position, config.batches, config.loss.responses_used,
+                                encoder_decoder)
+    extended = extend_to_window(model, config, batches)
+    reference = None
+    if config.loss.needs_reference:
+        if reference_dir is not None:
+            reference = load_model(reference_dir)
+            extend_to_window(reference, config, batches)
+        elif not config.lora.enabled:
+            reference = copy.deepcopy(model)
+    total = count_parameters(model)
+    if config.lora.enabled:
+        model = wrap_lora(model, config.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    objective = PreferenceObjective(config.loss, config.shared_context, reference)
+    objective.check(model)
+    return Prepared(model, tokenizer, batches, objective, extended, trainable, total)
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None:
+    """Merge LoRA (saving the adapter too) and write the checkpoint's files at the top of the stage directory."""
+    from core.checkpoint import save_checkpoint
+
+    module = trainer.engine.module
+    module = getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
+    with trainer.engine.gathered():
+        if trainer.runtime.is_main:
+            if lora:
+                module.save_pretrained(str(work_dir / "lora_adapter"), safe_serialization=True)
+                module = module.merge_and_unload()
+            staged = save_checkpoint(module, prepared.tokenizer, work_dir / "model.tmpdir")
+            for path in staged.iterdir():
+                os.replace(path, work_dir / path.name)
+            staged.rmdir()
+
+
+def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[str, Any]:
+    """The stage body: train, save, drop the training checkpoints, return the metrics for the manifest."""
+    from align.objective import rows
+    from pretrain.trainer import CHECKPOINTS, Trainer
+
+    trainer = Trainer(prepared.model, config.train, prepared.batches, loss_fn=prepared.objective, weight_fn=rows)
+    result = trainer.train(work_dir / "train")
+    _save_final(trainer, prepared, work_dir, config.lora.enabled)
+    shutil.rmtree(work_dir / "train" / CHECKPOINTS, ignore_errors=True)
+    return {
+        **{k: v for k, v in result.items() if isinstance(v, (int, float, str))},
+        "rows": len(prepared.batches.rows),
+        "truncated_responses": prepared.batches.truncated,
+        "trainable_parameters": prepared.trainable,
+        "parameters": prepared.total,
+        "window": config.position.window if config.position.synthesize else None,
+        "real_context": config.position.real_context,
+        "extended": prepared.extended,
+    }
+
+
+def resolve_attention(config: LogoConfig, model_dir: str | Path) -> LogoConfig:
+    """The config with `train.attn_implementation` fixed to what the shared context needs (sdpa for decoder-only)."""
+    from core.checkpoint import read_model_config
+
+    if not config.shared_context or read_model_config(model_dir).get("is_encoder_decoder"):
+        return config
+    if config.train.attn_implementation == "flash_attention_2":
+        raise UserError("shared-context packing needs a 4D attention mask, which flash_attention_2 cannot take; "
+                        "use train.attn_implementation=sdpa or shared_context=false")
+    if config.train.attn_implementation == "auto":
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, attn_implementation="sdpa"))
+    return config
+
+
+def run_logo(model_dir: str | Path, out_dir: str | Path, config: LogoConfig, reference_dir: str | Path | None = None,
+             tokenizer_dir: str | Path | None = None, force: bool = False):
+    """Prepare (all checks), then train under `run_stage` (atomic output, manifest, resume). Returns the manifest."""
+    from core.stage import Stage, is_complete, run_stage
+
+    config = resolve_attention(config, model_dir)
+    if not force and is_complete(out_dir, config, model_dir):
+        from core.stage import Manifest
+
+        return Manifest.read(out_dir)
+    prepared = prepare(model_dir, config, reference_dir, tokenizer_dir)
+    stage = Stage("logo", lambda _input, work_dir, cfg: train_logo(prepared, work_dir, cfg), config, resumable=True)
+    return run_stage(stage, Path(model_dir), out_dir, force=force)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m align.logo",
+        description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data.",
+        epilog=("example: python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo --lora "
+                "--set train.steps=50 --set train.lr=1e-4 --set position.window=4096 --set position.chunk_size=64"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory to align")
+    parser.add_argument("--data", required=True, help="preference data (python -m align.build_data output)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    parser.add_argument("--loss", choices=["logo", "simpo", "dpo", "orpo", "sft"], default=None,
+                        help="preference loss (default: logo)")
+    parser.add_argument("--preset", choices=sorted(LOGO_PRESETS), default=None,
+                        help="LOGO's beta/gamma/lambda/M for this base model (default: llama3-8b's)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved weights)")
+    parser.add_argument("--reference", default=None, help="DPO reference checkpoint (default: the model before "
+                        "training: a frozen copy, or the same model with LoRA adapters off)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    parser.add_argument("--config", default=None, help="YAML file with LogoConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--force", action="store_true", help="rerun even if --out holds a complete run")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> LogoConfig:
+    overrides = [f"data={args.data}"]
+    if args.preset:
+        overrides += [f"loss.{key}={value}" for key, value in LOGO_PRESETS[args.preset].items()]
+    if args.loss:
+        overrides.append(f"loss.loss={args.loss}")
+    if args.lora:
+        overrides.append("lora.enabled=true")
+    return load_config(LogoConfig, args.config, overrides + list(args.set))
+
+
+def summary(manifest) -> str:
+    metrics = manifest.metrics
+    config = manifest.config
+    rows = [
+        ("loss", config["loss"]["loss"]),
+        ("rows", metrics.get("rows")),
+        ("steps", metrics.get("step")),
+        ("final loss", metrics.get("loss")),
+        ("window (synthesised)", metrics.get("window") or "off"),
+        ("real context", metrics.get("real_context")),
+        ("trainable / all parameters", f"{human_count(metrics.get('trainable_parameters', 0))} / "
+                                       f"{human_count(metrics.get('parameters', 0))}"),
+        ("responses truncated", metrics.get("truncated_responses")),
+        ("seconds", metrics.get("seconds")),
+    ]
+    return format_table(rows, ["", "value"])
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = config_from_args(args)
+    manifest = run_logo(args.model, args.out, config, args.reference, args.tokenizer, force=args.force)
+    print(summary(manifest))
+    print(f"saved to {args.out} (LoRA merged; adapter in {args.out}/lora_adapter)" if config.lora.enabled
+          else f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
