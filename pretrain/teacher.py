@@ -345,12 +345,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                         help=f"cache for corpus, tokenizer and teachers (default {DEFAULT_CACHE}; env OPENBA_CACHE)")
     parser.add_argument("--force", action="store_true", help="retrain even when the cache holds this teacher")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
     return parser.parse_args(argv)
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     config = load_config(TeacherConfig, args.config, args.overrides)
     _check(config)
     out = Path(args.out) if args.out else None

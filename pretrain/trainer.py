@@ -825,7 +825,8 @@ class Trainer:
         for name, (summed, count) in sorted(window["objectives"].items()):
             record[f"loss/{name}"] = summed / max(count, 1e-12)
         for name, (summed, count) in sorted(window["metrics"].items()):
-            record[name] = summed / max(count, 1e-12)
+            if name not in record:  # a loss_fn's own "loss" is the same token mean; the trainer's wins
+                record[name] = summed / max(count, 1e-12)
         return record
 
     def _evaluate(self, step: int) -> dict[str, Any]:
