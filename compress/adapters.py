@@ -256,7 +256,8 @@ class Adapter:
         mask serves the whole model, as in OpenBA-V2, because every block adds into the same stream.
         """
         if not self.supports_hidden_pruning:
-            raise UserError(f"{self.family}: hidden-dimension pruning is not supported ({self.hidden_pruning_reason()})")
+            reason = self.hidden_pruning_reason()
+            raise UserError(f"{self.family}: hidden-dimension pruning is not supported ({reason})")
         size = self.input_embeddings().embedding_dim
         index = torch.as_tensor(sorted(set(int(i) for i in index)), dtype=torch.long)
         if len(index) == 0:
@@ -496,7 +497,8 @@ class GPTNeoXAdapter(Adapter):
     @classmethod
     def shape_problem(cls, shape):
         if shape.heads * shape.head_dim != shape.hidden or shape.kv_heads != shape.heads:
-            return "GPT-NeoX keeps heads x head size = hidden size and no grouped kv heads: only depth, FFN and vocab change"
+            return ("GPT-NeoX keeps heads x head size = hidden size and no grouped kv heads: "
+                    "only depth, FFN and vocab change")
         return None
 
     @classmethod

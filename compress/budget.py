@@ -87,7 +87,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"family": self.family, "target": self.target, "counting": self.counting,
                 "width_ratio": self.width_ratio,
-                "steps": [{"name": s.name, "params": s.params, "shape": dataclasses.asdict(s.shape)} for s in self.steps]}
+                "steps": [{"name": s.name, "params": s.params, "shape": dataclasses.asdict(s.shape)}
+                          for s in self.steps]}
 
 
 # --- counting ----------------------------------------------------------------------------------------------------
@@ -218,9 +219,10 @@ def plan_budget(config_or_model_dir, target_params: float, options: BudgetConfig
         ratio = _pick(candidates, target, options.at_most)[1]
 
     layers = dataclasses.replace(start, depths=depths)
-    widths = dataclasses.replace(final(depths, ratio), vocab=start.vocab)
+    planned = final(depths, ratio)
+    widths = dataclasses.replace(planned, vocab=start.vocab)
     steps = [PlanStep("start", start, start_params), PlanStep("layers", layers, count(layers)),
-             PlanStep("widths", widths, count(widths)), PlanStep("vocab", final(depths, ratio), count(final(depths, ratio)))]
+             PlanStep("widths", widths, count(widths)), PlanStep("vocab", planned, count(planned))]
     return Plan(cls.family, target, "embedding_once" if embedding_once else "all", steps, ratio)
 
 
