@@ -200,10 +200,13 @@ def task_manager(tasks: Sequence[str], task_set: TaskSet | None):
     from lm_eval.tasks import TaskManager
 
     ours = set(task_set.names) if task_set else set()
-    missing_set = [t for t in tasks if t not in ours and is_offline_name(t)]
-    if missing_set and task_set is None:
-        raise UserError(f"'{missing_set[0]}' is an offline task: generate a task set first "
-                        "(eval.taskdata.ensure_task_set, or python -m eval.taskdata --out DIR)")
+    for name in (t for t in tasks if t not in ours and is_offline_name(t)):
+        if task_set is None:
+            raise UserError(f"'{name}' is an offline task: generate a task set first "
+                            "(eval.taskdata.ensure_task_set, or python -m eval.taskdata --out DIR)")
+        close = difflib.get_close_matches(name, sorted(ours), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (it has: {', '.join(sorted(ours))})"
+        raise UserError(f"unknown task '{name}': not in the task set in {task_set.directory}{hint}")
     outside = [t for t in tasks if t not in ours]
     include = str(task_set.directory) if task_set else None
     manager = TaskManager(include_path=include, include_defaults=bool(outside))
