@@ -561,10 +561,10 @@ def summary_rows(metrics: dict) -> list[list]:
     rows = []
     for stack, before in metrics["widths_before"].items():
         after = metrics["widths_after"][stack]
-        rows.append([stack, len(before["ffn"]), _widths_cell(before["ffn"], after["ffn"]),
-                     _widths_cell(before["heads"], after["heads"]), human_count(metrics["stack_params_before"][stack]),
-                     human_count(metrics["stack_params_after"][stack])])
-    rows.append(["model (all)", "", "", f"hidden {metrics['hidden_before']} -> {metrics['hidden_after']}",
+        rows.append([f"{stack} blocks", len(before["ffn"]), _widths_cell(before["ffn"], after["ffn"]),
+                     _widths_cell(before["heads"], after["heads"]), "",
+                     human_count(metrics["stack_params_before"][stack]), human_count(metrics["stack_params_after"][stack])])
+    rows.append(["model (all)", "", "", "", _widths_cell([metrics["hidden_before"]], [metrics["hidden_after"]]),
                  human_count(metrics["params_before"]), human_count(metrics["params_after"])])
     return rows
 
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = run_stage(Stage("neuron-prune", run, config), Path(args.model), args.out, force=True)
     metrics = manifest.metrics
     print(format_table(summary_rows(metrics),
-                       ["stack", "layers", "FFN width", "heads", "params before", "params after"]))
+                       ["part", "layers", "FFN width", "heads", "hidden", "params before", "params after"]))
     note = f", solved width ratio {solved:.3f}" if solved is not None else ""
     print(f"kept {metrics['kept_fraction']:.1%} of parameters{note}; wrote {args.out}")
 

@@ -167,6 +167,19 @@ def test_t5_keeps_one_head_set_per_stack_ranked_by_the_summed_score():
     assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, kept)
 
 
+def test_hidden_pruning_keeps_a_tied_llama_head_tied_and_reloads(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    prune_neurons(model, random_scores(model), hidden=32, heads=4, ffn_width=64)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inputs = model_inputs(model)
+    assert torch.equal(logits(reload(model, tmp_path), inputs), logits(model, inputs))
+
+
 def test_hidden_pruning_keeps_the_top_scored_dimensions(tmp_path):
     model = build_tiny("qwen2")
     scores = random_scores(model)
@@ -291,7 +304,7 @@ def test_cli_prunes_by_activation_and_the_output_loads_with_plain_auto_classes(t
     run_cli(["--model", str(tmp_path / "model"), "--calib", str(calibration_file(tmp_path / "calib.txt")),
              "--ffn-width", "64", "--heads", "4", "--hidden", "32", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "128 -> 64" in printed and "8 -> 4" in printed and "hidden 64 -> 32" in printed
+    assert "128 -> 64" in printed and "8 -> 4" in printed and "64 -> 32" in printed
     assert (out / "manifest.json").is_file() and (out / "scores" / "scores.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert AutoTokenizer.from_pretrained(str(out))("w1 w2")["input_ids"] == [4, 5]
