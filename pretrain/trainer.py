@@ -667,11 +667,14 @@ class Trainer:
         config = self.config
         work_dir = Path(work_dir)
         self.preflight()
-        runtime = self.runtime = setup_runtime(need_process_group=config.deepspeed is not None)
         resume = latest_checkpoint(work_dir)
         state = json.loads((resume / "trainer_state.json").read_text()) if resume else None
         if state is not None:
-            self._check_resumable(state, resume, runtime)
+            self._check_resumable(state, resume)
+        runtime = self.runtime = setup_runtime(need_process_group=config.deepspeed is not None)
+        if state is not None and state.get("world_size") != runtime.world_size:
+            raise UserError(f"checkpoint {resume} was written by {state.get('world_size')} processes, this run has "
+                            f"{runtime.world_size}; resume with the same number of processes")
 
         self.model.to(runtime.device)
         attn = apply_attn_implementation(self.model, config.attn_implementation, runtime.device)
@@ -756,14 +759,11 @@ class Trainer:
             result.update(state.get("last", {}))
         return result
 
-    def _check_resumable(self, state: dict[str, Any], resume: Path, runtime: Runtime) -> None:
+    def _check_resumable(self, state: dict[str, Any], resume: Path) -> None:
         engine = "deepspeed" if self.config.deepspeed is not None else "torch"
         if state.get("engine") != engine:
             raise UserError(f"checkpoint {resume} was written by the {state.get('engine')} engine, this run uses "
                             f"{engine}; resume with the same deepspeed setting or use another work dir")
-        if state.get("world_size") != runtime.world_size:
-            raise UserError(f"checkpoint {resume} was written by {state.get('world_size')} processes, this run has "
-                            f"{runtime.world_size}; resume with the same number of processes")
         if state["step"] > self.config.steps:
             raise UserError(f"checkpoint {resume} is at step {state['step']}, beyond steps={self.config.steps}")
 
