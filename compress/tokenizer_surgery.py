@@ -268,8 +268,14 @@ def _check_sentencepiece_matches(files: TokenizerFiles) -> None:
 
 
 # --- which tokens must survive ------------------------------------------------------------------------------------
-def required_tokens(files: TokenizerFiles, extra_tokens: Iterable[str] = ()) -> dict[str, list[int]]:
-    """Ids that every pruned vocabulary keeps, grouped by why (a token is listed under its first reason)."""
+def required_tokens(files: TokenizerFiles, extra_tokens: Iterable[str] = (), keep_alphabet: bool = True
+                    ) -> dict[str, list[int]]:
+    """Ids that every pruned vocabulary keeps, grouped by why (a token is listed under its first reason).
+
+    "special" covers every added token (special or not: user-defined symbols are matched before the model runs)
+    and the tokens the tokenizer config names. `keep_alphabet=False` drops the single-character alphabet of a
+    tokenizer WITHOUT byte fallback (which then maps characters it lost to unk); bytes are always kept.
+    """
     tokens = files.tokens()
     index = {t: i for i, t in enumerate(tokens) if t is not None}
     reasons: dict[str, set[int]] = {}
@@ -304,7 +310,7 @@ def required_tokens(files: TokenizerFiles, extra_tokens: Iterable[str] = ()) -> 
         # spaces are written as "▁" before the model runs; without its piece they would fall back to the bytes of
         # "▁", which the decoder turns back into "▁", not " "
         add("whitespace", [index[WHITESPACE_PIECE]])
-    add("alphabet", _alphabet(files, index))
+    add("alphabet", _alphabet(files, index, keep_alphabet))
     if files.model_type == "Unigram" and files.model["vocab"]:
         scores = [s for _, s in files.model["vocab"]]  # tokenizers' unknown penalty: minimum over all scores
         add("min-score anchor", [min(range(len(scores)), key=lambda i: (scores[i], -i))])
@@ -344,14 +350,16 @@ def _processor_ids(node: dict) -> list[int]:
     return ids
 
 
-def _alphabet(files: TokenizerFiles, index: dict[str, int]) -> list[int]:
+def _alphabet(files: TokenizerFiles, index: dict[str, int], keep_alphabet: bool) -> list[int]:
     """Pieces without which some text could no longer be segmented at all (see the module docstring)."""
     kind = files.model_type
-    if kind == "BPE":
-        if files.byte_level():
-            from tokenizers import pre_tokenizers
+    if kind == "BPE" and files.byte_level():  # the 256 byte symbols: without them text cannot be encoded at all
+        from tokenizers import pre_tokenizers
 
-            return [index[c] for c in pre_tokenizers.ByteLevel.alphabet() if c in index]
+        return [index[c] for c in pre_tokenizers.ByteLevel.alphabet() if c in index]
+    if not keep_alphabet:
+        return []
+    if kind == "BPE":
         if files.byte_fallback():
             return []  # the <0x..> pieces are required already
         produced = {_merge_result(a, b, files.model) for a, b in _merges(files.model)}

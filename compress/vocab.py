@@ -86,6 +86,11 @@ class VocabConfig:
     """Documents in that check (each is encoded twice)."""
     keep_tokens: list[str] = field(default_factory=list)
     """Token strings always kept besides the automatic ones (e.g. a chat template's markers)."""
+    keep_alphabet: bool = True
+    """For tokenizers WITHOUT byte fallback (mT5's SentencePiece, WordPiece, character-level BPE): keep every
+    single-character piece, so text the original could spell never degrades to <unk>. False frees those ids for
+    frequent tokens when the corpus defines the domain (rare scripts then become <unk>). Byte pieces and the
+    byte-level BPE alphabet are kept regardless."""
     max_fallback_fraction: float = 0.5
     """Stop with an error when more than this share of counted tokens are <unk> or byte pieces: the corpus is in a
     script or tokenizer this vocabulary does not cover, and its counts would select nothing useful."""
@@ -560,7 +565,7 @@ def prepare(model_dir: str | Path, config: VocabConfig, corpus: Any = None) -> P
     rows = model.get_input_embeddings().num_embeddings
     if len(files) > rows:
         raise UserError(f"the tokenizer has {len(files)} ids but the model only {rows} embedding rows: wrong tokenizer")
-    required = required_tokens(files, config.keep_tokens)
+    required = required_tokens(files, config.keep_tokens, config.keep_alphabet)
     extra = set(config_required_ids(model, len(files))) - {i for ids in required.values() for i in ids}
     if extra:
         required["config ids"] = sorted(extra)
@@ -666,7 +671,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Prune a checkpoint's vocabulary to the tokens a corpus uses: slices the embedding and LM head, "
                     "rewrites the tokenizer (tokenizer.json, SentencePiece model), pads rows to a multiple.",
         epilog="example: python -m compress.vocab --model runs/s5 --corpus runs/corpus --keep 110000 --out runs/vocab\n"
-               "         python -m compress.vocab --model runs/s5 --corpus data/*.jsonl --coverage 0.999 --out runs/v",
+               "         python -m compress.vocab --model runs/s5 --corpus data/jsonl_dir --coverage 0.999 --out runs/v",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")

@@ -14,13 +14,15 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoToken
                           PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
 from compress.tokenizer_surgery import read_tokenizer_files, required_tokens, sentencepiece_pieces, write_pruned_tokenizer
-from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens)
+from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens,
+                            slice_vocabulary)
 from core.errors import UserError
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.tokenizer import TokenizerConfig, mode_token_ids, sentinel_ids, train_tokenizer
 
 SP_VOCAB = 1000
 BPE_VOCAB = 800
+BPE_IDS = BPE_VOCAB + 2  # with the added tokens
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +43,7 @@ def sp_tokenizer_dir(corpus, workdir):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(corpus, workdir):
-    """A Llama-3/Qwen2-style byte-level BPE that prepends <s> through its post-processor."""
+    """A Llama-3/Qwen2-style byte-level BPE that prepends <s> through its post-processor, with two added tokens."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -49,6 +51,8 @@ def bpe_tokenizer_dir(corpus, workdir):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus["train"]["text"], trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer.add_special_tokens(["<|im_start|>"])  # added tokens after the model vocabulary, as in Qwen2
+    tokenizer.add_tokens(["<|user|>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(str(workdir / "bpe-tokenizer"))
     return workdir / "bpe-tokenizer"
@@ -75,7 +79,7 @@ def openba_dir(sp_tokenizer_dir, workdir):
 
 def _llama_dir(bpe_tokenizer_dir, workdir, tied: bool) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=BPE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=BPE_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     return _save(LlamaForCausalLM(config), bpe_tokenizer_dir, workdir / f"llama-tied-{tied}")
@@ -88,9 +92,10 @@ def llama_dirs(bpe_tokenizer_dir, workdir):
 
 @pytest.fixture(scope="session")
 def t5_tied_dir(sp_tokenizer_dir, workdir):
-    """T5 ties its LM head to the embedding shared by encoder and decoder."""
+    """T5 ties its LM head to the embedding shared by encoder and decoder; like t5-base (32128 rows for 32100
+    tokens) it has more rows than the tokenizer has ids."""
     torch.manual_seed(0)
-    config = T5Config(vocab_size=SP_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+    config = T5Config(vocab_size=SP_VOCAB + 24, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                       num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
                       eos_token_id=1, tie_word_embeddings=True)
     return _save(T5ForConditionalGeneration(config), sp_tokenizer_dir, workdir / "t5-tied")
@@ -184,6 +189,8 @@ def test_byte_level_bpe_in_domain_text_encodes_to_remapped_ids(llama_dirs, prune
     ids = tokenizer("naïve café 東京 🙂 zzqx")["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<s>") == 0  # the post-processor's BOS id was remapped
     assert tokenizer.decode(ids[1:]) == "naïve café 東京 🙂 zzqx"
+    n = len(tokenizer)  # added tokens stay after the model vocabulary, in their order
+    assert tokenizer("<|im_start|><|user|>x", add_special_tokens=False)["input_ids"][:2] == [n - 2, n - 1]
 
 
 def test_bpe_merges_only_reference_kept_tokens_and_every_kept_token_is_producible(bpe_tokenizer_dir, pruned_llamas):
@@ -292,6 +299,27 @@ def test_logits_on_kept_tokens_equal_the_original(name, openba_dir, pruned_openb
     assert not embed[len(keep):].any()  # padding rows hold zeros
     tied = name.endswith("-tied")
     assert (after.get_output_embeddings().weight is embed) == tied
+
+
+def test_slice_vocabulary_keeps_kept_logits_for_every_family(family, tmp_path):
+    from tests.compress.conftest import VOCAB, build_tiny, model_inputs
+
+    model = build_tiny(family)
+    keep = sorted(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:50].tolist())
+    inputs = model_inputs(model)
+    old_to_new = torch.full((VOCAB,), -1, dtype=torch.long)
+    old_to_new[keep] = torch.arange(len(keep))
+    inputs = {k: torch.tensor(keep)[v % len(keep)] for k, v in inputs.items()}  # kept ids only
+    with torch.no_grad():
+        before = model(**inputs).logits
+        slice_vocabulary(model, keep, pad_to=64)
+        after = model(**{k: old_to_new[v] for k, v in inputs.items()}).logits
+    assert after.shape[-1] == model.config.vocab_size == 64
+    assert torch.equal(after[..., : len(keep)], before[..., keep])
+    model.save_pretrained(str(tmp_path))
+    reloaded = type(model).from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**{k: old_to_new[v] for k, v in inputs.items()}).logits, after)
 
 
 def test_padding_rows_get_no_probability_with_a_head_bias_and_are_suppressed_without(pruned_openba, pruned_llamas):
