@@ -39,3 +39,51 @@ def byte_tokenizer(directory):
 
 
 BYTE_VOCAB = 3 + 256
+
+
+# ---------------------------------------------------------------------------------------------------- workspace
+
+import pytest  # noqa: E402
+
+DATA_SETTINGS = ["data.samples=8", "data.chunk_size=128", "data.document_chunks=10", "data.context_chunks=6",
+                 "data.full_chunks=3", "data.half_chunks=2", "data.wrong_chunks=2"]
+POSITION_SETTINGS = ["position.window=4096", "position.chunk_size=128", "position.max_chunks=8"]
+
+
+def tiny_checkpoint(family: str, directory, tokenizer) -> None:
+    """A tiny random Llama or OpenBA over the byte vocabulary, saved with the tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
+
+    from core.checkpoint import save_checkpoint
+    from core.openba import openba_config
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
+                                             bos_token_id=None))
+    else:
+        model = AutoModelForSeq2SeqLM.from_config(openba_config(
+            "openba-tiny", vocab_size=BYTE_VOCAB, hidden_size=64, kv_channels=16, num_heads=4, ffn_hidden_size=128,
+            num_layers=1, num_decoder_layers=2, max_seq_length=1024, decoder_max_seq_length=1024))
+    save_checkpoint(model, tokenizer, directory)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A small saved corpus, a byte tokenizer, tiny Llama and OpenBA checkpoints and 8 preference rows."""
+    from align.build_data import BuildDataConfig, build
+    from core.config import load_config
+    from pretrain.corpus import CorpusConfig, build_corpus, save_corpus
+
+    root = tmp_path_factory.mktemp("align")
+    corpus = CorpusConfig(max_documents=30)
+    save_corpus(build_corpus(corpus), corpus, root / "corpus")
+    tokenizer = byte_tokenizer(root / "tokenizer")
+    for family in ("llama", "openba"):
+        tiny_checkpoint(family, root / family, tokenizer)
+    config = load_config(BuildDataConfig, None, [f"tokenizer={root / 'tokenizer'}", f"corpus_dir={root / 'corpus'}",
+                                                 *DATA_SETTINGS])
+    build(config, root / "data")
+    return root

@@ -1,0 +1,154 @@
+"""Preference data: the asked fact sits in a critical chunk of the shared context, the responses are what the rules
+say (gold, a distractor's value, irrelevant text), rows carry provenance, chunk sizes hold, builds are reproducible,
+scorers are pluggable, bad rows and settings are clear errors, and the CLI writes a dataset with a manifest."""
+
+import json
+
+import datasets
+import pytest
+
+from align.build_data import main
+from align.data import (
+    GenerationConfig,
+    PreferenceDataConfig,
+    build_preference_rows,
+    check_rows,
+    chunk_text,
+    load_rows,
+    token_counter,
+)
+from align.scoring import content_overlap, get_chunk_scorer, register_chunk_scorer
+from core.checkpoint import load_model, load_tokenizer
+from core.errors import UserError
+from tests.align.conftest import DATA_SETTINGS
+
+
+def small_config(**overrides) -> PreferenceDataConfig:
+    settings = {key.split(".")[1]: int(value) for key, value in (s.split("=") for s in DATA_SETTINGS)}
+    return PreferenceDataConfig(**{**settings, **overrides})
+
+
+def test_rows_put_the_fact_in_a_critical_chunk_with_provenance(workspace):
+    rows = load_rows(workspace / "data")
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    count = token_counter(tokenizer)
+    corpus_train = set(datasets.load_from_disk(str(workspace / "corpus"))["train"]["doc_id"])
+    assert len(rows) == 8
+    for row in rows:
+        value = row["answer"].strip()
+        fact_chunk = row["fact_chunks"][0]
+        assert fact_chunk in row["critical_chunks"]
+        assert f"is {value}." in row["chunks"][fact_chunk]
+        assert row["chunk_scores"][fact_chunk] == max(row["chunk_scores"])
+        assert row["responses"][0] == row["answer"] and row["response_kinds"][0] == "gold"
+        assert row["response_kinds"][1] == "partial" and row["responses"][1].strip() != value
+        assert row["response_kinds"][2] in ("irrelevant_number", "ignores_question", "hallucinated")
+        assert row["chunk_indices"] == sorted(row["chunk_indices"]) and len(row["chunks"]) == 6
+        assert max(count(row["chunks"])) <= 128
+        assert set(row["source_doc_ids"]) <= corpus_train  # training text only: eval probes read validation
+        assert row["generator"] == "rule"
+    provenance = json.loads((workspace / "data" / "provenance.json").read_text())
+    assert provenance["config"]["data"]["chunk_size"] == 128
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    assert manifest["metrics"]["rows"] == 8
+
+
+def test_partial_response_is_the_value_of_a_distractor_fact_in_the_context(workspace):
+    for row in load_rows(workspace / "data"):
+        if row["response_sources"][1].startswith("distractor"):
+            assert f"is {row['responses'][1].strip()}." in "".join(row["chunks"]) or -1 in row["fact_chunks"]
+
+
+def test_same_seed_same_rows_other_seed_other_rows(workspace):
+    corpus = datasets.load_from_disk(str(workspace / "corpus"))["train"]
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    texts, ids = corpus["text"], corpus["doc_id"]
+    a, _ = build_preference_rows(small_config(samples=2), texts, ids, tokenizer)
+    b, _ = build_preference_rows(small_config(samples=2), texts, ids, tokenizer)
+    c, _ = build_preference_rows(small_config(samples=2, seed=1), texts, ids, tokenizer)
+    assert a == b and a != c
+
+
+def test_chunks_end_at_line_ends_and_respect_the_budget(workspace):
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    text = "".join(f"line {i} " + "x" * (i % 40) + "\n" for i in range(200)) + "y" * 300 + "\n"
+    chunks = chunk_text(text, 64, token_counter(tokenizer))
+    assert "".join(chunks) == text
+    assert all(n <= 64 for n in token_counter(tokenizer)(chunks))
+    assert all(chunk.endswith("\n") or "y" in chunk for chunk in chunks)
+
+
+def test_scorers_are_pluggable_by_name_or_dotted_path():
+    assert content_overlap("The secret number of the teal yak is 123456.",
+                           "What is the secret number of the teal yak? 123456") == 5.0
+    assert get_chunk_scorer("align.scoring:number_overlap")("id 42 and 7", "42") == 1.0
+
+    @register_chunk_scorer("test_length")
+    def by_length(chunk, query):
+        return float(len(chunk))
+
+    assert get_chunk_scorer("test_length") is by_length
+    with pytest.raises(UserError, match="unknown chunk scorer"):
+        get_chunk_scorer("spacy_ner")
+    with pytest.raises(UserError, match="cannot load"):
+        get_chunk_scorer("align.scoring:missing")
+
+
+def test_generator_responses_follow_the_full_half_wrong_strategies(workspace):
+    corpus = datasets.load_from_disk(str(workspace / "corpus"))["train"]
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    generator = load_model(workspace / "llama").eval()
+    calls = []
+    generate = generator.generate
+
+    def recording_generate(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    generator.generate = recording_generate
+    settings = GenerationConfig(min_new_tokens=3, max_new_tokens=4, stop_at_newline=False)
+    config = small_config(samples=1, responses="generator", generation=settings)
+    rows, _ = build_preference_rows(config, corpus["text"], corpus["doc_id"], tokenizer, generator)
+    row = rows[0]
+    assert row["response_kinds"] == ["full", "half", "wrong"]
+    assert all(r.strip() for r in row["responses"])
+    assert "generated from chunks" in row["response_sources"][2]
+    assert {(c["temperature"], c["top_p"], c["do_sample"], c["max_new_tokens"]) for c in calls} == {(0.7, 0.95, True, 4)}
+    # each strategy's prompt holds its own chunks: full > half context, wrong a different set
+    lengths = [c["input_ids"].shape[1] for c in calls[:3]]
+    assert lengths[0] > lengths[1]
+    gold = small_config(samples=1, responses="generator", generation=GenerationConfig(
+        min_new_tokens=3, max_new_tokens=4, stop_at_newline=False, preferred="gold"))
+    rows, _ = build_preference_rows(gold, corpus["text"], corpus["doc_id"], tokenizer, generator)
+    assert rows[0]["responses"][0] == rows[0]["answer"]
+    with pytest.raises(UserError, match="generator"):
+        build_preference_rows(config, corpus["text"], corpus["doc_id"], tokenizer, None)
+
+
+def test_rows_without_dispreferred_responses_are_rejected():
+    good = {"id": "a", "chunks": ["x\n"], "question": "q", "responses": ["yes", "no", "maybe"]}
+    check_rows([good], num_rejected=2)
+    with pytest.raises(UserError, match="row b has 0 dis-preferred"):
+        check_rows([good, {**good, "id": "b", "responses": ["yes"]}], num_rejected=1)
+    with pytest.raises(UserError, match="empty response"):
+        check_rows([{**good, "responses": ["yes", " "]}], num_rejected=1)
+    with pytest.raises(UserError, match="lacks column"):
+        check_rows([{"id": "c", "text": "x"}])
+
+
+def test_cli_writes_a_dataset_and_refuses_bad_settings_before_writing(workspace, tmp_path, capsys):
+    out = tmp_path / "data"
+    main(["--tokenizer", str(workspace / "tokenizer"), "--corpus", str(workspace / "corpus"), "--out", str(out),
+          *[f"--set={s}" for s in DATA_SETTINGS], "--set", "data.samples=2"])
+    assert "rows" in capsys.readouterr().out
+    assert len(load_rows(out)) == 2 and (out / "manifest.json").is_file()
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tokenizer", str(workspace / "tokenizer"), "--corpus", str(workspace / "corpus"), "--out", str(bad),
+              "--set", "data.chunk_size=40"])
+    assert exit_info.value.code == 2
+    assert "leaves no room" in capsys.readouterr().err
+    assert not bad.exists() and not (tmp_path / "bad.partial").exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "example:" in capsys.readouterr().out

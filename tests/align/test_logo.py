@@ -1,0 +1,166 @@
+"""The LOGO stage on the shared Trainer: it widens the preferred/dis-preferred margin and saves a checkpoint that
+loads with from_pretrained (LoRA merged, adapter beside it); every loss runs through the same objective (DPO starts
+at log 2 against its reference, a copy or the adapters switched off); bad input fails before anything is written;
+a killed run resumes to the same weights."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+import core.openba  # noqa: F401  (registers OpenBA with the Auto classes)
+from align.batches import BatchConfig, PreferenceBatches
+from align.data import load_rows
+from align.logo import LogoConfig, main, prepare, run_logo
+from align.losses import LossConfig
+from align.objective import PreferenceObjective
+from align.packing import response_logps
+from core.checkpoint import load_model, load_tokenizer
+from core.config import load_config
+from core.errors import UserError
+from tests.align.conftest import POSITION_SETTINGS
+
+TRAIN = ["train.warmup_steps=0", "train.grad_accum_steps=1", "train.log_every=1", "batches.batch_size=4",
+         "loss.beta=2.5", "loss.gamma=0.25"]
+
+
+def logo_config(workspace, *settings) -> LogoConfig:
+    return load_config(LogoConfig, None, [f"data={workspace / 'data'}", *POSITION_SETTINGS, *TRAIN, *settings])
+
+
+def margin(model, workspace, encoder_decoder=False) -> float:
+    """Mean over rows of mean log p(preferred) - mean log p(dis-preferred), plain positions."""
+    from align.positions import PositionConfig
+
+    rows = load_rows(workspace / "data")
+    data = PreferenceBatches(rows, load_tokenizer(workspace / "tokenizer"),
+                             PositionConfig(window=4096, chunk_size=128, max_chunks=8),
+                             BatchConfig(batch_size=8, shuffle=False), 3, encoder_decoder)
+    with torch.no_grad():
+        mean = response_logps(model.eval(), next(iter(data))).mean_logp
+    return float((mean[:, 0] - mean[:, 1:].mean(1)).mean())
+
+
+def test_logo_stage_widens_the_margin_and_saves_a_loadable_checkpoint(workspace, tmp_path):
+    before = margin(load_model(workspace / "llama"), workspace)
+    out = tmp_path / "logo"
+    manifest = run_logo(workspace / "llama", out, logo_config(workspace, "train.steps=6", "train.lr=3e-3"))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.max_position_embeddings == 4096  # extended to the synthesised window
+    assert margin(model, workspace) > before + 0.1
+    assert manifest.stage == "logo" and manifest.metrics["step"] == 6
+    assert json.loads((out / "manifest.json").read_text())["config"]["loss"]["loss"] == "logo"
+    assert not (out / "train" / "checkpoints").exists() and (out / "train" / "metrics.jsonl").is_file()
+    assert run_logo(workspace / "llama", out, logo_config(workspace, "train.steps=6", "train.lr=3e-3")).timings == \
+        manifest.timings  # complete and unchanged: skipped
+
+
+def test_openba_lora_run_saves_the_merged_weights_and_the_adapter(workspace, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "logo-lora"
+    manifest = run_logo(workspace / "openba", out, logo_config(workspace, "train.steps=1", "train.lr=1e-2", "batches.batch_size=2",
+                                                               "lora.enabled=true", "lora.r=4"))
+    assert manifest.metrics["trainable_parameters"] < manifest.metrics["parameters"] / 5
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+    base = load_model(workspace / "openba").eval()
+    rebuilt = PeftModel.from_pretrained(load_model(workspace / "openba"), str(out / "lora_adapter"))
+    rebuilt = rebuilt.merge_and_unload().eval()
+    ids = torch.randint(3, 200, (1, 20))
+    decoder = torch.randint(3, 200, (1, 5))
+    with torch.no_grad():
+        expected = rebuilt(input_ids=ids, decoder_input_ids=decoder).logits
+        got = merged(input_ids=ids, decoder_input_ids=decoder).logits
+        untrained = base(input_ids=ids, decoder_input_ids=decoder).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, untrained, atol=1e-4)  # the adapter learned something and was merged
+
+
+@pytest.mark.parametrize("loss", ["logo", "simpo", "dpo", "orpo", "sft"])
+def test_every_loss_runs_through_the_same_objective(workspace, loss):
+    prepared = prepare(workspace / "llama", logo_config(workspace, f"loss.loss={loss}"))
+    batch = next(iter(prepared.batches))
+    value, metrics = prepared.objective(prepared.model, batch)
+    value.backward()
+    assert math.isfinite(value.item()) and metrics["loss"] == pytest.approx(value.item())
+    if loss == "dpo":  # policy == reference before training: -log sigmoid(0)
+        assert value.item() == pytest.approx(math.log(2), abs=1e-5)
+    grads = [p.grad for p in prepared.model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_dpo_with_lora_scores_the_reference_with_adapters_off(workspace):
+    prepared = prepare(workspace / "openba", logo_config(workspace, "loss.loss=dpo", "lora.enabled=true"))
+    assert prepared.objective.reference is None  # no second copy of the weights
+    with torch.no_grad():
+        for param in (p for n, p in prepared.model.named_parameters() if "lora_B" in n):
+            param.add_(0.05)  # make the policy differ from the base
+    batch = next(iter(prepared.batches))
+    value, _ = prepared.objective(prepared.model, batch)
+    with torch.no_grad(), prepared.model.disable_adapter():
+        reference = response_logps(prepared.model, prepared.objective._used(batch))
+    assert value.item() != pytest.approx(math.log(2), abs=1e-4)
+    assert torch.allclose(prepared.objective.reference_logps(prepared.model, prepared.objective._used(batch)).sum_logp,
+                          reference.sum_logp)
+
+
+def test_bad_input_fails_before_anything_is_written(workspace, tmp_path, capsys):
+    out = tmp_path / "never"
+    base = ["--model", str(workspace / "llama"), "--out", str(out)]
+    for extra, message in [
+        (["--data", str(tmp_path / "missing")], "preference data not found"),
+        (["--data", str(workspace / "data"), "--set", "position.window=600", *[f"--set={s}" for s in
+                                                                                 POSITION_SETTINGS[1:]]],
+         "exceeds the synthesised window"),
+        (["--data", str(workspace / "data"), *[f"--set={s}" for s in POSITION_SETTINGS],
+          "--set", "train.attn_implementation=flash_attention_2"], "flash_attention_2"),
+        (["--data", str(workspace / "data"), "--loss", "dpo", "--set", "loss.num_rejected=3"], "dis-preferred"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "never.partial").exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "example:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
+    settings = ["train.steps=4", "train.save_every=2", "train.lr=1e-3"]
+    straight = tmp_path / "straight"
+    run_logo(workspace / "llama", straight, logo_config(workspace, *settings))
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = PreferenceObjective.__call__
+
+    def dies_at_step_three(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return original(self, model, batch)
+
+    resumed = tmp_path / "resumed"
+    PreferenceObjective.__call__ = dies_at_step_three
+    try:
+        with pytest.raises(Killed):
+            run_logo(workspace / "llama", resumed, logo_config(workspace, *settings))
+    finally:
+        PreferenceObjective.__call__ = original
+    assert (tmp_path / "resumed.partial" / "train" / "checkpoints").is_dir()
+    manifest = run_logo(workspace / "llama", resumed, logo_config(workspace, *settings))
+    assert manifest.timings["resumed"]
+    a, b = load_model(straight), load_model(resumed)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(UserError, match="did you mean 'loss.beta'"):
+        load_config(LogoConfig, None, ["loss.betta=3"])
