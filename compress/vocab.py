@@ -611,6 +611,7 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
         "padding_rows": padding["padding_rows"], "padding_masked": padding["padding_masked"], "tied": padding["tied"],
         "padding_logit_bias": config.padding_logit_bias,
         "parameters_before": prepared.parameters_before, "parameters_after": count_parameters(model),
+        "corpus": prepared.counts.description,
         "corpus_documents": prepared.counts.documents, "corpus_tokens": prepared.counts.total,
         "corpus_coverage": prepared.selection.coverage,
         "required": {reason: len(ids) for reason, ids in prepared.selection.required.items()},

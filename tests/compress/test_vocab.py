@@ -252,12 +252,17 @@ def test_tokenizer_surgery_on_other_tokenizer_models(kind, corpus, workdir):
     assert in_domain >= 10 and others >= 5
 
 
-def test_slow_bpe_files_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, pruned_llamas, workdir):
+def test_slow_bpe_files_and_added_token_maps_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, pruned_llamas, workdir):
     source = workdir / "bpe-with-slow-files"
     shutil.copytree(bpe_tokenizer_dir, source)
     model = read_tokenizer_files(source).model
     (source / "vocab.json").write_text(json.dumps(model["vocab"]))
     (source / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
+    (source / "added_tokens.json").write_text(json.dumps({"<|im_start|>": BPE_VOCAB, "<|user|>": BPE_VOCAB + 1}))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(BPE_VOCAB): {"content": "<|im_start|>", "special": True},
+                                      str(BPE_VOCAB + 1): {"content": "<|user|>", "special": False}}
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
     out = workdir / "bpe-slow-pruned"
     keep = kept_ids(bpe_tokenizer_dir, pruned_llamas[False][0])
     write_pruned_tokenizer(read_tokenizer_files(source), keep, out)
@@ -265,6 +270,12 @@ def test_slow_bpe_files_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, prune
     assert json.loads((out / "vocab.json").read_text()) == pruned["vocab"]
     merges = (out / "merges.txt").read_text().splitlines()[1:]
     assert merges == [f"{a} {b}" for a, b in pruned["merges"]]
+    n = len(keep)
+    assert json.loads((out / "added_tokens.json").read_text()) == {"<|im_start|>": n - 2, "<|user|>": n - 1}
+    decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {k: v["content"] for k, v in decoder.items()} == {str(n - 2): "<|im_start|>", str(n - 1): "<|user|>"}
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|user|>"]) == [n - 2, n - 1]
 
 
 # --- the model -----------------------------------------------------------------------------------------------------
