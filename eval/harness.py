@@ -257,10 +257,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, task_set: TaskSet | None
     if not tasks:
         raise UserError("no tasks to evaluate")
     manager = manager or task_manager(tasks, task_set)
-    lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    was_training = model.training
+    was_training = model.training  # before HFLM, which switches the model to eval mode
     started = time.time()
     try:
+        lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
         raw = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                               log_samples=True)
     finally:

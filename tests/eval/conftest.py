@@ -18,6 +18,15 @@ TASK_DATA = TaskDataConfig(
 LIMIT = 4  # documents per task: enough to see damage, small enough for seconds per evaluation
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test machine's cores are shared: one thread per test process avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("eval-cache")
