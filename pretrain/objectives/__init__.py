@@ -8,7 +8,13 @@ prefix), mixture (weights, D-UL2), losses (token-mean CE, per-objective validati
 """
 
 from pretrain.objectives.base import IGNORE_INDEX, Example, LengthFits, Objective, SpecialIds
-from pretrain.objectives.batches import ListDocuments, ObjectiveBatches, objective_batches, to_features
+from pretrain.objectives.batches import (
+    ListDocuments,
+    ObjectiveBatches,
+    batches_per_objective,
+    objective_batches,
+    to_features,
+)
 from pretrain.objectives.denoising import (
     DUL2_INITIAL_PROPORTIONS,
     DUL2_TARGET_LOSSES,

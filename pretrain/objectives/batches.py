@@ -164,3 +164,16 @@ def objective_batches(documents, mixture: ObjectiveMixture, **options) -> Object
     """Turn tokenized documents (a list of token lists, or a resumable source from pretrain/data.py) into the
     trainer's batch iterator; `options` as `ObjectiveBatches`."""
     return ObjectiveBatches(documents, mixture, **options)
+
+
+def batches_per_objective(documents: Sequence[Sequence[int]], mixture: ObjectiveMixture, count: int,
+                          **options) -> dict[str, list[dict]]:
+    """`count` fixed batches per objective of `mixture`, all cut from the same documents with the same seed: the
+    validation set `DynamicUL2` measures each denoiser on (fixed, so losses are comparable across evaluations)."""
+    if count < 1:
+        raise UserError(f"need at least one validation batch per objective, got {count}")
+    out = {}
+    for objective in mixture.objectives:
+        batches = ObjectiveBatches(ListDocuments(documents), ObjectiveMixture([objective]), **options)
+        out[objective.name] = [next(batches) for _ in range(count)]
+    return out

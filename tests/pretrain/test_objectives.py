@@ -326,3 +326,24 @@ def test_distillation_config_rejects_bad_values():
         DistillationConfig(temperature=0)
     with pytest.raises(UserError):
         DistillationConfig(kd_weight=1.5)
+
+
+def test_dynamic_ul2_on_a_tiny_openba_measures_each_denoiser_on_fixed_batches():
+    from transformers import AutoModelForSeq2SeqLM
+
+    from core.openba import openba_config
+    from pretrain.objectives import batches_per_objective
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=1104))
+    documents = [list(range(3 + i, 90 + i)) for i in range(6)]
+    mixture = ul2_mixture(SpecialIds(SENTINELS, {"R": 1100, "S": 1101, "X": 1102}))
+    batches = batches_per_objective(documents, mixture, 1, batch_size=2, input_length=40, target_length=24,
+                                    packed=True)
+    assert list(batches) == mixture.names and all(b[0]["objective"] == n for n, b in batches.items())
+    before = list(mixture.weights)
+    metrics = DynamicUL2(mixture, batches)(model, step=1)
+    with torch.no_grad():
+        losses = [token_mean_loss(model.eval(), batches[n][0])[0].item() for n in mixture.names]
+    assert [metrics[f"val_loss/{n}"] for n in mixture.names] == pytest.approx(losses, rel=1e-5)
+    assert mixture.weights == pytest.approx(dynamic_ul2_update(before, losses, DUL2_TARGET_LOSSES), rel=1e-5)
