@@ -255,7 +255,7 @@ def as_calibration_set(batches, model=None) -> CalibrationSet:
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     fixed = []
     for batch in batches:
-        batch = dict(batch)
+        batch = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in batch.items()}
         if "attention_mask" not in batch:
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         if encoder_decoder and "decoder_attention_mask" not in batch:

@@ -220,8 +220,8 @@ def prune_layers(model, scores: ImportanceScores | None, remove: int | dict[str,
             _remove(adapter, alive, removed, stack, positions)
     elif mode == "remove" and not iterative:
         for stack, count in request.items():
-            chosen = [index for _, _, index in _candidates(adapter, scores, [stack], protect_first_last)[:count]]
-            if chosen:
+            if count:
+                chosen = [index for _, _, index in _candidates(adapter, scores, [stack], protect_first_last)[:count]]
                 _remove(adapter, alive, removed, stack, chosen)
     else:
         left = dict(request) if mode == "remove" else {}

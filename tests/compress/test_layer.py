@@ -73,6 +73,7 @@ def test_removing_nothing_is_the_identity(family):
     before, states = logits(model, inputs), block_states(model)
     scores = score_model(model, None, {"layers": "random"}, progress=False)
     assert prune_layers(model, scores, 0) == {stack: [] for stack in get_adapter(model).stacks}
+    assert prune_layers(model, None, 0) == {stack: [] for stack in get_adapter(model).stacks}  # no scores needed
     assert torch.equal(logits(model, inputs), before)
     after = block_states(model)
     assert all(torch.equal(after[s][i][k], states[s][i][k]) for s in states for i in range(len(states[s]))
