@@ -413,8 +413,10 @@ def slice_vocabulary(model: nn.Module, keep: list[int], pad_to: int = 128, paddi
     size = padded_size(len(index), pad_to)
     old_to_new = {int(old): new for new, old in enumerate(keep)}
 
+    old_weight = embed.weight
     embed.weight = nn.Parameter(_take_rows(embed.weight.data, index, size, 0.0), requires_grad=embed.weight.requires_grad)
     embed.num_embeddings = size
+    _rebind(model, old_weight, embed.weight, size)
     if getattr(embed, "padding_idx", None) is not None:
         embed.padding_idx = old_to_new.get(int(embed.padding_idx))
     model.set_input_embeddings(embed)
@@ -423,8 +425,10 @@ def slice_vocabulary(model: nn.Module, keep: list[int], pad_to: int = 128, paddi
         if tied:
             head.weight = embed.weight
         else:
+            old_weight = head.weight
             head.weight = nn.Parameter(_take_rows(head.weight.data, index, size, 0.0),
                                        requires_grad=head.weight.requires_grad)
+            _rebind(model, old_weight, head.weight, size)
         if head.bias is not None:
             head.bias = nn.Parameter(_take_rows(head.bias.data, index, size, padding_logit_bias),
                                      requires_grad=head.bias.requires_grad)
@@ -435,6 +439,17 @@ def slice_vocabulary(model: nn.Module, keep: list[int], pad_to: int = 128, paddi
     padding = list(range(len(index), size))
     return {"rows": size, "padding_rows": len(padding), "padding_masked": masked or not padding,
             "padding_ids": padding, "tied": tied}
+
+
+def _rebind(model: nn.Module, old: nn.Parameter, new: nn.Parameter, size: int) -> None:
+    """Point every other module that shared the old tensor (an encoder's and a decoder's copy of one embedding)
+    at the new one, so no stale full-size copy survives even if a family's setter misses one."""
+    for module in model.modules():
+        if module._parameters.get("weight") is old:
+            module.weight = new
+            for attr in ("num_embeddings", "out_features"):
+                if hasattr(module, attr):
+                    setattr(module, attr, size)
 
 
 def _take_rows(weight: torch.Tensor, index: torch.Tensor, size: int, fill: float) -> torch.Tensor:
@@ -622,8 +637,11 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
 
 def prune_vocabulary(model_dir: str | Path, out_dir: str | Path, config: VocabConfig, corpus: Any = None,
                      force: bool = False) -> Manifest:
-    """The whole stage: prepare (all checks), then write `out_dir` atomically with a manifest."""
-    if not force and is_complete(out_dir, config, model_dir):
+    """The whole stage: prepare (all checks), then write `out_dir` atomically with a manifest.
+
+    A finished `out_dir` for the same config and input is reused, unless the corpus is passed in memory (its
+    contents are not part of the config hash, so it could have changed)."""
+    if not force and corpus is None and is_complete(out_dir, config, model_dir):
         return Manifest.read(out_dir)
     prepared = prepare(model_dir, config, corpus)
     stage = Stage("vocab", lambda _input, work, cfg: write_pruned(prepared, work, cfg), config)
