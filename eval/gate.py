@@ -369,13 +369,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @main_guard
 def main(argv: list[str] | None = None) -> None:
-    from core.checkpoint import load_model, load_tokenizer
+    from core.checkpoint import check_weights, load_model, load_tokenizer, read_model_config
     from core.stage import Stage, run_stage
 
     args = parse_args(argv)
     gate = load_config(GateConfig, args.gate, args.overrides)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} exists and is not a directory")
+    read_model_config(args.model)  # cheap checks of the checkpoint first, loading it last
+    check_weights(args.model)
     task_set = load_task_set(args.task_set) if args.task_set else None
     prepared = prepare_gate(gate, args.baseline, task_set)
     model = load_model(args.model)
