@@ -120,7 +120,7 @@ class CorpusSource:
     check_texts: list[str] | None = None  # a held-out split for the segmentation check
 
 
-def open_corpus(corpus: Any, config: VocabConfig) -> CorpusSource:
+def open_corpus(corpus: Any, config: VocabConfig, description: str = "") -> CorpusSource:
     """A streaming view of `corpus`: a path, a (Iterable)Dataset, a DatasetDict or a list of strings."""
     import datasets
 
@@ -129,7 +129,7 @@ def open_corpus(corpus: Any, config: VocabConfig) -> CorpusSource:
     if isinstance(corpus, datasets.DatasetDict):
         if config.split not in corpus:
             raise UserError(f"the corpus has no split '{config.split}' (it has {sorted(corpus)}); set split=")
-        source = _open_dataset(corpus[config.split], config, f"split '{config.split}'")
+        source = _open_dataset(corpus[config.split], config, f"{description or 'corpus'} split '{config.split}'")
         if config.check_split in corpus and config.check_split != config.split and config.text_column in corpus[config.check_split].column_names:
             check = corpus[config.check_split]
             source.check_texts = list(check.select(range(min(len(check), config.check_documents)))[config.text_column])
@@ -149,7 +149,7 @@ def _open_path(path: Path, config: VocabConfig) -> CorpusSource:
     if not path.exists():
         raise UserError(f"corpus path does not exist: {path}")
     if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return open_corpus(datasets.load_from_disk(str(path)), config)
+        return open_corpus(datasets.load_from_disk(str(path)), config, str(path))
     if path.is_dir() and (path / "state.json").is_file():
         return _open_dataset(datasets.load_from_disk(str(path)), config, str(path))
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -260,6 +260,8 @@ def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFi
             else:
                 ids = [list(map(int, row)) for row in batch]
                 samples += ids[: max(0, 16 - len(samples))]
+                if source.check_texts is None and len(check) < config.check_documents:
+                    check += tokenizer.batch_decode(ids[: config.check_documents - len(check)], skip_special_tokens=True)
             flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
             if len(flat) and (flat.min() < 0 or flat.max() >= vocab):
                 raise UserError(f"the corpus holds token id {int(flat.max())} but this tokenizer has {vocab} ids: "
