@@ -569,8 +569,9 @@ def summary_rows(metrics: dict) -> list[list]:
     return rows
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
+def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progress: bool = True):
+    """Load, score and plan, checking every request before anything is written; returns `write(work_dir)`,
+    which applies the plan and saves the checkpoint, scores and plots there and returns the metrics."""
     from safetensors.torch import save_file
 
     from compress.calibration import calibration_batches
@@ -579,19 +580,13 @@ def main(argv: list[str] | None = None) -> None:
     from compress.scorers import get_scorer
     from compress.scoring import score_model
     from core.checkpoint import count_parameters
-    from core.stage import Stage, run_stage
-    from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
     targets = config.targets()
     if config.target_params is None and not (targets.prunes_ffn() or targets.prunes_heads() or targets.prunes_hidden()):
         raise UserError("nothing to prune: give --ffn-width, --heads, --hidden (or their ratios) or --target-params")
     if config.resolved_hidden_scorer() not in ("activation", "random"):
         raise UserError(f"unknown hidden scorer '{config.hidden_scorer}': use activation or random")
-    model, tokenizer = load_inputs(args.model, config.tokenizer)
+    model, tokenizer = load_inputs(str(model_dir), config.tokenizer)
     adapter = get_adapter(model)
     check_targets(adapter, targets)  # shape errors before the (long) scoring pass
     units = ["channels"] + (["heads"] if adapter.supports_head_pruning else [])
@@ -610,9 +605,9 @@ def main(argv: list[str] | None = None) -> None:
     if config.calib is not None:
         calib = calibration_batches(config.calib, tokenizer, model=model, config=config.calibration)
     if config.scores is None:
-        scores = score_model(model, calib, scorers, seed=config.seed, progress=not args.no_progress)
+        scores = score_model(model, calib, scorers, seed=config.seed, progress=progress)
     if needs_hidden and hidden is None:
-        hidden = hidden_scores(model, calib, config.resolved_hidden_scorer(), config.seed, not args.no_progress)
+        hidden = hidden_scores(model, calib, config.resolved_hidden_scorer(), config.seed, progress)
     named = dict(scores.tensors) if hasattr(scores, "tensors") else dict(scores)
     if hidden is not None:
         named[HIDDEN_SCORES] = hidden
@@ -622,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     before = {"params": count_parameters(model), "stack": stack_parameters(model), "widths": widths_of(adapter),
               "hidden": adapter.input_embeddings().embedding_dim}
 
-    def run(input_dir, work_dir, cfg):
+    def write(work_dir: Path) -> dict:
         apply_plan(adapter, plan)
         save_into_stage_dir(model, tokenizer, work_dir)
         scores.save(work_dir / "scores")
@@ -634,14 +629,34 @@ def main(argv: list[str] | None = None) -> None:
                 "stack_params_before": before["stack"], "stack_params_after": stack_parameters(model),
                 "widths_before": before["widths"], "widths_after": widths_of(adapter),
                 "hidden_before": before["hidden"], "hidden_after": adapter.input_embeddings().embedding_dim,
-                "solved_ratio": solved, "scorer": cfg.scorer,
-                "hidden_scorer": cfg.resolved_hidden_scorer() if hidden is not None else None,
+                "solved_ratio": solved, "scorer": config.scorer,
+                "hidden_scorer": config.resolved_hidden_scorer() if hidden is not None else None,
                 "calibration_tokens": calib.num_tokens if calib is not None else 0}
 
-    manifest = run_stage(Stage("neuron-prune", run, config), Path(args.model), args.out, force=True)
+    return write
+
+
+def neuron_prune_stage(input_dir: Path, work_dir: Path, config: NeuronPruneConfig) -> dict:
+    """The stage function (recipes and the CLI): prune the checkpoint in `input_dir` into `work_dir`."""
+    return prepare_neuron_prune(input_dir, config)(work_dir)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    from core.stage import Stage, run_stage
+    from core.table import format_table
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
+    write = prepare_neuron_prune(args.model, config, progress=not args.no_progress)
+    manifest = run_stage(Stage("neuron-prune", lambda _i, work_dir, _c: write(work_dir), config), Path(args.model),
+                         args.out, force=True)
     metrics = manifest.metrics
     print(format_table(summary_rows(metrics),
                        ["part", "layers", "FFN width", "heads", "hidden", "params before", "params after"]))
+    solved = metrics["solved_ratio"]
     note = f", solved width ratio {solved:.3f}" if solved is not None else ""
     print(f"kept {metrics['kept_fraction']:.1%} of parameters{note}; wrote {args.out}")
 
