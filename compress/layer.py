@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -445,13 +446,13 @@ def main(argv: list[str] | None = None) -> None:
     check_layer_request(model, adapter, scores, config.remove, config.drop, config.target_params,
                         config.protect_first_last, config.iterative, rescore_fn, config.drop_numbering)
     before = model_shape(model)
-    removed: dict[str, list[int]] = {}
+    # scored before the stage starts, so that a failing (user) scorer leaves nothing behind either
+    started = time.perf_counter()
+    if scores is None and calib is not None:
+        scores = score_model(model, calib, {"layers": config.scorer}, seed=config.seed, progress=not args.no_progress)
+    scoring_seconds = round(time.perf_counter() - started, 3)
 
     def run(input_dir, work_dir, cfg):
-        nonlocal scores, removed
-        if scores is None and calib is not None:
-            scores = score_model(model, calib, {"layers": cfg.scorer}, seed=cfg.seed,
-                                 progress=not args.no_progress)
         removed = prune_layers(model, scores, cfg.remove, drop=cfg.drop, target_params=cfg.target_params,
                                protect_first_last=cfg.protect_first_last, iterative=cfg.iterative,
                                rescore_fn=rescore_fn, drop_numbering=cfg.drop_numbering)
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         after = model_shape(model)
         return {"removed": removed, "before": before, "after": after, "scorer": None if cfg.drop else cfg.scorer,
                 "kept_fraction": after["total"] / before["total"],
-                "calibration_tokens": calib.num_tokens if calib is not None else 0}
+                "calibration_tokens": calib.num_tokens if calib is not None else 0, "scoring_seconds": scoring_seconds}
 
     manifest = run_stage(Stage("layer-prune", run, config), Path(args.model), args.out, force=True)
     metrics = manifest.metrics

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     from compress.layer import load_inputs
     from compress.plots import plot_scores
     from compress.scorers import get_scorer
-    from compress.scoring import ImportanceScores, score_model
+    from compress.scoring import score_model
     from core.stage import Stage, run_stage
     from core.table import format_table
 
@@ -111,15 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     if config.calib is not None:
         calib = calibration_batches(config.calib, tokenizer, model=model, config=config.calibration)
 
+    # scored before the stage starts, so that a failing (user) scorer leaves nothing behind
+    scores = score_model(model, calib, chosen, seed=config.seed, progress=not args.no_progress)
+
     def run(input_dir, work_dir, cfg):
-        scores = score_model(model, calib, chosen, seed=cfg.seed, progress=not args.no_progress)
         scores.save(work_dir)
         plots = plot_scores(scores, work_dir)
         return {"scorers": chosen, "tensors": len(scores), "calibration_tokens": scores.meta["num_tokens"],
                 "calibration_loss": scores.meta["calibration_loss"], "plots": [p.name for p in plots]}
 
     run_stage(Stage("score", run, config), Path(args.model), args.out, force=True)
-    scores = ImportanceScores.load(args.out)
     print(format_table(summary_rows(scores), ["unit", "scorer", "tensors", "units", "min", "mean", "max", "finite"]))
     print(f"wrote {args.out}")
 

@@ -291,6 +291,8 @@ def test_layer_command_errors_write_nothing(saved, tmp_path, capsys):
         (["--calib", str(calib), "--remove", "1", "--tokenizer", str(big)], "another tokenizer"),
         (["--calib", str(calib), "--drop", "decoder=9"], "out of range"),
         (["--remove", "1"], "needs scores"),
+        (["--calib", str(calib), "--remove", "1", "--scorer", "tests.compress.test_scoring:three_scores"],
+         "returned 3 scores"),
         (["--calib", str(calib), "--remove", "1", "--set", "calibration.seq_lenn=3"], "did you mean"),
     ]
     for extra, message in cases:
