@@ -11,13 +11,16 @@ What happens to text that used a removed token (the "segmentation contract"):
   the original with the same score, so text whose original best path uses only kept pieces keeps that path; other
   text is re-segmented into the best path of kept pieces, and characters no kept piece covers fall back to byte
   pieces (`<0x..>`, always kept) -- or to `<unk>` when the model has no byte fallback, which is why single-character
-  pieces are then required. The whitespace piece "▁" is always kept: its bytes would decode to "▁", not " ". The lowest-scoring normal piece is kept too: both SentencePiece and `tokenizers`
-  derive the unknown-piece penalty from the minimum score, and it must not move.
+  pieces are then required. The whitespace piece "▁" is always kept: its bytes would decode to "▁", not " ".
+  The lowest-scoring normal piece is kept too: both SentencePiece and `tokenizers` derive the unknown-piece penalty
+  from the minimum score, and it must not move. (Without byte fallback, `keep_alphabet=False` gives up the
+  single-character pieces; characters they covered then become `<unk>`.)
 - BPE: a kept token keeps every intermediate symbol of its own merge derivation (BPE of its characters) and the
   merges between them; a merge survives only when both inputs and its result survive. Text that would have merged
   into a removed token stops merging earlier and comes out as smaller pieces. The base alphabet is required: the
   256 byte-level characters for byte-level BPE, `<0x..>` pieces for byte-fallback BPE, every unmerged symbol
-  otherwise.
+  otherwise (unless `keep_alphabet=False`). In-domain text keeps its ids exactly: every merge its encoding applied
+  lies inside the derivation of a kept output token, so it survives with the same rank.
 - WordLevel / WordPiece: removed words become `unk` (WordPiece: the longest kept pieces; single characters and
   their `##` continuations are required so words still split).
 
@@ -244,7 +247,8 @@ def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
         raise UserError(f"{path} is not valid JSON: {err}") from None
     model_type = tokenizer_json.get("model", {}).get("type")
     if model_type not in SUPPORTED_MODELS:
-        raise UserError(f"{path}: tokenizer model {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})")
+        raise UserError(f"{path}: tokenizer model {model_type!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_MODELS)})")
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     files = TokenizerFiles(directory, tokenizer_json, config=config)
@@ -296,7 +300,8 @@ def required_tokens(files: TokenizerFiles, extra_tokens: Iterable[str] = (), kee
     elif unk in index:
         specials.add(index[unk])
     add("special", specials)
-    add("post-processor", (i for node in _walk(files.tokenizer_json.get("post_processor")) for i in _processor_ids(node)))
+    processor = files.tokenizer_json.get("post_processor")
+    add("post-processor", (i for node in _walk(processor) for i in _processor_ids(node)))
     add("sentinel", (i for t, i in index.items() if SENTINEL.fullmatch(t)))
     add("mode", (index[t] for t in MODE_TOKENS if t in index))
     add("byte", (i for t, i in index.items() if BYTE_PIECE.fullmatch(t)))
@@ -370,7 +375,8 @@ def _alphabet(files: TokenizerFiles, index: dict[str, int], keep_alphabet: bool)
         return [i for t, i in files.model_vocab().items() if len(t) == 1]
     if kind == "WordPiece":
         prefix = files.model.get("continuing_subword_prefix", "##")
-        return [i for t, i in files.model_vocab().items() if len(t) == 1 or (t.startswith(prefix) and len(t) == len(prefix) + 1)]
+        return [i for t, i in files.model_vocab().items()
+                if len(t) == 1 or (t.startswith(prefix) and len(t) == len(prefix) + 1)]
     return []
 
 
@@ -462,7 +468,8 @@ def prune_tokenizer_json(tokenizer_json: dict, keep: list[int]) -> dict:
         if model.get("unk_id") is not None:
             model["unk_id"] = old_to_new[model["unk_id"]]
     else:
-        model["vocab"] = {t: old_to_new[i] for t, i in sorted(model["vocab"].items(), key=lambda x: x[1]) if i in old_to_new}
+        by_id = sorted(model["vocab"].items(), key=lambda item: item[1])
+        model["vocab"] = {t: old_to_new[i] for t, i in by_id if i in old_to_new}
         if kind == "BPE":
             kept = model["vocab"]
             merges = model.get("merges", [])

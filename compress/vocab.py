@@ -21,7 +21,6 @@ are added to `generation_config.suppress_tokens` (generation never emits them) a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -130,8 +129,8 @@ def open_corpus(corpus: Any, config: VocabConfig, description: str = "") -> Corp
         if config.split not in corpus:
             raise UserError(f"the corpus has no split '{config.split}' (it has {sorted(corpus)}); set split=")
         source = _open_dataset(corpus[config.split], config, f"{description or 'corpus'} split '{config.split}'")
-        if config.check_split in corpus and config.check_split != config.split and config.text_column in corpus[config.check_split].column_names:
-            check = corpus[config.check_split]
+        check = corpus[config.check_split] if config.check_split in corpus else None
+        if check is not None and config.check_split != config.split and config.text_column in check.column_names:
             source.check_texts = list(check.select(range(min(len(check), config.check_documents)))[config.text_column])
         return source
     if isinstance(corpus, (datasets.Dataset, datasets.IterableDataset)):
@@ -261,7 +260,8 @@ def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFi
                 ids = [list(map(int, row)) for row in batch]
                 samples += ids[: max(0, 16 - len(samples))]
                 if source.check_texts is None and len(check) < config.check_documents:
-                    check += tokenizer.batch_decode(ids[: config.check_documents - len(check)], skip_special_tokens=True)
+                    wanted = ids[: config.check_documents - len(check)]
+                    check += tokenizer.batch_decode(wanted, skip_special_tokens=True)
             flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
             if len(flat) and (flat.min() < 0 or flat.max() >= vocab):
                 raise UserError(f"the corpus holds token id {int(flat.max())} but this tokenizer has {vocab} ids: "
@@ -329,8 +329,10 @@ def load_token_counts(path: str | Path, files: TokenizerFiles | None = None) -> 
     loaded = TokenCounts(counts, int(scores.meta.get("documents", 0)), scores.meta.get("corpus", str(directory)),
                          scores.meta.get("tokenizer_sha256", ""))
     if files is not None:
-        if len(counts) != len(files) or (loaded.tokenizer_sha256 and loaded.tokenizer_sha256 != tokenizer_fingerprint(files)):
-            raise UserError(f"the counts in {directory} were made with another tokenizer ({len(counts)} ids vs {len(files)})")
+        digest = loaded.tokenizer_sha256
+        if len(counts) != len(files) or (digest and digest != tokenizer_fingerprint(files)):
+            raise UserError(f"the counts in {directory} were made with another tokenizer "
+                            f"({len(counts)} ids vs {len(files)})")
     if not torch.isfinite(counts).all() or (counts < 0).any() or loaded.total == 0:
         raise UserError(f"the token counts in {directory} must be finite, non-negative and not all zero")
     return loaded
@@ -371,7 +373,8 @@ def select_tokens(counts: TokenCounts, files: TokenizerFiles, required: dict[str
     forced = len(kept)
     if keep is not None and keep < forced:
         reasons = ", ".join(f"{reason} {len(ids)}" for reason, ids in required.items())
-        raise UserError(f"keep={keep} is fewer than the {forced} tokens that must stay ({reasons}): keep at least {forced}")
+        raise UserError(f"keep={keep} is fewer than the {forced} tokens that must stay ({reasons}): "
+                        f"keep at least {forced}")
     count_list = counts.counts.tolist()
     total = sum(count_list)
     covered = sum(count_list[i] for i in kept)
@@ -416,7 +419,7 @@ def slice_vocabulary(model: nn.Module, keep: list[int], pad_to: int = 128, paddi
     old_to_new = {int(old): new for new, old in enumerate(keep)}
 
     old_weight = embed.weight
-    embed.weight = nn.Parameter(_take_rows(embed.weight.data, index, size, 0.0), requires_grad=embed.weight.requires_grad)
+    embed.weight = nn.Parameter(_take_rows(old_weight.data, index, size, 0.0), requires_grad=old_weight.requires_grad)
     embed.num_embeddings = size
     _rebind(model, old_weight, embed.weight, size)
     if getattr(embed, "padding_idx", None) is not None:
@@ -524,7 +527,8 @@ def compare_segmentation(old_tokenizer, new_tokenizer, keep: list[int], texts: I
         old_ids, new_ids = old["input_ids"], new["input_ids"]
         in_domain = all(i in old_to_new for i in old_ids)
         same = in_domain and new_ids == [old_to_new[i] for i in old_ids]
-        old_spans = Counter((tuple(span), old_to_new[i]) for span, i in zip(old["offset_mapping"], old_ids) if i in old_to_new)
+        old_spans = Counter((tuple(span), old_to_new[i])
+                            for span, i in zip(old["offset_mapping"], old_ids) if i in old_to_new)
         new_spans = Counter((tuple(span), i) for span, i in zip(new["offset_mapping"], new_ids))
         stats["documents"] += 1
         stats["in_domain"] += in_domain
@@ -578,7 +582,8 @@ def prepare(model_dir: str | Path, config: VocabConfig, corpus: Any = None) -> P
     files = read_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) != len(files):
-        raise UserError(f"{tokenizer_dir}: AutoTokenizer reports {len(tokenizer)} ids but tokenizer.json holds {len(files)}")
+        raise UserError(f"{tokenizer_dir}: AutoTokenizer reports {len(tokenizer)} ids but tokenizer.json holds "
+                        f"{len(files)}")
     rows = model.get_input_embeddings().num_embeddings
     if len(files) > rows:
         raise UserError(f"the tokenizer has {len(files)} ids but the model only {rows} embedding rows: wrong tokenizer")
@@ -670,7 +675,8 @@ def summary_table(metrics: dict) -> str:
     if not metrics["padding_rows"]:
         padding = "none"
     elif metrics["padding_masked"]:
-        padding = f"{metrics['padding_rows']}, zero rows with head bias {metrics['padding_logit_bias']:g}: probability 0"
+        bias = metrics["padding_logit_bias"]
+        padding = f"{metrics['padding_rows']}, zero rows with head bias {bias:g}: probability 0"
     else:
         padding = f"{metrics['padding_rows']}, zero rows, logit 0 (bias-free head): suppressed in generation only"
     lines = [
@@ -681,7 +687,8 @@ def summary_table(metrics: dict) -> str:
         f"corpus: {metrics['corpus_documents']} documents, {metrics['corpus_tokens']:,} tokens",
     ]
     if check.get("documents"):
-        lines.append(f"segmentation checked on {check['documents']} documents ({check['in_domain_documents']} in-domain)")
+        lines.append(f"segmentation checked on {check['documents']} documents "
+                     f"({check['in_domain_documents']} in-domain)")
     return "\n".join(lines)
 
 
@@ -692,7 +699,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Prune a checkpoint's vocabulary to the tokens a corpus uses: slices the embedding and LM head, "
                     "rewrites the tokenizer (tokenizer.json, SentencePiece model), pads rows to a multiple.",
         epilog="example: python -m compress.vocab --model runs/s5 --corpus runs/corpus --keep 110000 --out runs/vocab\n"
-               "         python -m compress.vocab --model runs/s5 --corpus data/jsonl_dir --coverage 0.999 --out runs/v",
+               "         python -m compress.vocab --model runs/s5 --corpus data/jsonl --coverage 0.999 --out runs/v",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")

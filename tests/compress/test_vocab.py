@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
-from compress.tokenizer_surgery import read_tokenizer_files, required_tokens, sentencepiece_pieces, write_pruned_tokenizer
+from compress.tokenizer_surgery import (read_tokenizer_files, required_tokens, sentencepiece_pieces,
+                                       write_pruned_tokenizer)
 from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens,
                             slice_vocabulary)
 from core.errors import UserError
@@ -363,7 +364,8 @@ def test_config_token_ids_follow_their_tokens(pruned_openba, pruned_llamas):
 def test_pruning_nothing_is_the_identity(openba_dir, corpus, workdir):
     out = workdir / "openba-identity"
     prune_vocabulary(openba_dir, out, VocabConfig(keep=SP_VOCAB, pad_to=1), corpus=corpus["validation"])
-    before, after = AutoModelForSeq2SeqLM.from_pretrained(str(openba_dir)), AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    before = AutoModelForSeq2SeqLM.from_pretrained(str(openba_dir))
+    after = AutoModelForSeq2SeqLM.from_pretrained(str(out))
     state_before, state_after = before.state_dict(), after.state_dict()
     assert state_before.keys() == state_after.keys()
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
@@ -385,7 +387,8 @@ def test_specials_sentinels_mode_tokens_and_bytes_are_always_kept(openba_dir, sp
         assert token in kept
     assert len(sentinel_ids(pruned)) == 100 and set(mode_token_ids(pruned)) == {"R", "S", "X"}
     pieces = sentencepiece_pieces((out / "tokenizer.model").read_bytes())
-    assert sorted(p.text for p in pieces if p.type == 1) == sorted(["\u2581", files.tokens()[required["min-score anchor"][0]]])
+    anchor = files.tokens()[required["min-score anchor"][0]]
+    assert sorted(p.text for p in pieces if p.type == 1) == sorted(["\u2581", anchor])  # normal pieces: forced ones
     text = list(corpus["validation"]["text"])[0][:2000]
     assert pruned.decode(pruned(text, add_special_tokens=False)["input_ids"]) == text  # all bytes now
 
@@ -462,11 +465,12 @@ def test_a_corpus_from_another_tokenizer_is_an_error(openba_dir, bpe_tokenizer_d
     with pytest.raises(UserError, match="another tokenizer"):
         prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=too_big)
     bpe = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))  # its ids are all < SP_VOCAB, but mean other text
-    bpe_ids = datasets.Dataset.from_dict({"input_ids": bpe(list(corpus["validation"]["text"]), add_special_tokens=False)["input_ids"]})
+    texts = list(corpus["validation"]["text"])
+    bpe_ids = datasets.Dataset.from_dict({"input_ids": bpe(texts, add_special_tokens=False)["input_ids"]})
     with pytest.raises(UserError, match="another tokenizer"):
         prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=bpe_ids)
     sp = AutoTokenizer.from_pretrained(str(openba_dir))  # the same tokenizer's ids are accepted
-    own = datasets.Dataset.from_dict({"input_ids": sp(list(corpus["validation"]["text"]), add_special_tokens=False)["input_ids"]})
+    own = datasets.Dataset.from_dict({"input_ids": sp(texts, add_special_tokens=False)["input_ids"]})
     assert count_tokens(sp, own, VocabConfig(keep=500)).total == sum(len(r) for r in own["input_ids"])
     with pytest.raises(UserError, match="byte fallback"):
         prune_vocabulary(openba_dir, out, VocabConfig(keep=500), corpus=["東京都の天気は晴れです。" * 20])
