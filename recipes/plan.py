@@ -69,10 +69,11 @@ def shape_after(kind: str, args: dict[str, Any], shape: ModelShape, drops: dict[
     """The shape a stage leaves, from its arguments alone (the plan never looks at weights)."""
     if kind == "layer_prune":
         depths = dict(shape.depths)
-        for stack, indices in (args.get("drop_original") or {}).items():
-            original_to_current(drops, indices, stack)
+        for stack, indices in (args.get("drop") or {}).items():
+            if args.get("drop_numbering") == "original":
+                original_to_current(drops, indices, stack)  # errors on an index an earlier stage dropped
+                drops.setdefault(stack, []).extend(indices)
             depths[stack] -= len(indices)
-            drops.setdefault(stack, []).extend(indices)
         remove = args.get("remove") or {}
         if isinstance(remove, int):
             remove = {stack: remove for stack in depths}
