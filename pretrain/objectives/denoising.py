@@ -158,8 +158,8 @@ class MixDenoising(Objective):
         return float(rng.uniform(*self.suffix_share)), mean
 
     def _parts(self, n: int, variant) -> tuple[int, int, int, int]:
-        """(prefix length, prefix noise, prefix spans, suffix length)."""
-        share, mean = variant
+        """(prefix length, prefix noise, prefix spans, suffix length); no variant: the most spans (smallest mean)."""
+        share, mean = variant if variant is not None else (self.suffix_share[0], min(self.span_means))
         noise = min(max(int(round(n * self.density)), 2), n - 2)
         suffix = min(max(int(round(noise * share)), 1), noise - 1)
         prefix = n - suffix

@@ -347,3 +347,15 @@ def test_dynamic_ul2_on_a_tiny_openba_measures_each_denoiser_on_fixed_batches():
         losses = [token_mean_loss(model.eval(), batches[n][0])[0].item() for n in mixture.names]
     assert [metrics[f"val_loss/{n}"] for n in mixture.names] == pytest.approx(losses, rel=1e-5)
     assert mixture.weights == pytest.approx(dynamic_ul2_update(before, losses, DUL2_TARGET_LOSSES), rel=1e-5)
+
+
+def test_o_ul2_batches_mix_denoising_and_s_for_both_architectures():
+    from pretrain.objectives import objective_batches
+
+    documents = [list(range(3, 200)), list(range(5, 60))]
+    for encoder_decoder in (True, False):
+        batches = objective_batches(documents, mix_denoising_mixture(IDS), batch_size=2, input_length=64,
+                                    target_length=48 if encoder_decoder else None, encoder_decoder=encoder_decoder,
+                                    packed=True)
+        names = {next(batches)["objective"] for _ in range(12)}
+        assert names == {"mix", "S"}
