@@ -24,7 +24,8 @@ What happens to text that used a removed token (the "segmentation contract"):
 - WordLevel / WordPiece: removed words become `unk` (WordPiece: the longest kept pieces; single characters and
   their `##` continuations are required so words still split).
 
-The SentencePiece proto is edited at the protobuf wire level (the `protobuf` package is not a dependency here).
+The SentencePiece proto is edited at the protobuf wire level (the `protobuf` package is not a dependency here). Only a
+unigram proto is rewritten; a SentencePiece BPE proto beside a BPE tokenizer.json (Llama-2) is left out of the output.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class TokenizerFiles:
     sentencepiece: bytes | None = None
     sentencepiece_name: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
+    dropped: list[str] = dataclasses.field(default_factory=list)  # files the pruned tokenizer goes without
 
     @property
     def model(self) -> dict:
@@ -253,10 +255,16 @@ def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     files = TokenizerFiles(directory, tokenizer_json, config=config)
     for name in SENTENCEPIECE_FILES:
-        if (directory / name).is_file():
-            files.sentencepiece, files.sentencepiece_name = (directory / name).read_bytes(), name
-            _check_sentencepiece_matches(files)
-            break
+        if not (directory / name).is_file():
+            continue
+        if model_type != "Unigram":
+            # a SentencePiece BPE model (Llama-2) merges by piece score, not by tokenizer.json's merge list, so the
+            # BPE closure does not carry over; transformers reads tokenizer.json, so the pruned copy goes without it
+            files.dropped.append(name)
+            continue
+        files.sentencepiece, files.sentencepiece_name = (directory / name).read_bytes(), name
+        _check_sentencepiece_matches(files)
+        break
     return files
 
 

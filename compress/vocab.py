@@ -638,6 +638,7 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
         "corpus_coverage": prepared.selection.coverage,
         "required": {reason: len(ids) for reason, ids in prepared.selection.required.items()},
         "added_for_merges": prepared.selection.added_for_merges,
+        "tokenizer_files_dropped": prepared.files.dropped,
         "check": check,
     }
 
@@ -686,6 +687,9 @@ def summary_table(metrics: dict) -> str:
         + (f"; {metrics['added_for_merges']} added for BPE merge derivations" if metrics["added_for_merges"] else ""),
         f"corpus: {metrics['corpus_documents']} documents, {metrics['corpus_tokens']:,} tokens",
     ]
+    if metrics.get("tokenizer_files_dropped"):
+        dropped = ", ".join(metrics["tokenizer_files_dropped"])
+        lines.append(f"not carried over (tokenizer.json is the tokenizer): {dropped}")
     if check.get("documents"):
         lines.append(f"segmentation checked on {check['documents']} documents "
                      f"({check['in_domain_documents']} in-domain)")

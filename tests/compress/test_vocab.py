@@ -253,9 +253,11 @@ def test_tokenizer_surgery_on_other_tokenizer_models(kind, corpus, workdir):
     assert in_domain >= 10 and others >= 5
 
 
-def test_slow_bpe_files_and_added_token_maps_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, pruned_llamas, workdir):
+def test_slow_bpe_files_and_added_token_maps_are_rewritten_with_the_fast_one(bpe_tokenizer_dir, pruned_llamas,
+                                                                            sp_tokenizer_dir, workdir):
     source = workdir / "bpe-with-slow-files"
     shutil.copytree(bpe_tokenizer_dir, source)
+    shutil.copy(sp_tokenizer_dir / "tokenizer.model", source)  # stands for Llama-2's SentencePiece BPE model
     model = read_tokenizer_files(source).model
     (source / "vocab.json").write_text(json.dumps(model["vocab"]))
     (source / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
@@ -277,6 +279,7 @@ def test_slow_bpe_files_and_added_token_maps_are_rewritten_with_the_fast_one(bpe
     assert {k: v["content"] for k, v in decoder.items()} == {str(n - 2): "<|im_start|>", str(n - 1): "<|user|>"}
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|user|>"]) == [n - 2, n - 1]
+    assert not (out / "tokenizer.model").exists()  # not a unigram model: left out rather than left stale
 
 
 # --- the model -----------------------------------------------------------------------------------------------------
