@@ -276,7 +276,7 @@ def layer_summary_rows(before: dict, after: dict, removed: dict[str, list[int]])
     rows = []
     for stack in before["blocks"]:
         rows.append([stack, before["blocks"][stack], after["blocks"][stack], human_count(before["params"][stack]),
-                     human_count(after["params"][stack]), ", ".join(map(str, removed.get(stack, []))) or "-"])
+                     human_count(after["params"][stack]), str(removed.get(stack) or "-")])
     rows.append(["model (all)", sum(before["blocks"].values()), sum(after["blocks"].values()),
                  human_count(before["total"]), human_count(after["total"]),
                  f"{after['total'] / before['total']:.1%} of parameters kept"])
