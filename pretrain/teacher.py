@@ -21,9 +21,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 
 from core.config import config_hash, load_config
@@ -42,14 +41,14 @@ class TeacherTrainConfig(TrainConfig):
     """TrainConfig with defaults for a tiny model from scratch: a higher rate and a warm-up than V2's recovery
     (1e-4, which starts from trained weights), and checkpoints often enough that a kill loses under a minute."""
 
-    steps: int = 300
+    steps: int = 600
     lr: float = 2e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 30
-    micro_batch_size: int = 16
-    save_every: int = 25
+    warmup_steps: int = 40
+    micro_batch_size: int = 8  # small batches, many updates: what a tiny model learns fastest from per FLOP
+    save_every: int = 50
     keep_checkpoints: int = 1
-    eval_every: int = 100
+    eval_every: int = 150
     log_every: int = 10
 
 
@@ -70,9 +69,12 @@ class TeacherConfig:
     """The project tokenizer (SentencePiece unigram with sentinels and <R>/<S>/<X>); trained once and cached."""
     objective_weights: list[float] = field(default_factory=lambda: [0.02, 0.02, 0.8, 0.1, 0.02, 0.02, 0.02])
     """Sampling weights of the 7 UL2 denoisers R-1, R-2, S, X-1, X-2, X-3, X-4 (D-UL2's initial proportions)."""
-    raw_tokens: int = 256
-    """Corpus tokens per example before corruption (V2 S1-S4 trained with 570 encoder / 380 decoder tokens;
-    shorter is faster on CPU and enough for a tiny model)."""
+    input_length: int = 256
+    """Encoder tokens per packed row (V2 S1-S4: 570; shorter is faster on CPU and enough for a tiny model)."""
+    target_length: int = 128
+    """Decoder tokens per packed row (V2 S1-S4: 380). S-denoising (the mixture's bulk) needs ~1/3 of the input."""
+    packed: bool = True
+    """Pack several examples per row with document-aware masks (~0 padding) instead of one padded example."""
     validation_batches: int = 8
     """Fixed validation batches (drawn once with the same mixture) for the loss and the unigram baseline."""
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -82,82 +84,6 @@ class TeacherConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-
-
-def token_stream(texts, tokenizer) -> np.ndarray:
-    """All texts as one id array, documents separated by EOS (the objectives cut windows across it)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    batch: list[str] = []
-
-    def flush():
-        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-            ids.append(eos)
-        batch.clear()
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) == 256:
-            flush()
-    if batch:
-        flush()
-    return np.asarray(ids, dtype=np.int32)
-
-
-def pad_batch(examples, objective: str) -> dict[str, Any]:
-    """Encoder-decoder tensors from Examples: inputs padded with 0 (masked), targets padded with -100."""
-    from pretrain.objectives import IGNORE_INDEX
-
-    width_in = max(len(e.inputs) for e in examples)
-    width_out = max(len(e.targets) for e in examples)
-    input_ids = torch.zeros(len(examples), width_in, dtype=torch.long)
-    attention = torch.zeros(len(examples), width_in, dtype=torch.long)
-    labels = torch.full((len(examples), width_out), IGNORE_INDEX, dtype=torch.long)
-    for row, example in enumerate(examples):
-        input_ids[row, : len(example.inputs)] = torch.tensor(example.inputs)
-        attention[row, : len(example.inputs)] = 1
-        labels[row, : len(example.targets)] = torch.tensor(example.targets)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "objective": objective}
-
-
-class UL2Batches:
-    """Endless batches from a token stream: each batch one denoiser sampled from the mixture, windows taken in
-    order (wrapping around). Its state (position, RNG) is what the trainer checkpoints for an exact resume.
-
-    A stand-in until pretrain/data.py (packing, mixtures by source) is in place.
-    """
-
-    def __init__(self, tokens: np.ndarray, mixture, batch_size: int, raw_tokens: int, seed: int):
-        if len(tokens) < raw_tokens + 1:
-            raise UserError(f"the corpus has {len(tokens)} tokens, fewer than one example ({raw_tokens})")
-        self.tokens, self.mixture = tokens, mixture
-        self.batch_size, self.raw_tokens = batch_size, raw_tokens
-        self.rng = np.random.default_rng(seed)
-        self.position = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "rng": self.rng.bit_generator.state, "mixture": self.mixture.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
-        self.rng.bit_generator.state = state["rng"]
-        self.mixture.load_state_dict(state["mixture"])
-
-    def next_batch(self) -> dict[str, Any]:
-        objective = self.mixture.sample(self.rng)
-        examples = []
-        for _ in range(self.batch_size):
-            if self.position + self.raw_tokens > len(self.tokens):
-                self.position = 0
-            window = self.tokens[self.position : self.position + self.raw_tokens].tolist()
-            self.position += self.raw_tokens
-            examples.append(objective(window, self.rng))
-        return pad_batch(examples, objective.name)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_batch()
 
 
 def unigram_entropy(batches) -> float:
@@ -176,18 +102,17 @@ class ValidationLoss:
         self.batches = batches
 
     def __call__(self, model, step: int) -> dict[str, float]:
+        from pretrain.objectives import token_mean_loss
+
         device = next(model.parameters()).device
         sums: dict[str, list[float]] = {}
         for batch in self.batches:
-            labels = batch["labels"].to(device)
-            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            logits = model(**tensors, labels=labels).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                     ignore_index=-100, reduction="sum")
-            tokens = int((labels != -100).sum())
+            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            loss, metrics = token_mean_loss(model, on_device)
+            tokens = metrics["target_tokens"]
             for key in ("all", batch["objective"]):
                 entry = sums.setdefault(key, [0.0, 0])
-                entry[0] += float(loss)
+                entry[0] += float(loss) * tokens
                 entry[1] += tokens
         metrics = {"val_loss": sums["all"][0] / sums["all"][1]}
         metrics.update({f"val_loss/{k}": s / n for k, (s, n) in sorted(sums.items()) if k != "all"})
@@ -237,8 +162,8 @@ def _check(config: TeacherConfig) -> None:
     if len(config.objective_weights) != 7:
         raise UserError(f"objective_weights needs 7 weights (R-1, R-2, S, X-1, X-2, X-3, X-4), "
                         f"got {len(config.objective_weights)}")
-    if config.raw_tokens < 8 or config.validation_batches < 1:
-        raise UserError("raw_tokens must be >= 8 and validation_batches >= 1")
+    if min(config.input_length, config.target_length) < 8 or config.validation_batches < 1:
+        raise UserError("input_length and target_length must be >= 8 and validation_batches >= 1")
 
 
 def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dict[str, Any]:
@@ -246,28 +171,30 @@ def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dic
     from core.checkpoint import save_checkpoint
     from core.openba import openba_config
     from core.openba.modeling import OpenBAForConditionalGeneration
-    from pretrain.objectives import SpecialIds, ul2_mixture
+    from pretrain.data import TokenizedDocuments
+    from pretrain.objectives import ObjectiveBatches, SpecialIds, token_mean_loss, ul2_mixture
 
     _check(config)
     corpus = _load_texts(config, cache_dir)
     tokenizer = ensure_tokenizer(config, corpus, cache_dir)
     ids = SpecialIds.from_tokenizer(tokenizer)
-    train_tokens = token_stream(corpus["train"]["text"], tokenizer)
-    val_tokens = token_stream(corpus["validation"]["text"], tokenizer)
-    if len(val_tokens) < config.raw_tokens + 1:
-        raise UserError(f"the validation split has {len(val_tokens)} tokens, fewer than one example")
 
-    data = UL2Batches(train_tokens, ul2_mixture(ids, config.objective_weights), config.train.micro_batch_size,
-                      config.raw_tokens, config.seed)
-    validation = UL2Batches(val_tokens, ul2_mixture(ids, config.objective_weights), config.train.micro_batch_size,
-                            config.raw_tokens, config.seed + 1)
-    val_batches = [validation.next_batch() for _ in range(config.validation_batches)]
+    def batches(split: str, seed: int) -> ObjectiveBatches:
+        documents = TokenizedDocuments(corpus[split], tokenizer, seed=seed, name=split)
+        return ObjectiveBatches(documents, ul2_mixture(ids, config.objective_weights),
+                                batch_size=config.train.micro_batch_size, input_length=config.input_length,
+                                target_length=config.target_length, packed=config.packed, pad_id=ids.pad,
+                                max_spans=len(ids.sentinels), seed=seed)
+
+    data = batches("train", config.seed)
+    validation = batches("validation", config.seed + 1)
+    val_batches = [next(validation) for _ in range(config.validation_batches)]
     unigram = unigram_entropy(val_batches)
 
     torch.manual_seed(config.seed)
     model_config = openba_config(config.preset, **{**config.model, "vocab_size": len(tokenizer)})
     model = OpenBAForConditionalGeneration(model_config)
-    trainer = Trainer(model, config.train, data, eval_fn=ValidationLoss(val_batches))
+    trainer = Trainer(model, config.train, data, loss_fn=token_mean_loss, eval_fn=ValidationLoss(val_batches))
     result = trainer.train(work_dir)
 
     staging = work_dir / "_model"
@@ -288,7 +215,7 @@ def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dic
         "train_seconds": result.get("seconds"),
         "tokens_per_s": (result.get("tokens") or 0) / max(result.get("seconds") or 0.0, 1e-9),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "corpus_tokens": {"train": int(len(train_tokens)), "validation": int(len(val_tokens))},
+        "non_padding_share": data.stats["tokens"] / max(data.stats["slots"], 1),
         "vocab_size": len(tokenizer),
     }
 
