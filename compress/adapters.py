@@ -296,27 +296,6 @@ class Adapter:
     def hidden_pruning_reason(self) -> str:
         return ""
 
-    def keep_tokens(self, tokens: torch.Tensor) -> None:
-        """Keep vocabulary rows `tokens` (new id i = old id tokens[i]) in the embeddings and the output head."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        tied = self.tied()
-        embed = self.input_embeddings()
-        new_embed = nn.Embedding(len(tokens), embed.embedding_dim, device=embed.weight.device, dtype=embed.weight.dtype)
-        new_embed.weight.data.copy_(embed.weight.data.index_select(0, tokens.to(embed.weight.device)))
-        self.model.set_input_embeddings(new_embed)
-        head = self.output_head()
-        if head is not None:
-            if tied:
-                head.weight = new_embed.weight
-                if head.bias is not None:
-                    head.bias = nn.Parameter(head.bias.data.index_select(0, tokens.to(head.bias.device)).clone())
-                head.out_features = len(tokens)
-            else:
-                self.model.set_output_embeddings(slice_linear(head, tokens, 0))
-        self.config.vocab_size = len(tokens)
-        if hasattr(self.config, "get_text_config"):
-            self.config.get_text_config().vocab_size = len(tokens)
-
     def sync_widths(self) -> None:
         """Write the current head counts and FFN widths back into the config (uniform unless per-layer allowed)."""
         for stack in self.stacks:
