@@ -47,6 +47,13 @@ def _with_corpus(args: dict[str, Any], context: Context) -> dict[str, Any]:
     return args
 
 
+def _with_training_corpus(args: dict[str, Any], context: Context) -> dict[str, Any]:
+    data = dict(args.get("data") or {})
+    if not data.get("paths") and context.corpus_dir is not None:
+        return {**args, "data": {**data, "paths": [str(context.corpus_dir)]}}
+    return args
+
+
 def _copy_checkpoint(source: Path, work_dir: Path) -> None:
     for item in source.iterdir():
         if item.is_file() and item.name != "manifest.json":
@@ -84,7 +91,7 @@ def run_vocab_prune(input_dir, work_dir, config, context):
 def run_train(input_dir, work_dir, config, context):
     from pretrain.continual import continual_stage
 
-    if config.distill_weight > 0 and config.teacher is None:
+    if config.distill is not None and config.teacher is None:
         if context.teacher_dir is None:
             raise UserError("distillation needs a teacher: set args.teacher or start the recipe from a teacher stage")
         config = dataclasses.replace(config, teacher=str(context.teacher_dir))
@@ -112,7 +119,7 @@ def _kinds() -> dict[str, Kind]:
     try:
         from pretrain.continual import ContinualConfig
 
-        kinds["train"] = Kind(ContinualConfig, run_train, resumable=True)
+        kinds["train"] = Kind(ContinualConfig, run_train, resumable=True, defaults=_with_training_corpus)
     except ImportError:
         pass
     try:

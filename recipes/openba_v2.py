@@ -52,8 +52,6 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
 
 def check_recipe(recipe: RecipeConfig, context: Context) -> list[tuple[StageSpec, Any, Any]]:
     """Resolve every stage's config and gate before anything runs: a typo in stage 6 fails at start."""
-    from eval.gate import GateConfig
-
     resolved = []
     for spec in recipe.stages:
         kind = get_kind(spec.kind)
@@ -64,13 +62,27 @@ def check_recipe(recipe: RecipeConfig, context: Context) -> list[tuple[StageSpec
             if spec.gate not in recipe.gates:
                 raise UserError(f"stage '{spec.name}' names gate '{spec.gate}', which the recipe does not define "
                                 f"(gates: {', '.join(recipe.gates) or 'none'})")
-            gate = from_dict(GateConfig, {**recipe.gates[spec.gate], "name": spec.gate}, prefix=f"gates.{spec.gate}.")
+            gate = load_gate(recipe.gates[spec.gate], spec.gate)
         resolved.append((spec, config, gate))
     if recipe.model is None and (not recipe.stages or recipe.stages[0].kind != "teacher"):
         raise UserError("the recipe has no input: set `model` (a checkpoint directory) or start with a teacher stage")
     if recipe.model is not None and not Path(recipe.model).is_dir():
         raise UserError(f"the recipe's input model {recipe.model} does not exist")
     return resolved
+
+
+def load_gate(value: dict[str, Any] | str, name: str):
+    """A gate given inline in the recipe, or as the path of a gate YAML (e.g. eval/gates/commonsense.yaml)."""
+    import yaml
+
+    from eval.gate import GateConfig
+
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"gate '{name}': no gate file {value}")
+        value = yaml.safe_load(path.read_text()) or {}
+    return from_dict(GateConfig, {"name": name, **value}, prefix=f"gates.{name}.")
 
 
 def previous_gate(run_dir: Path, names: list[str], index: int) -> Path | None:

@@ -37,8 +37,8 @@ class RecipeConfig:
     preset: str | None = None
     """For `--dry-run` without weights: an OpenBA preset name (`openba-15b`) or a config.json path."""
     stages: list[StageSpec] = dataclasses.field(default_factory=list)
-    gates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    """Gate configs by name (see eval.gate.GateConfig)."""
+    gates: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Gates by name: a GateConfig mapping (eval.gate) or the path of a gate YAML such as eval/gates/offline.yaml."""
     cache_dir: str | None = None
     """Where the corpus, tokenizer and tiny teacher are cached across runs (default: $OPENBA_CACHE or
     ~/.cache/openba_v2), so a second run, in any run directory, skips the 10-minute teacher training."""
