@@ -50,7 +50,7 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
     return recipe
 
 
-def check_recipe(recipe: RecipeConfig, context: Context) -> list[tuple[StageSpec, Any, Any]]:
+def check_recipe(recipe: RecipeConfig, context: Context, require_model: bool = True) -> list[tuple[StageSpec, Any, Any]]:
     """Resolve every stage's config and gate before anything runs: a typo in stage 6 fails at start."""
     resolved = []
     for spec in recipe.stages:
@@ -66,7 +66,7 @@ def check_recipe(recipe: RecipeConfig, context: Context) -> list[tuple[StageSpec
         resolved.append((spec, config, gate))
     if recipe.model is None and (not recipe.stages or recipe.stages[0].kind != "teacher"):
         raise UserError("the recipe has no input: set `model` (a checkpoint directory) or start with a teacher stage")
-    if recipe.model is not None and not Path(recipe.model).is_dir():
+    if require_model and recipe.model is not None and not Path(recipe.model).is_dir():
         raise UserError(f"the recipe's input model {recipe.model} does not exist")
     return resolved
 
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         from recipes.plan import format_plan, plan
 
+        check_recipe(recipe, Context(Path(recipe.run_dir), Path(recipe.run_dir)), require_model=False)
         print(format_plan(plan(recipe), recipe.world_size))
         return
     run_dir = Path(recipe.run_dir)
