@@ -413,23 +413,21 @@ def save_into_stage_dir(model, tokenizer, work_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
+def prepare_layer_prune(model_dir: str | Path, config: LayerPruneConfig, progress: bool = True):
+    """Load, check and score everything a layer-pruning stage needs; returns `write(work_dir) -> metrics`.
+
+    Every error of the request (bad paths, unknown scorer, empty or foreign calibration data, removing all layers,
+    indices out of range, an unreachable budget, a failing user scorer) is raised here, before anything is written.
+    """
     from compress.adapters import get_adapter
     from compress.calibration import calibration_batches
     from compress.plots import plot_scores
     from compress.scorers import get_scorer
     from compress.scoring import score_model
-    from core.stage import Stage, run_stage
-    from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
     if config.drop is None and config.scores is None:
         get_scorer("layers", config.scorer)  # an unknown scorer fails before the model is loaded
-    model, tokenizer = load_inputs(args.model, config.tokenizer)
+    model, tokenizer = load_inputs(str(model_dir), config.tokenizer)
     adapter = get_adapter(model)
     scores = ImportanceScores.load(config.scores) if config.scores else None
     calib = None
@@ -442,30 +440,48 @@ def main(argv: list[str] | None = None) -> None:
         return score_model(m, calib, {"layers": config.scorer}, seed=config.seed, progress=False)
 
     rescore_fn = rescore if calib is not None else None
-    # every error of the request (remove all, out of range, budget unreachable...) before anything is written
     check_layer_request(model, adapter, scores, config.remove, config.drop, config.target_params,
                         config.protect_first_last, config.iterative, rescore_fn, config.drop_numbering)
     before = model_shape(model)
-    # scored before the stage starts, so that a failing (user) scorer leaves nothing behind either
     started = time.perf_counter()
     if scores is None and calib is not None:
-        scores = score_model(model, calib, {"layers": config.scorer}, seed=config.seed, progress=not args.no_progress)
+        scores = score_model(model, calib, {"layers": config.scorer}, seed=config.seed, progress=progress)
     scoring_seconds = round(time.perf_counter() - started, 3)
 
-    def run(input_dir, work_dir, cfg):
-        removed = prune_layers(model, scores, cfg.remove, drop=cfg.drop, target_params=cfg.target_params,
-                               protect_first_last=cfg.protect_first_last, iterative=cfg.iterative,
-                               rescore_fn=rescore_fn, drop_numbering=cfg.drop_numbering)
-        save_into_stage_dir(model, tokenizer, work_dir)
+    def write(work_dir: Path) -> dict:
+        removed = prune_layers(model, scores, config.remove, drop=config.drop, target_params=config.target_params,
+                               protect_first_last=config.protect_first_last, iterative=config.iterative,
+                               rescore_fn=rescore_fn, drop_numbering=config.drop_numbering)
+        save_into_stage_dir(model, tokenizer, Path(work_dir))
         if scores is not None:
-            scores.save(work_dir / "scores")
-            plot_scores(scores, work_dir / "scores", marked=removed)
+            scores.save(Path(work_dir) / "scores")
+            plot_scores(scores, Path(work_dir) / "scores", marked=removed)
         after = model_shape(model)
-        return {"removed": removed, "before": before, "after": after, "scorer": None if cfg.drop else cfg.scorer,
+        return {"removed": removed, "before": before, "after": after, "scorer": None if config.drop else config.scorer,
                 "kept_fraction": after["total"] / before["total"],
+                "original_layer_indices": getattr(model.config, ORIGINAL_INDICES),
                 "calibration_tokens": calib.num_tokens if calib is not None else 0, "scoring_seconds": scoring_seconds}
 
-    manifest = run_stage(Stage("layer-prune", run, config), Path(args.model), args.out, force=True)
+    return write
+
+
+def layer_prune_stage(input_dir: Path, work_dir: Path, config: LayerPruneConfig) -> dict:
+    """The stage function (recipes and the CLI): prune the checkpoint in `input_dir` into `work_dir`."""
+    return prepare_layer_prune(input_dir, config)(work_dir)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    from core.stage import Stage, run_stage
+    from core.table import format_table
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
+    write = prepare_layer_prune(args.model, config, progress=not args.no_progress)
+    manifest = run_stage(Stage("layer-prune", lambda _i, work_dir, _c: write(work_dir), config), Path(args.model),
+                         args.out, force=True)
     metrics = manifest.metrics
     rows = layer_summary_rows(metrics["before"], metrics["after"], metrics["removed"])
     print(format_table(rows, ["stack", "blocks before", "blocks after", "params before", "params after", "removed"]))

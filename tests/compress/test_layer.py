@@ -308,3 +308,26 @@ def test_layer_command_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "python -m compress.layer --model" in capsys.readouterr().out
+
+
+def test_stage_function_chains_drop_lists_counted_in_the_original_model(tmp_path):
+    """The recipe path: two layer-prune stages under run_stage, the second naming blocks of the first model."""
+    from compress.layer import LayerPruneConfig, layer_prune_stage
+    from core.openba import openba_config
+    from core.stage import Stage, run_stage
+
+    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=VOCAB, num_layers=4,
+                                                            num_decoder_layers=10)).eval()
+    model.save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    stages = [("s1", LayerPruneConfig(drop={"encoder": [2], "decoder": [3, 6]})),
+              ("s2", LayerPruneConfig(drop={"decoder": [8, 2]}, drop_numbering="original"))]
+    previous = tmp_path / "base"
+    for name, config in stages:
+        run_stage(Stage(name, lambda i, w, c: layer_prune_stage(i, w, c), config), previous, tmp_path / name)
+        previous = tmp_path / name
+    pruned, _ = reload(previous, seq2seq=True)
+    assert pruned.config.original_layer_indices == {"encoder": [0, 1, 3], "decoder": [0, 1, 4, 5, 7, 9]}
+    assert json.loads((previous / "manifest.json").read_text())["metrics"]["removed"] == {"encoder": [],
+                                                                                          "decoder": [2, 6]}
+    assert pruned.config.num_layers == 3 and pruned.config.num_decoder_layers == 6
