@@ -41,7 +41,7 @@ def corpus(cache_dir):
 def tokenizer(corpus, tmp_path_factory):
     from pretrain.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
-    path = train_tokenizer(corpus, TokenizerConfig(vocab_size=640, max_training_chars=200_000),
+    path = train_tokenizer(corpus, TokenizerConfig(vocab_size=640, max_training_chars=100_000),
                            tmp_path_factory.mktemp("tok") / "tokenizer")
     return load_tokenizer(path)
 
@@ -51,7 +51,7 @@ def task_set(cache_dir):
     return ensure_task_set(TASK_DATA, cache_dir)
 
 
-def _train(model, tokenizer, corpus, encoder_decoder: bool, steps: int = 60) -> None:
+def _train(model, tokenizer, corpus, encoder_decoder: bool, steps: int = 80) -> None:
     """A few AdamW steps on train-split windows: causal LM, or (encoder-decoder) first half -> second half."""
     text = "\n".join(corpus["train"]["text"][:20])[:300_000]
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -97,6 +97,15 @@ def trained_openba(tokenizer, corpus):
     model = AutoModelForSeq2SeqLM.from_config(config)
     _train(model, tokenizer, corpus, encoder_decoder=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def llama_results(trained_llama, tokenizer, task_set):
+    """The trained Llama evaluated once on the small offline suite (shared by tests that only read results)."""
+    from eval.harness import evaluate
+
+    return evaluate(trained_llama, tokenizer, ["corpus_ppl", "corpus_mc", "probe_needle", "probe_kv"],
+                    task_set=task_set, limit=LIMIT)
 
 
 @pytest.fixture

@@ -36,14 +36,14 @@ def test_evaluation_restores_train_mode_and_leaves_the_tokenizer_alone(llama, to
     assert tokenizer.pad_token_id == pad_before
 
 
-def test_results_round_trip_through_json(llama, tokenizer, task_set, tmp_path):
+def test_results_round_trip_through_json(llama_results, tmp_path):
     import json
 
-    result = evaluate(llama, tokenizer, ["corpus_ppl"], task_set=task_set, limit=2)
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(result.to_dict()))
+    path.write_text(json.dumps(llama_results.to_dict()))
     again = load_results(path)
-    assert again.metrics == result.metrics and again.fingerprints == result.fingerprints
+    assert again.metrics == llama_results.metrics and again.fingerprints == llama_results.fingerprints
+    assert again.probe_cells == llama_results.probe_cells
 
 
 def test_unknown_offline_task_names_the_task_and_a_close_match(llama, tokenizer, task_set):
