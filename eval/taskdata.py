@@ -53,7 +53,7 @@ ROLLING_METRICS = {"word_perplexity": False, "byte_perplexity": False, "bits_per
 @dataclass
 class TaskDataConfig:
     """What goes into the offline task set. Defaults: ~400K characters of perplexity text, 200 multiple-choice
-    questions, and 2 x 5 x 5 x 2 = 100 probe rows per kind; the test suite shrinks all of it."""
+    questions, and 5 lengths x 5 depths x 2 samples = 50 probe rows per kind; tests shrink all of it."""
 
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The corpus whose validation split the tasks are cut from (the default is the whole stdlib corpus)."""
