@@ -14,14 +14,12 @@ of the original 15B model, can be replayed on later stages with `drop_numbering:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from core.checkpoint import count_parameters
+from core.checkpoint import count_parameters, write_checkpoint
 from core.errors import UserError, main_guard
 from compress.calibration import CalibrationConfig
 from compress.scoring import ImportanceScores
@@ -401,18 +399,6 @@ def load_inputs(model_dir: str, tokenizer_dir: str | None):
     return model, tokenizer
 
 
-def save_into_stage_dir(model, tokenizer, work_dir: Path) -> None:
-    """Write the checkpoint with the one checkpoint writer, then lift its files into the stage's work directory
-    (the stage publishes the directory atomically; the writer replaces whole directories, so it gets its own)."""
-    from core.checkpoint import save_checkpoint
-
-    staging = work_dir / "_checkpoint"
-    save_checkpoint(model, tokenizer, staging)
-    for item in staging.iterdir():
-        os.replace(item, work_dir / item.name)
-    shutil.rmtree(staging)
-
-
 def prepare_layer_prune(model_dir: str | Path, config: LayerPruneConfig, progress: bool = True):
     """Load, check and score everything a layer-pruning stage needs; returns `write(work_dir) -> metrics`.
 
@@ -452,7 +438,7 @@ def prepare_layer_prune(model_dir: str | Path, config: LayerPruneConfig, progres
         removed = prune_layers(model, scores, config.remove, drop=config.drop, target_params=config.target_params,
                                protect_first_last=config.protect_first_last, iterative=config.iterative,
                                rescore_fn=rescore_fn, drop_numbering=config.drop_numbering)
-        save_into_stage_dir(model, tokenizer, Path(work_dir))
+        write_checkpoint(model, tokenizer, work_dir)
         if scores is not None:
             scores.save(Path(work_dir) / "scores")
             plot_scores(scores, Path(work_dir) / "scores", marked=removed)

@@ -575,8 +575,9 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
     from safetensors.torch import save_file
 
     from compress.calibration import calibration_batches
-    from compress.layer import load_inputs, save_into_stage_dir, stack_parameters
+    from compress.layer import load_inputs, stack_parameters
     from compress.plots import plot_scores
+    from core.checkpoint import write_checkpoint
     from compress.scorers import get_scorer
     from compress.scoring import score_model
     from core.checkpoint import count_parameters
@@ -619,7 +620,7 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
 
     def write(work_dir: Path) -> dict:
         apply_plan(adapter, plan)
-        save_into_stage_dir(model, tokenizer, work_dir)
+        write_checkpoint(model, tokenizer, work_dir)
         scores.save(work_dir / "scores")
         if hidden is not None:
             save_file({HIDDEN_SCORES: hidden.float().contiguous()}, str(work_dir / "scores" / HIDDEN_FILE))

@@ -94,6 +94,18 @@ def is_encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
+def write_checkpoint(model, tokenizer, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write model (safetensors) and tokenizer into an existing directory: a stage's work directory, which the stage
+    contract publishes atomically. Anywhere else use `save_checkpoint`."""
+    directory = Path(directory)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+    return directory
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Write model (safetensors) and tokenizer to `out_dir` through a temporary directory and one rename."""
     out_dir = Path(out_dir)
@@ -102,11 +114,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, extra_files: dict[str
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write_checkpoint(model, tokenizer, tmp, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

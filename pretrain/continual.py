@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -120,7 +119,7 @@ def load_student(input_dir: Path, config: ContinualConfig):
 
 def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) -> dict[str, Any]:
     """Train the checkpoint in `input_dir` (resuming from `work_dir/checkpoints`) and save it into `work_dir`."""
-    from core.checkpoint import count_parameters, is_encoder_decoder, load_model, load_tokenizer, save_checkpoint
+    from core.checkpoint import count_parameters, is_encoder_decoder, load_model, load_tokenizer, write_checkpoint
 
     model, tokenizer = load_student(Path(input_dir), config)
     encoder_decoder = is_encoder_decoder(model)
@@ -157,11 +156,7 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
         return {**metrics, "val_loss": sum(losses) / len(losses)}
 
     result = Trainer(model, config.train, data, loss_fn=loss_fn, eval_fn=evaluate).train(work_dir)
-    staging = work_dir / "_model"
-    save_checkpoint(model, tokenizer, staging)
-    for item in staging.iterdir():
-        os.replace(item, work_dir / item.name)
-    staging.rmdir()
+    write_checkpoint(model, tokenizer, work_dir)
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # resume-only optimizer states
     return {
         "val_loss": result.get("eval/val_loss"),

@@ -21,7 +21,7 @@ from typing import Any
 
 from core.config import from_dict, load_config, merge, parse_override, to_dict
 from core.errors import UserError, main_guard
-from core.stage import MANIFEST, Manifest, Stage, run_stages
+from core.stage import Manifest, Stage, run_stages
 from core.table import format_table, human_count
 from recipes.kinds import Context, get_kind
 from recipes.spec import RecipeConfig, StageSpec
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 def make_context(recipe: RecipeConfig, run_dir: Path) -> Context:
     """Shared inputs: the offline corpus the teacher trained on (calibration, vocabulary counts, recovery data) and
     the teacher itself (the first stage's output, or the input model) for distillation."""
-    from pretrain.corpus import CorpusConfig, load_or_build_corpus
+    from pretrain.corpus import load_or_build_corpus
     from pretrain.teacher import DEFAULT_CACHE
 
     cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else DEFAULT_CACHE

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 from core.stage import MANIFEST, Manifest
 from core.table import format_table, human_count
 from recipes.spec import RecipeConfig
