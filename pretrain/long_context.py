@@ -6,8 +6,9 @@ the other common options. Applied here to:
 
 * OpenBA: `config.rope_theta` (self-attention only). "ntk" is a base change (theta * factor ** (d / (d - 2))), so it
   lives in the config. "linear" divides the positions by `factor` through a forward pre-hook on both stacks (the
-  OpenBA model reads only `rope_theta`); the config records it as `rope_scaling` and `attach_rope_scaling(model)`
-  re-attaches the hook after loading. "dynamic" (NTK recomputed per length at inference) is not available for OpenBA.
+  OpenBA model reads only `rope_theta`); the config records the factor as `position_interpolation` (not
+  `rope_scaling`, which transformers 5 rewrites into `rope_parameters`) and `attach_rope_scaling(model)` re-attaches
+  the hook after loading. "dynamic" (NTK recomputed per length at inference) is not available for OpenBA.
 * Llama-family models of transformers 5: `config.rope_parameters` ({"rope_type", "rope_theta", "factor"}), whose
   rotary modules are rebuilt so an existing model picks the change up.
 
@@ -162,13 +163,13 @@ def _apply_openba(config, settings: LongContextConfig) -> dict[str, Any]:
         theta = ntk_theta(theta, settings.factor, _head_dim(config))
     config.rope_theta = float(theta)
     if settings.scaling == "linear":
-        config.rope_scaling = {"rope_type": "linear", "factor": float(settings.factor)}
+        config.position_interpolation = float(settings.factor)
     if settings.train_seq_len is not None:
         config.max_seq_length = max(config.max_seq_length, settings.train_seq_len)
         config.decoder_max_seq_length = max(config.decoder_max_seq_length, settings.train_seq_len)
     after = {"rope_theta": config.rope_theta, "max_seq_length": config.max_seq_length,
              "decoder_max_seq_length": config.decoder_max_seq_length,
-             "rope_scaling": getattr(config, "rope_scaling", None)}
+             "position_interpolation": getattr(config, "position_interpolation", None)}
     return {"before": before, "after": after}
 
 
@@ -216,6 +217,10 @@ def _linear_positions_hook(factor: float):
     def hook(module, args, kwargs):
         # the stack builds default positions from the cache length; do the same, then interpolate
         positions = kwargs.get("position_ids")
+        if positions is None and kwargs.get("segment_ids") is not None:  # packed rows restart per document
+            from core.openba.modeling import segment_positions
+
+            positions = segment_positions(kwargs["segment_ids"])
         if positions is None:
             embeds = kwargs.get("inputs_embeds")
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -231,18 +236,18 @@ def _linear_positions_hook(factor: float):
 
 
 def attach_rope_scaling(model: torch.nn.Module) -> bool:
-    """(Re-)attach OpenBA's linear position interpolation recorded in `config.rope_scaling`; True if attached.
+    """(Re-)attach OpenBA's linear position interpolation recorded in `config.position_interpolation`; True if so.
 
     Call after loading an extended OpenBA checkpoint (the hook is code, not weights).
     """
     config = model.config
-    scaling = getattr(config, "rope_scaling", None)
+    factor = getattr(config, "position_interpolation", None)
     for handle in getattr(model, "_rope_scaling_hooks", []):
         handle.remove()
     model._rope_scaling_hooks = []
-    if not is_openba(config) or not scaling or scaling.get("rope_type") != "linear":
+    if not is_openba(config) or not factor or float(factor) == 1.0:
         return False
-    factor = float(scaling["factor"])
+    factor = float(factor)
     base = getattr(model, "transformer", model)
     for stack in (base.encoder, base.decoder):
         handle = stack.register_forward_pre_hook(_linear_positions_hook(factor), with_kwargs=True)
