@@ -8,7 +8,8 @@ gives is its own row of the result table, so a failure names exactly which bound
     result = run_gate(model, tokenizer, load_config(GateConfig, "eval/gates/offline.yaml"), baseline=previous)
     result.raise_if_failed()
 
-    python -m eval.gate --model runs/s1 --gate eval/gates/offline.yaml --baseline runs/s0-gate/results.json --out runs/s1-gate
+    python -m eval.gate --model runs/s1 --gate eval/gates/offline.yaml \
+        --baseline runs/s0-gate/results.json --out runs/s1-gate
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def coerce_baseline(baseline) -> tuple[EvalResult | None, str | None]:
         return EvalResult.from_dict(baseline), "results dict"
     if isinstance(baseline, (str, Path)):
         return load_results(baseline), str(baseline)
-    raise UserError(f"baseline must be results, a gate result or a path to a results JSON, got {type(baseline).__name__}")
+    raise UserError("baseline must be results, a gate result or a path to a results JSON, "
+                    f"got {type(baseline).__name__}")
 
 
 def _direction(rule: MetricRule, results: EvalResult) -> bool:

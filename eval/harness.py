@@ -17,7 +17,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -274,7 +273,3 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, task_set: TaskSet | None
         "backend": lm.backend,
     }
     return EvalResult.from_lm_eval(raw, info)
-
-
-def finite(value: float) -> bool:
-    return value is not None and not math.isnan(value) and not math.isinf(value)

@@ -101,5 +101,6 @@ def token_lengths(rows: Sequence[dict], tokenizer) -> dict[int, float]:
     """Mean prompt length in `tokenizer`'s tokens per character length: what a probe length means for a model."""
     totals: dict[int, list[int]] = {}
     for row in rows:
-        totals.setdefault(row["length"], []).append(len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]))
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        totals.setdefault(row["length"], []).append(len(ids))
     return {length: sum(counts) / len(counts) for length, counts in sorted(totals.items())}

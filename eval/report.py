@@ -124,7 +124,8 @@ def render_markdown(stages, pairs, title: str, images: dict[str, str]) -> str:
     lines += [format_table(rows, ["metric", *names], markdown=True), ""]
     gates = [(name, _as_pair(s)[0]) for name, s in stages if _as_pair(s)[0] is not None]
     if gates:
-        verdicts = [(name, gate.gate, "passed" if gate.passed else "FAILED", len(gate.failures)) for name, gate in gates]
+        verdicts = [(name, gate.gate, "passed" if gate.passed else "FAILED", len(gate.failures))
+                    for name, gate in gates]
         lines += ["## Gates", "", format_table(verdicts, ["stage", "gate", "result", "failures"], markdown=True), ""]
         for name, gate in gates:
             lines += [f"### {name}", "", gate.to_markdown()]
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {"title": args.title, "stages": [spec for spec in args.stage]}
     run_stage(Stage("report", lambda _, work, __: {"report": write_report(stages, work, args.title).name}, config),
               None, args.out, force=True)
-    rows = [(name, *(("passed" if s.passed else "FAILED", len(s.failures)) if isinstance(s, GateResult) else ("-", "-")))
-            for name, s in stages]
+    rows = [(name, "passed" if s.passed else "FAILED", len(s.failures)) if isinstance(s, GateResult)
+            else (name, "-", "-") for name, s in stages]
     print(format_table(rows, ["stage", "gate", "failures"]))
     print(f"report -> {Path(args.out) / 'report.md'}")
 

@@ -212,7 +212,8 @@ def continuation_rows(texts: list[str], doc_ids: list[str], config: TaskDataConf
             source = rng.choices(usable, weights)[0]
             text = texts[source]
             cut = rng.choice(_line_starts(text, config.mc_context_chars, len(text) - config.mc_choice_chars))
-            context_start = (_line_starts(text, cut - config.mc_context_chars, cut) or [cut - config.mc_context_chars])[0]
+            starts = _line_starts(text, cut - config.mc_context_chars, cut) or [cut - config.mc_context_chars]
+            context_start = starts[0]
             context, answer = text[context_start:cut], _span(text, cut, config.mc_choice_chars)
             distractors = _distractors(texts, doc_ids, doc_ids[source], answer, config, rng)
             if context.strip() and answer.strip() and distractors is not None:
@@ -288,7 +289,8 @@ def generate_task_set(config: TaskDataConfig, directory: str | Path, cache_dir: 
     for kind in config.probe_kinds:
         members = [probe_task(kind, length) for length in config.probe_lengths]
         tasks[probe_group(kind)] = {"template": "probe_group.yaml", "members": members,
-                                    "rows": sum(tasks[m]["rows"] for m in members), "metrics": metrics[probe_group(kind)]}
+                                    "rows": sum(tasks[m]["rows"] for m in members),
+                                    "metrics": metrics[probe_group(kind)]}
     write_yamls(directory, tasks, Path(final_dir) if final_dir else directory)
     files = {info["file"]: info["sha256"] for info in tasks.values() if "file" in info}
     content = {
@@ -313,7 +315,8 @@ def load_task_set(directory: str | Path, verify: bool = True) -> TaskSet:
     directory = Path(directory)
     index = directory / TASKSET_FILE
     if not index.is_file():
-        raise UserError(f"{directory} is not an eval task set (no {TASKSET_FILE}); make one with python -m eval.taskdata")
+        raise UserError(f"{directory} is not an eval task set (no {TASKSET_FILE}); "
+                        "make one with python -m eval.taskdata")
     try:
         content = json.loads(index.read_text())
     except json.JSONDecodeError as err:
