@@ -12,8 +12,10 @@ last prompt token, the others with the logits of their own previous token. Only 
 (`logits_to_keep`), so the context never costs a vocabulary-sized matrix. Cost: prompt + sum of responses tokens,
 instead of (1 + M) x (prompt + response).
 
-Encoder-decoder: the encoder runs once over the prompt, its output is repeated for the 1 + M responses (no compute),
-and the decoder scores the responses as a batch (positions from 0, as in pretraining).
+Encoder-decoder: the encoder runs once over the prompt, and the decoder reads all 1 + M responses of a row as one
+sequence with a block-diagonal causal mask and positions restarting at 0 per response (as in pretraining), so the
+cross-attention keys and values of the context are computed once as well. A decoder without position ids (T5)
+gets the encoder output repeated per response instead (the encoder still runs once).
 
 `separate` runs every (prompt, response) pair as its own sequence: the reference the packed path must equal, and
 the baseline of `benchmarks/shared_context.py`.
@@ -248,12 +250,65 @@ def _encoder_kwargs(model, batch: dict) -> dict:
     return kwargs
 
 
+def _decoder_packed_layout(model, batch: dict) -> dict[str, torch.Tensor]:
+    """All responses of a row in one decoder sequence: each shifted right behind the decoder start token, positions
+    from 0 per response, segment ids for a block-diagonal causal mask."""
+    responses, response_mask = batch["response_ids"], batch["response_mask"]
+    rows, count = responses.shape[:2]
+    lengths = response_mask.sum(-1).tolist()
+    total = max(sum(r) for r in lengths)
+    inner = unwrap(model)
+    start = inner.config.decoder_start_token_id
+    device = responses.device
+    inputs = torch.full((rows, total), inner.config.pad_token_id or 0, dtype=responses.dtype, device=device)
+    targets = torch.zeros(rows, total, dtype=responses.dtype, device=device)
+    segment = torch.full((rows, total), -1, dtype=torch.long, device=device)
+    positions = torch.zeros(rows, total, dtype=torch.long, device=device)
+    for row in range(rows):
+        at = 0
+        for i in range(count):
+            r = lengths[row][i]
+            tokens = responses[row, i, :r]
+            inputs[row, at] = start
+            inputs[row, at + 1:at + r] = tokens[:-1]
+            targets[row, at:at + r] = tokens
+            segment[row, at:at + r] = i
+            positions[row, at:at + r] = torch.arange(r, device=device)
+            at += r
+    return {"decoder_input_ids": inputs, "targets": targets, "segment": segment, "decoder_position_ids": positions}
+
+
+def block_causal_mask(segment: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, T, T]: causal inside each segment, nothing across segments (padding sees earlier padding)."""
+    length = segment.shape[1]
+    index = torch.arange(length, device=segment.device)
+    allowed = (index[None, :, None] >= index[None, None, :]) & (segment[:, :, None] == segment[:, None, :])
+    allowed = allowed[:, None]
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _seq2seq_logps(model, batch: dict, shared: bool) -> ResponseLogps:
+    """Shared: one encoder pass and one decoder sequence per row holding every response (block-diagonal mask), so
+    the cross-attention keys and values of the context are computed once too. Models whose decoder takes no
+    position ids (T5) repeat the encoder output per response instead. Separate: every pair on its own."""
     responses, response_mask = batch["response_ids"], batch["response_mask"]
     rows, count, length = responses.shape
+    encoder_kwargs = _encoder_kwargs(model, batch)
+    if shared and _forward_accepts(model, "decoder_position_ids"):
+        layout = _decoder_packed_layout(model, batch)
+        encoded = unwrap(model).get_encoder()(**encoder_kwargs).last_hidden_state
+        mask = block_causal_mask(layout["segment"], _attention_kind(model), _model_dtype(model))
+        outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                        attention_mask=batch["attention_mask"], decoder_input_ids=layout["decoder_input_ids"],
+                        decoder_attention_mask=mask, decoder_position_ids=layout["decoder_position_ids"],
+                        use_cache=False)
+        values = _token_logps(outputs.logits, layout["targets"])
+        owner = layout["segment"]
+        return _sum_per_response(values, owner, count)
     labels = responses.reshape(rows * count, length).masked_fill(response_mask.reshape(rows * count, length) == 0, -100)
     decoder_input_ids = _decoder_inputs(model, labels)
-    encoder_kwargs = _encoder_kwargs(model, batch)
     if shared:
         encoded = unwrap(model).get_encoder()(**encoder_kwargs).last_hidden_state
         hidden = encoded.repeat_interleave(count, dim=0)
