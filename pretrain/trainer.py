@@ -707,9 +707,12 @@ class Trainer:
         if runtime.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
             (work_dir / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-            log.info("training with %s attention, %s engine%s, %d process(es) on %s", attn, engine.name,
-                     f" (ZeRO-{info['zero_stage']})" if info["zero_stage"] is not None else "", runtime.world_size,
-                     runtime.device)
+            zero = f" ZeRO-{info['zero_stage']}" if info["zero_stage"] is not None else ""
+            line = (f"training: {attn} attention, {engine.name}{zero} engine, {runtime.world_size} process(es) on "
+                    f"{runtime.device}, bf16 {'on' if info['bf16'] else 'off'}"
+                    + (f", resuming at step {step}" if step else ""))
+            log.info(line)
+            tqdm.write(line)
         metrics_log = MetricsLog(work_dir, step, runtime.is_main)
         module = engine.module
         module.train()

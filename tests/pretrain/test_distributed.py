@@ -76,6 +76,14 @@ def test_deepspeed_in_one_process_follows_the_plain_torch_loss_curve(single_proc
 
 
 @pytest.mark.slow
+def test_zero3_with_optimizer_offload_and_bf16_stays_close_to_fp32(single_process, tmp_path):
+    launch(tmp_path / "offload", "zero3-offload-bf16")
+    assert losses(tmp_path / "offload") == pytest.approx(losses(single_process), rel=2e-2)
+    info = json.loads((tmp_path / "offload" / "train_info.json").read_text())
+    assert info["bf16"] is True and info["zero_stage"] == 3
+
+
+@pytest.mark.slow
 def test_zero3_on_two_torchrun_processes_matches_one_process(single_process, tmp_path):
     launch(tmp_path / "zero3-2", "zero3", processes=2)
     assert len(losses(tmp_path / "zero3-2")) == 6
@@ -114,9 +122,10 @@ def _worker(work_dir: str, engine: str, stop_at: int) -> None:
     rows = 4 // world
     batches = [{k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
                for batch in seq2seq_batches(6, rows=4, seed=4)]
-    stage = {"torch": None, "zero2": 2, "zero3": 3}[engine]
+    stage = {"torch": None, "zero2": 2, "zero3": 3, "zero3-offload-bf16": 3}[engine]
+    offload = engine.endswith("offload-bf16")
     config = TrainConfig(steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=1, grad_accum_steps=2, save_every=2,
-                         log_every=1, micro_batch_size=rows, deepspeed=stage)
+                         log_every=1, micro_batch_size=rows, deepspeed=stage, offload_optimizer=offload, bf16=offload)
     trainer = Trainer(tiny_openba(), config, batches)
     result = trainer.train(work_dir, stop_at=stop_at or None)
     if result["step"] == config.steps:

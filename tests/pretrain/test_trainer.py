@@ -222,6 +222,14 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
 
 
+def test_bf16_autocast_on_the_plain_engine_stays_close_to_fp32(tmp_path):
+    config = quick_config(steps=3)
+    full = Trainer(tiny_openba(), config, seq2seq_batches(3)).train(tmp_path / "fp32")
+    half = Trainer(tiny_openba(), dataclass_replace(config, bf16=True), seq2seq_batches(3)).train(tmp_path / "bf16")
+    assert half["loss"] == pytest.approx(full["loss"], rel=1e-2) and half["loss"] != full["loss"]
+    assert json.loads((tmp_path / "bf16" / "train_info.json").read_text())["bf16"] is True
+
+
 def test_save_model_writes_a_checkpoint_that_reloads_with_equal_logits(tmp_path):
     from core.checkpoint import load_model
 
