@@ -22,8 +22,8 @@ from typing import Any
 from core.config import from_dict, load_config, merge, parse_override, to_dict
 from core.errors import UserError, main_guard
 from core.stage import Manifest, Stage, run_stages
-from core.table import format_table, human_count
 from recipes.kinds import Context, get_kind
+from recipes.report import stage_table, write_report
 from recipes.spec import RecipeConfig, StageSpec
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -147,20 +147,6 @@ def build_stages(recipe: RecipeConfig, context: Context) -> list[Stage]:
     return stages
 
 
-def stage_row(name: str, manifest: Manifest) -> list[Any]:
-    metrics = manifest.metrics
-    params = metrics.get("parameters") or metrics.get("params_after") or metrics.get("parameters_after")
-    gate = metrics.get("gate") or {}
-    return [name, manifest.config.get("kind", ""), human_count(params) if params else "",
-            _fmt(metrics.get("val_loss")), _fmt(metrics.get("bits_per_byte")),
-            "pass" if gate.get("passed") else ("-" if not gate else "FAIL"),
-            f"{manifest.timings.get('seconds', 0):.0f}s"]
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4g}"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.openba_v2", description=__doc__.split("\n\n")[0],
@@ -192,21 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     context = make_context(recipe, run_dir)
     stages = build_stages(recipe, context)
     started = time.time()
-    rows: list[list[Any]] = []
 
     def done(stage: Stage, manifest: Manifest) -> None:
-        rows.append(stage_row(stage.name, manifest))
         print(f"[{stage.name}] done in {manifest.timings.get('seconds', 0):.0f}s")
 
     try:
         run_stages(stages, run_dir, input_dir=recipe.model, start=args.start, stop=args.stop, only=args.only,
                    on_done=done)
-    finally:
-        if rows:
-            print(format_table(rows, ["stage", "kind", "params", "val loss", "bits/byte", "gate", "time"]))
-    from recipes.report import write_report
-
-    report = write_report(recipe, run_dir)
+    finally:  # the table and report also show a run that stopped at a failing gate
+        print(stage_table(recipe, run_dir, markdown=False))
+        report = write_report(recipe, run_dir)
     print(f"finished in {time.time() - started:.0f}s; report: {report}")
 
 
@@ -220,7 +201,7 @@ def make_context(recipe: RecipeConfig, run_dir: Path) -> Context:
     context = Context(run_dir=run_dir, cache_dir=cache_dir, min_free_disk_gb=recipe.min_free_disk_gb)
     first = recipe.stages[0] if recipe.stages else None
     if recipe.model is None and first is not None and first.kind == "teacher":
-        teacher = from_dict(get_kind("teacher").config_cls, dict(first.args))
+        teacher = from_dict(get_kind("teacher").config_cls, dict(first.args), prefix=f"stages.{first.name}.args.")
         if teacher.corpus_dir is not None:
             context.corpus_dir = Path(teacher.corpus_dir)
         else:

@@ -21,7 +21,12 @@ def stage_manifests(recipe: RecipeConfig, run_dir: Path) -> list[tuple[str, Mani
 
 
 def parameters(manifest: Manifest) -> int | None:
-    return next((manifest.metrics[k] for k in PARAM_KEYS if manifest.metrics.get(k)), None)
+    """The stage's output parameter count, under whichever name its kind reports it."""
+    metrics = manifest.metrics
+    found = next((metrics[k] for k in PARAM_KEYS if metrics.get(k)), None)
+    if found is None and isinstance(metrics.get("after"), dict):  # the layer pruner reports per-stack shapes
+        found = metrics["after"].get("total")
+    return found
 
 
 def gate_metric(run_dir: Path, name: str, task: str, metric: str) -> float | None:
@@ -29,7 +34,7 @@ def gate_metric(run_dir: Path, name: str, task: str, metric: str) -> float | Non
     path = run_dir / name / "gate.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text()).get("results", {}).get("results", {})
+    results = json.loads(path.read_text()).get("results", {}).get("metrics", {})
     value = (results.get(task) or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -56,6 +61,24 @@ def stage_table(recipe: RecipeConfig, run_dir: Path, markdown: bool = True) -> s
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.4g}"
+
+
+def comparison(recipe: RecipeConfig, run_dir: Path) -> list[str]:
+    """Teacher vs final model vs the same shape trained from scratch for the same steps (bits per byte)."""
+    names = [spec.name for spec in recipe.stages if spec.name != recipe.baseline_stage]
+    done = [name for name in names if (run_dir / name / MANIFEST).is_file()]
+    if not done or recipe.baseline_stage is None or not (run_dir / recipe.baseline_stage / MANIFEST).is_file():
+        return []
+    rows = []
+    for label, name in (("teacher (input)", done[0]), ("final (pruned + recovered)", done[-1]),
+                        ("same shape from scratch", recipe.baseline_stage)):
+        manifest = Manifest.read(run_dir / name)
+        params = parameters(manifest)
+        rows.append([label, name, human_count(params) if params else "",
+                     _fmt(gate_metric(run_dir, name, "corpus_ppl", "bits_per_byte")),
+                     _fmt(manifest.metrics.get("val_loss"))])
+    return ["## Recovery against the teacher and against training from scratch", "",
+            format_table(rows, ["model", "stage", "params", "bits/byte", "val loss (own tokens)"], markdown=True), ""]
 
 
 def plot_loss_curves(run_dir: Path, names: list[str], out: Path) -> Path | None:
@@ -88,6 +111,27 @@ def plot_loss_curves(run_dir: Path, names: list[str], out: Path) -> Path | None:
     return out
 
 
+def gate_sections(run_dir: Path, names: list[str]) -> list[str]:
+    """Metrics by stage and long-context heatmaps (drawn by eval.report into run_dir/eval), then each gate's table."""
+    from eval.report import load_stage, write_report as write_eval_report
+
+    gated = [(name, load_stage(run_dir / name / "gate.json")) for name in names if (run_dir / name / "gate.json").is_file()]
+    if not gated:
+        return []
+    eval_dir = run_dir / "eval"
+    write_eval_report(gated, eval_dir, title="Gates by stage")
+    lines = ["## Gate metrics by stage", ""]
+    if (eval_dir / "metrics_by_stage.png").is_file():
+        lines += ["![metrics by stage](eval/metrics_by_stage.png)", ""]
+    heatmaps = sorted(eval_dir.glob("probes_*.png"))
+    if heatmaps:
+        lines += ["## Long-context probes (exact match by length x depth)", ""]
+        lines += [f"![{p.stem}](eval/{p.name})" for p in heatmaps] + [""]
+    for name, _ in gated:
+        lines += [f"## Gate after {name}", "", (run_dir / name / "gate.md").read_text().strip(), ""]
+    return lines
+
+
 def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] | None = None) -> Path:
     run_dir = Path(run_dir)
     names = [spec.name for spec in recipe.stages]
@@ -95,6 +139,7 @@ def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] 
     lines += ["`val loss` is each stage's own validation loss (nats per token of its own tokenizer: not comparable "
               "across vocabulary pruning); `bits/byte` is from the gate's held-out perplexity task and compares "
               "across every stage.", ""]
+    lines += comparison(recipe, run_dir)
     curve = plot_loss_curves(run_dir, names, run_dir / "loss_curves.png")
     if curve:
         lines += ["## Loss curves", "", f"![loss curves]({curve.name})", ""]
@@ -103,10 +148,7 @@ def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] 
         if plots:
             lines += [f"## Importance scores: {name}", ""]
             lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots] + [""]
-    for name in names:
-        gate_md = run_dir / name / "gate.md"
-        if gate_md.is_file():
-            lines += [f"## Gate after {name}", "", gate_md.read_text().strip(), ""]
+    lines += gate_sections(run_dir, names)
     lines += extra_sections or []
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

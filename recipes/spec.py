@@ -46,5 +46,6 @@ class RecipeConfig:
     """GPUs the real-scale plan assumes for its memory estimate (ZeRO-3 shards states across them)."""
     min_free_disk_gb: float = 1.0
     """Refuse to start a stage when the run directory's disk has less free space than this plus the estimate."""
-    scratch_baseline: bool = True
-    """Also train a model of the final shape from scratch for the same tokens, to compare against recovery."""
+    baseline_stage: str | None = None
+    """A stage that trains the final shape from scratch (kind train, init: scratch) for the same steps as all
+    recovery stages together; the report compares the final model against it and against the teacher."""
