@@ -1,0 +1,273 @@
+"""Evidence that LOGO works: the teacher before LOGO, after LOGO, and after plain SFT on the preferred responses
+with the same steps, on long-context retrieval probes at lengths beyond the real training length, with short-context
+perplexity checked against the long-context gate's bound.
+
+    python -m align.evidence --out runs/logo-evidence                    # the cached tiny teacher (trained if missing)
+    python -m align.evidence --teacher runs/teacher --out runs/ev --set steps=40
+
+Steps (each a stage with a manifest, skipped when already complete, so a rerun resumes):
+    data/     preference rows from the corpus' train split, chunked in the teacher's tokens (align.build_data)
+    logo/     LOGO (loss `logo`, positions synthesised over `window_factor` x the real length)
+    sft/      the same data, steps, positions and optimiser, loss `sft` (NLL of the preferred response only)
+    report/   evaluation of the three models (eval.gate.run_gate: probes from the validation split, corpus perplexity
+              with the bound `max_ppl_rel_increase` against the model before LOGO), report.md and evidence.json
+
+Probe lengths are in characters (eval/probes.py); the report also gives them in the teacher's tokens, beside the
+real training context (`context_chunks` x `chunk_size` tokens), so "beyond the real training length" can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from core.config import load_config, to_dict
+from core.errors import UserError, main_guard
+from core.table import format_table
+from pretrain.corpus import CorpusConfig
+
+MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
+
+
+@dataclasses.dataclass
+class EvidenceConfig:
+    """The comparison's settings: a CPU-sized version of LOGO's recipe on the tiny teacher (a few minutes)."""
+
+    teacher: str | None = None
+    """Checkpoint to align; None uses the cached default tiny teacher (python -m pretrain.teacher trains it)."""
+    cache_dir: str = "runs/cache"
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+    """Preference data come from its train split, the probes and perplexity texts from its validation split."""
+    samples: int = 192
+    """Preference rows (LOGO: 12,000)."""
+    chunk_size: int = 64
+    """Tokens per chunk (LOGO: 512)."""
+    context_chunks: int = 8
+    """Chunks of real context per row (LOGO: 16): the real training length is context_chunks x chunk_size."""
+    document_chunks: int = 12
+    window_factor: int = 4
+    """Synthesised window / real length (LOGO: 8, i.e. 8K -> 64K)."""
+    steps: int = 60
+    lr: float = 5e-4
+    """Full fine-tuning of a tiny model (LOGO's 5e-7 is for LoRA on 8B models over 1200 steps)."""
+    batch_size: int = 4
+    lora: bool = False
+    beta: float = 2.5
+    """LOGO's Mistral-7B setting (beta 2.5, gamma 0.25): small models' mean log-likelihoods differ little."""
+    gamma: float = 0.25
+    probe_kinds: tuple[str, ...] = ("needle",)
+    probe_lengths: tuple[int, ...] = (2000, 4000, 6000)
+    """Characters (~3.5 per token on code): about 1.1x, 2.2x and 3.3x the default 512-token real context."""
+    probe_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    probe_samples: int = 4
+    ppl_documents: int = 40
+    max_ppl_rel_increase: float = 0.02
+    """Largest allowed rise of byte perplexity after LOGO (eval/gates/long_context.yaml's corpus_ppl rule)."""
+    logo_overrides: list[str] = dataclasses.field(default_factory=list)
+    """Extra `align.logo` settings for both trainings, e.g. ["train.grad_accum_steps=2"]."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.window_factor < 1 or self.steps < 1 or self.samples < 1:
+            raise UserError("window_factor, steps and samples must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+def data_overrides(config: EvidenceConfig) -> list[str]:
+    return [f"data.samples={config.samples}", f"data.chunk_size={config.chunk_size}",
+            f"data.context_chunks={config.context_chunks}", f"data.document_chunks={config.document_chunks}",
+            f"data.full_chunks={min(6, config.context_chunks)}", f"data.half_chunks={min(3, config.context_chunks)}",
+            f"data.seed={config.seed}"]
+
+
+def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_length: int) -> list[str]:
+    window = config.window_factor * real_length
+    return [f"data={data_dir}", f"loss.loss={loss}", f"loss.beta={config.beta}", f"loss.gamma={config.gamma}",
+            f"position.window={window}", f"position.chunk_size={config.chunk_size}",
+            f"position.max_chunks={config.context_chunks}", f"train.steps={config.steps}",
+            f"train.lr={config.lr}", f"train.min_lr={config.lr / 10}", f"train.warmup_steps={max(1, config.steps // 10)}",
+            "train.grad_accum_steps=1", f"train.save_every={max(1, config.steps // 3)}", "train.log_every=5",
+            f"train.seed={config.seed}", f"batches.batch_size={config.batch_size}", f"batches.seed={config.seed}",
+            "batches.max_response_tokens=128", f"lora.enabled={str(config.lora).lower()}",
+            *config.logo_overrides]
+
+
+def gate_config(config: EvidenceConfig, max_length: int):
+    from eval.gate import GateConfig, MetricRule
+    from eval.taskdata import TaskDataConfig, probe_group
+
+    task_data = TaskDataConfig(corpus=config.corpus, ppl_documents=config.ppl_documents, mc_questions=1,
+                               probe_kinds=config.probe_kinds, probe_lengths=config.probe_lengths,
+                               probe_depths=config.probe_depths, probe_samples=config.probe_samples, seed=config.seed)
+    return GateConfig(
+        name="logo-evidence",
+        rules=[MetricRule(task="corpus_ppl", metric="byte_perplexity", max_rel_drop=config.max_ppl_rel_increase)],
+        tasks=[probe_group(kind) for kind in config.probe_kinds], limit=None, max_length=max_length,
+        task_data=task_data, cache_dir=config.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def teacher_path(config: EvidenceConfig) -> Path:
+    if config.teacher:
+        path = Path(config.teacher)
+        if not path.is_dir():
+            raise UserError(f"teacher checkpoint not found: {path}")
+        return path
+    from pretrain.teacher import ensure_teacher
+
+    return ensure_teacher()
+
+
+def probe_tokens(task_set, tokenizer, kinds) -> dict[int, float]:
+    """Mean probe prompt length in the teacher's tokens, per character length."""
+    from eval.probes import token_lengths
+
+    rows = []
+    for name, info in task_set.tasks.items():
+        if name.startswith("probe_") and "file" in info:
+            with open(task_set.directory / info["file"]) as handle:
+                rows += [r for r in map(json.loads, handle) if r["kind"] in kinds]
+    return token_lengths(rows, tokenizer)
+
+
+def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict[int, float]) -> tuple[list, list]:
+    """Rows: model; columns: probe exact match per length (and mean), byte perplexity, change, gate."""
+    from eval.taskdata import probe_task
+
+    headers = ["model"]
+    for kind in config.probe_kinds:
+        headers += [f"{kind} @{n} chars (~{tokens.get(n, 0):.0f} tok)" for n in config.probe_lengths]
+        headers.append(f"{kind} mean")
+    headers += ["byte perplexity", "vs before", "perplexity gate"]
+    rows = []
+    before_ppl = results[MODELS[0]]["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
+    for name in MODELS:
+        gate = results[name]
+        metrics = gate["results"]["metrics"]
+        row: list[Any] = [name]
+        for kind in config.probe_kinds:
+            scores = [metrics[probe_task(kind, n)]["exact_match"] for n in config.probe_lengths]
+            row += [round(s, 3) for s in scores] + [round(sum(scores) / len(scores), 3)]
+        ppl = metrics["corpus_ppl"]["byte_perplexity"]
+        row += [round(ppl, 4), f"{(ppl / before_ppl - 1) * 100:+.2f}%",
+                "baseline" if name == MODELS[0] else ("pass" if gate["passed"] else "FAIL")]
+        rows.append(row)
+    return headers, rows
+
+
+def run_evidence(config: EvidenceConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Build data, train LOGO and SFT, evaluate the three models, write report.md; returns the evidence dict."""
+    from align.build_data import BuildDataConfig, build
+    from align.logo import LogoConfig, run_logo
+    from core.checkpoint import load_model, load_tokenizer
+    from core.stage import Stage, run_stage
+    from eval.gate import prepare_gate, run_gate
+
+    out_dir = Path(out_dir)
+    teacher = teacher_path(config)
+    tokenizer = load_tokenizer(teacher)
+    real_length = config.context_chunks * config.chunk_size + 64  # context + question/answer room
+    window = config.window_factor * real_length
+    gate = gate_config(config, max_length=window)
+    prepared = prepare_gate(gate)  # task data first: a bad eval setting fails before any training
+    build_config = load_config(BuildDataConfig, None, [f"tokenizer={teacher}", f"cache_dir={config.cache_dir}",
+                                                       *data_overrides(config)])
+    build_config = dataclasses.replace(build_config, data=dataclasses.replace(build_config.data, corpus=config.corpus))
+    build(build_config, out_dir / "data")
+    trained = {}
+    for name, loss in (("logo", "logo"), ("sft", "sft")):
+        logo_config = load_config(LogoConfig, None, logo_overrides(config, out_dir / "data", loss, real_length))
+        run_logo(teacher, out_dir / name, logo_config)
+        trained[name] = out_dir / name
+
+    def report_stage(_input, work_dir: Path, cfg: EvidenceConfig) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        before = run_gate(load_model(teacher), tokenizer, gate, prepared=prepared)
+        results[MODELS[0]] = before.to_dict()
+        for name, key in ((MODELS[1], "logo"), (MODELS[2], "sft")):
+            result = run_gate(load_model(trained[key]), tokenizer, gate, baseline=before.results,
+                              prepared=prepare_gate(gate, baseline=before.results, task_set=prepared.task_set))
+            results[name] = result.to_dict()
+        tokens = probe_tokens(prepared.task_set, tokenizer, cfg.probe_kinds)
+        headers, rows = evidence_table(results, cfg, tokens)
+        markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, trained)
+        (work_dir / "report.md").write_text(markdown)
+        (work_dir / "evidence.json").write_text(json.dumps({"config": to_dict(cfg), "table": {"headers": headers,
+                                                            "rows": rows}, "gates": results}, indent=2,
+                                                           default=str) + "\n")
+        return {"table": {"headers": headers, "rows": rows}}
+
+    manifest = run_stage(Stage("logo-evidence", report_stage, config), None, out_dir / "report")
+    return {"report": str(out_dir / "report" / "report.md"), **manifest.metrics}
+
+
+def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: int, window: int,
+                  trained: dict[str, Path]) -> str:
+    from core.stage import Manifest
+
+    losses = {}
+    for name, path in trained.items():
+        metrics = Manifest.read(path).metrics
+        losses[name] = (metrics.get("loss"), metrics.get("seconds"))
+    lines = [
+        "# LOGO evidence",
+        "",
+        f"Teacher: `{config.teacher or 'cached default tiny teacher'}`. Real training context: {real_context} tokens "
+        f"({config.context_chunks} chunks x {config.chunk_size}); synthesised window: {window} positions "
+        f"(x{config.window_factor}). Both trainings: {config.steps} steps, batch {config.batch_size}, lr {config.lr}, "
+        f"the same {config.samples} preference rows and positions; LOGO beta {config.beta}, gamma {config.gamma}, "
+        "lambda 0.1, M 2.",
+        "",
+        "Probe lengths are characters of context; `~tok` is their mean length in the teacher's tokens. Probes and "
+        "perplexity texts come from the corpus' validation split; the preference data from its train split.",
+        "",
+        format_table(rows, headers, markdown=True),
+        "",
+        f"Perplexity gate: byte perplexity may rise at most {config.max_ppl_rel_increase:.0%} over the model before "
+        "LOGO (eval/gates/long_context.yaml).",
+        "",
+        "| training | final loss | seconds |",
+        "|---|---|---|",
+        *[f"| {name} | {loss if loss is None else round(loss, 4)} | {seconds} |" for name, (loss, seconds) in losses.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m align.evidence",
+        description="Compare the teacher before LOGO, after LOGO and after SFT (same steps) on long-context probes "
+                    "beyond the real training length, with short-context perplexity; writes report.md.",
+        epilog="example: python -m align.evidence --out runs/logo-evidence --set steps=40 --set samples=128",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="run directory (data/, logo/, sft/, report/)")
+    parser.add_argument("--teacher", default=None, help="checkpoint (default: the cached tiny teacher)")
+    parser.add_argument("--config", default=None, help="YAML with EvidenceConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = ([f"teacher={args.teacher}"] if args.teacher else []) + list(args.set)
+    config = load_config(EvidenceConfig, args.config, overrides)
+    result = run_evidence(config, args.out)
+    print(Path(result["report"]).read_text())
+    print(f"report: {result['report']}")
+
+
+if __name__ == "__main__":
+    main()
