@@ -1,4 +1,5 @@
-"""The distributed path for real, on CPU: DeepSpeed ZeRO in one process and ZeRO-3 across `torchrun` (gloo).
+"""The distributed path for real, on CPU: DeepSpeed ZeRO in one process, ZeRO-3 across two processes (gloo)
+started by `torchrun`, the `deepspeed` launcher and `accelerate launch`.
 
 Each run trains the same tiny OpenBA on the same rows: one process sees 4 rows per micro-batch, two processes see 2
 each. Label lengths differ per row, so only a loss averaged over the tokens of all ranks (not a mean of per-rank
@@ -25,12 +26,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(work_dir: Path, engine: str, processes: int = 1, stop_at: int = 0) -> subprocess.CompletedProcess:
-    """Run the worker in a fresh interpreter (torchrun for several processes), as a launcher would."""
+LAUNCHERS = {
+    "torchrun": lambda n, port: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                                 str(n), "--master_port", str(port)],
+    "deepspeed": lambda n, port: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
+                                  "--master_port", str(port)],
+    # --multi_gpu is accelerate's name for "several processes through torch.distributed.run"; on a CPU-only
+    # machine they run on the CPU (its --cpu mode would want MPI for more than one process)
+    "accelerate": lambda n, port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                   "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+                                   "--dynamo_backend", "no", "--main_process_port", str(port)],
+}
+
+
+def launch(work_dir: Path, engine: str, processes: int = 1, stop_at: int = 0,
+           launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run the worker in a fresh interpreter (under `launcher` for several processes), as a user would."""
     script = [str(Path(__file__).resolve()), str(work_dir), engine, str(stop_at)]
     if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                   str(processes), "--master_port", str(free_port())] + script
+        command = LAUNCHERS[launcher](processes, free_port()) + script
     else:
         command = [sys.executable] + script
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -96,6 +110,14 @@ def test_zero3_on_two_torchrun_processes_matches_one_process(single_process, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_the_deepspeed_and_accelerate_launchers_run_the_same_two_process_training(single_process, tmp_path, launcher):
+    launch(tmp_path / launcher, "zero3", processes=2, launcher=launcher)
+    assert losses(tmp_path / launcher) == pytest.approx(losses(single_process), rel=1e-4)
+    assert json.loads((tmp_path / launcher / "train_info.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_zero3_on_two_processes_resumes_exactly(single_process, tmp_path):
     launch(tmp_path / "straight", "zero3", processes=2)
     launch(tmp_path / "resumed", "zero3", processes=2, stop_at=3)
@@ -133,4 +155,5 @@ def _worker(work_dir: str, engine: str, stop_at: int) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    _worker(arguments[0], arguments[1], int(arguments[2]))
