@@ -736,7 +736,7 @@ class Trainer:
                 window["seconds"] += time.perf_counter() - step_start
                 self._accumulate(window, stats)
                 last = {"step": step, "tokens": tokens, "loss": stats["loss"], "lr": stats["lr"],
-                        "grad_norm": stats["grad_norm"]}
+                        "grad_norm": stats["grad_norm"], **{f"eval/{k}": v for k, v in eval_metrics.items()}}
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
                                      tok_s=f"{window['tokens'] / max(window['seconds'], 1e-9):,.0f}")
@@ -748,6 +748,7 @@ class Trainer:
                         (config.eval_every and step % config.eval_every == 0) or step == config.steps):
                     eval_metrics = self._evaluate(step)
                     metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
+                    last.update({f"eval/{k}": v for k, v in eval_metrics.items()})  # saved with the checkpoint
                 stopping = stop_at is not None and step >= stop_at
                 if (config.save_every and step % config.save_every == 0) or step == config.steps or stopping:
                     self.save_checkpoint(work_dir, step, tokens, stream, last)
@@ -757,10 +758,9 @@ class Trainer:
             progress.close()
             metrics_log.close()
         seconds = time.perf_counter() - started
-        result = {**last, "seconds": round(seconds, 3), **{f"eval/{k}": v for k, v in eval_metrics.items()}}
-        if state is not None and step == state["step"]:
-            result.update(state.get("last", {}))
-        return result
+        if state is not None and step == state["step"]:  # nothing left to train: report what the run ended with
+            last = {**state.get("last", {}), **last}
+        return {**last, "seconds": round(seconds, 3)}
 
     def _check_resumable(self, state: dict[str, Any], resume: Path) -> None:
         engine = "deepspeed" if self.config.deepspeed is not None else "torch"

@@ -110,9 +110,13 @@ def test_stateful_data_resumes_at_its_saved_position(tmp_path):
 
 
 def test_finished_run_returns_its_final_metrics_without_training_again(tmp_path):
-    first = Trainer(tiny_openba(), resume_config(steps=3, warmup_steps=0), seq2seq_batches(2)).train(tmp_path)
-    again = Trainer(tiny_openba(), resume_config(steps=3, warmup_steps=0), seq2seq_batches(2)).train(tmp_path)
-    assert again["step"] == 3 and again["loss"] == first["loss"]
+    def eval_fn(model, step):
+        return {"val": float(step)}
+
+    config = resume_config(steps=3, warmup_steps=0)
+    first = Trainer(tiny_openba(), config, seq2seq_batches(2), eval_fn=eval_fn).train(tmp_path)
+    again = Trainer(tiny_openba(), config, seq2seq_batches(2), eval_fn=eval_fn).train(tmp_path)
+    assert again["step"] == 3 and again["loss"] == first["loss"] and again["eval/val"] == first["eval/val"] == 3.0
     assert len(losses(tmp_path)) == 3
 
 
