@@ -11,7 +11,14 @@ from core.config import load_config, to_dict
 from core.errors import UserError
 from core.stage import Manifest
 from pretrain import teacher as teacher_module
-from pretrain.teacher import TeacherConfig, ensure_teacher, main, teacher_dir, unigram_entropy
+from pretrain.teacher import (
+    TeacherConfig,
+    ensure_teacher,
+    main,
+    teacher_dir,
+    unigram_cross_entropy,
+    unigram_entropy,
+)
 
 SYLLABLES = "ka lo mi re su ta vo ne pi da fu go he ji zu".split()
 # enough distinct names for a 600-piece tokenizer to find its pieces
@@ -58,10 +65,14 @@ def quick_teacher(corpus_dir, **train) -> TeacherConfig:
     ] + [f"train.{k}={v}" for k, v in settings.items()])
 
 
-def test_unigram_entropy_is_the_entropy_of_the_target_distribution():
+def test_unigram_baselines_are_entropy_and_smoothed_cross_entropy():
     batches = [{"labels": torch.tensor([[5, 5, 6, -100], [7, 7, 7, 7]])}]
     p = torch.tensor([2 / 7, 1 / 7, 4 / 7])
     assert unigram_entropy(batches) == pytest.approx(float(-(p * p.log()).sum()))
+    train = [{"labels": torch.tensor([[1, 1, 1, 2]])}]  # counts + 1/2 over a vocabulary of 4: [.5, 3.5, 1.5, .5] / 6
+    expected = -(torch.tensor([3.5, 1.5, 0.5]) / 6).log().mean()
+    assert unigram_cross_entropy(train, [{"labels": torch.tensor([[1, 2, 3, -100]])}], 4) == pytest.approx(
+        float(expected))
 
 
 def test_teacher_trains_below_the_unigram_baseline_and_is_reused_from_the_cache(easy_corpus, tmp_path):
@@ -70,6 +81,8 @@ def test_teacher_trains_below_the_unigram_baseline_and_is_reused_from_the_cache(
     assert path == teacher_dir(config, tmp_path)
     metrics = Manifest.read(path).metrics
     assert metrics["val_loss"] < metrics["unigram_entropy"] - 0.5, metrics
+    # a unigram fit on other (training) text cannot beat the validation text's own frequencies
+    assert metrics["unigram_cross_entropy"] > metrics["unigram_entropy"]
     assert metrics["train_loss"] < metrics["unigram_entropy"]
     assert metrics["non_padding_share"] > 0.9  # packed rows
     assert "S" in metrics["per_objective"]  # the mixture's bulk shows up in the per-denoiser losses
@@ -110,7 +123,7 @@ def test_cli_copies_the_teacher_to_out_and_prints_both_losses(easy_corpus, tmp_p
     main(["--config", str(config_file), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
           "--threads", "1"])
     printed = capsys.readouterr().out
-    assert "validation loss (nats/token)" in printed and "unigram baseline (nats/token)" in printed
+    assert "validation loss (nats/token)" in printed and "unigram entropy of val targets" in printed
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "manifest.json").is_file()
 
 
