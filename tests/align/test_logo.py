@@ -167,3 +167,14 @@ def test_a_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
 def test_unknown_config_keys_are_named():
     with pytest.raises(UserError, match="did you mean 'loss.beta'"):
         load_config(LogoConfig, None, ["loss.betta=3"])
+
+
+@pytest.mark.parametrize("family", ["llama", "openba"])
+def test_rope_base_scaling_combines_with_the_synthesised_window(workspace, family):
+    prepared = prepare(workspace / family, logo_config(workspace, "position.rope_theta=500000"))
+    config = prepared.model.config
+    theta = config.rope_theta if family == "openba" else config.rope_parameters["rope_theta"]
+    assert theta == 500000
+    supported = config.max_seq_length if family == "openba" else config.max_position_embeddings
+    assert supported == 4096  # the window
+    assert prepared.extended["before"] != prepared.extended["after"]

@@ -101,3 +101,13 @@ def test_flash_attention_cannot_take_the_shared_context_mask():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="4D attention mask"):
         response_logps(model, preference_batch())
+
+
+def test_t5_without_decoder_positions_shares_the_encoder_by_repeating_its_output():
+    model = build_tiny("t5")
+    batch = {k: v for k, v in preference_batch().items() if k != "position_ids"}  # relative buckets: no positions
+    with torch.no_grad():
+        torch.testing.assert_close(response_logps(model, batch).sum_logp,
+                                   response_logps(model, batch, shared=False).sum_logp, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="cannot be synthesised"):
+        response_logps(model, preference_batch())
