@@ -269,6 +269,29 @@ def test_bad_train_config_is_a_user_error(overrides, message):
         TrainConfig(**overrides)
 
 
+def test_deepspeed_config_comes_from_the_train_config_or_a_shipped_file(tmp_path):
+    from pathlib import Path
+
+    from pretrain.trainer import Runtime, deepspeed_config
+
+    runtime = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    built = deepspeed_config(TrainConfig(deepspeed=2, offload_optimizer=True, micro_batch_size=4,
+                                         grad_accum_steps=3, grad_clip=0.5), runtime)
+    assert built["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert (built["train_batch_size"], built["gradient_accumulation_steps"], built["gradient_clipping"]) == (24, 3, 0.5)
+    assert built["bf16"] == {"enabled": False}  # "auto" on a CPU
+
+    shipped = Path(__file__).resolve().parents[2] / "pretrain" / "deepspeed_configs" / "zero3_offload.json"
+    from_file = deepspeed_config(TrainConfig(deepspeed=str(shipped), micro_batch_size=2), runtime)
+    assert from_file["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert from_file["bf16"] == {"enabled": True} and from_file["train_batch_size"] == 4
+
+    with_optimizer = tmp_path / "ds.json"
+    with_optimizer.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(UserError, match="sets 'optimizer'"):
+        deepspeed_config(TrainConfig(deepspeed=str(with_optimizer)), runtime)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
