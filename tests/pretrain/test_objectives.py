@@ -359,3 +359,10 @@ def test_o_ul2_batches_mix_denoising_and_s_for_both_architectures():
                                     packed=True)
         names = {next(batches)["objective"] for _ in range(12)}
         assert names == {"mix", "S"}
+
+
+def test_decoder_only_denoising_concatenates_inputs_and_targets_with_loss_on_targets():
+    example = SpanCorruption("X-1", "X", 3, 0.5, IDS)(list(range(10, 30)), np.random.default_rng(0))
+    features = to_features(example, encoder_decoder=False)
+    assert features["input_ids"] == example.inputs + example.targets
+    assert features["labels"] == [IGNORE_INDEX] * len(example.inputs) + example.targets
