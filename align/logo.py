@@ -252,7 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m align.logo",
         description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data.",
         epilog=("example: python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo --lora "
-                "--set train.steps=50 --set train.lr=1e-4 --set position.window=4096 --set position.chunk_size=64"),
+                "--set train.steps=50 --set train.warmup_steps=5 --set train.grad_accum_steps=4 --set train.lr=1e-4 "
+                "--set position.window=4096 --set position.chunk_size=64"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="checkpoint directory to align")
