@@ -14,7 +14,8 @@ The same `Trainer.train` runs in a plain process (torch AdamW; used by the CPU t
 Contracts for callers (the objectives, data and LOGO code):
     data        iterable of batches: dict[str, Tensor] plus optional non-tensor keys ("objective": str, for
                 per-objective loss logging). Under several processes each process passes its own shard. With
-                `state_dict()` / `load_state_dict(state)` the position resumes exactly and `iter(data)` after
+                `state_dict()` / `load_state_dict(state)` (plain containers, numbers, strings and tensors: it is
+                read back with `torch.load(weights_only=True)`) the position resumes exactly and `iter(data)` after
                 `load_state_dict` continues from it; without them the trainer skips the batches already used.
                 A fresh `iter(data)` after exhaustion starts a new epoch.
     loss_fn     `loss_fn(model, batch) -> (mean loss Tensor, metrics dict[str, float])`; default
@@ -567,6 +568,17 @@ def checkpoint_dirs(work_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _load_plain(path: Path) -> Any:
+    """A state saved with torch.save, read back without unpickling arbitrary objects (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete or from another run") from None
+    except Exception as err:  # the unpickler's refusal has several types
+        raise UserError(f"cannot read {path} safely ({str(err).splitlines()[0]}); a data state_dict must hold only "
+                        "dicts, lists, numbers, strings and tensors") from None
+
+
 def latest_checkpoint(work_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(work_dir)
     return dirs[-1] if dirs else None
@@ -691,8 +703,8 @@ class Trainer:
         if state is not None:
             engine.load(resume)
             step, tokens = state["step"], state["tokens"]
-            set_rng_state(torch.load(resume / f"rng-rank{runtime.rank}.pt", weights_only=True))
-            stream.load_state_dict(torch.load(resume / f"data-rank{runtime.rank}.pt", weights_only=True))
+            set_rng_state(_load_plain(resume / f"rng-rank{runtime.rank}.pt"))
+            stream.load_state_dict(_load_plain(resume / f"data-rank{runtime.rank}.pt"))
 
         # the first step's batches are fetched before anything is written: empty data and bad shapes fail clean
         pending = [stream.next() for _ in range(config.grad_accum_steps)] if step < config.steps else []

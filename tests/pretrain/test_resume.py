@@ -134,6 +134,16 @@ def test_resuming_with_another_engine_is_a_user_error(tmp_path):
     assert state["step"] == 1 and state["world_size"] == 1
 
 
+def test_a_data_state_that_needs_unpickling_is_refused_on_resume(tmp_path):
+    class NumpyState(RandomBatches):
+        def state_dict(self):
+            return {"array": np.arange(3)}
+
+    Trainer(tiny_openba(), resume_config(steps=2, warmup_steps=0), NumpyState()).train(tmp_path, stop_at=1)
+    with pytest.raises(UserError, match="cannot read .*data-rank0.pt safely"):
+        Trainer(tiny_openba(), resume_config(steps=2, warmup_steps=0), NumpyState()).train(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ a real kill
 
 
