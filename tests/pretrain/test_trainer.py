@@ -188,6 +188,28 @@ def test_metrics_record_lr_of_the_step_grad_norm_and_throughput(tmp_path):
     assert info["attn_implementation"] == "sdpa" and info["engine"] == "torch"
 
 
+def test_metrics_also_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class SummaryWriter:  # stands in for tensorboard's, which this machine lacks
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def close(self):
+            scalars.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    Trainer(tiny_openba(), quick_config(steps=2, warmup_steps=0), seq2seq_batches(2, objective=["R"])).train(tmp_path)
+    assert ("loss", 1) in scalars and ("loss/R", 2) in scalars and ("lr", 2) in scalars
+    assert scalars[-1] == ("closed", None)
+
+
 def test_grad_clip_bounds_the_update_and_norm_is_reported_before_clipping(tmp_path):
     model = tiny_openba()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
