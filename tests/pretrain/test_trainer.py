@@ -364,6 +364,13 @@ def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path):
     mapped = Distil(teacher, vocab_map=list(range(VOCAB)))
     Trainer(tiny_openba(), quick_config(steps=1), seq2seq_batches(1), loss_fn=mapped).train(tmp_path / "b")
 
+    from pretrain.objectives import DistillationLoss  # the project's distillation objective, through its check()
+
+    with pytest.raises(UserError, match="vocab"):
+        Trainer(tiny_openba(), quick_config(), seq2seq_batches(1), loss_fn=DistillationLoss(teacher)) \
+            .train(tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
 
 def test_objective_weights_that_do_not_sum_to_a_positive_number_surface_before_training(tmp_path):
     from pretrain.objectives import check_weights
