@@ -99,7 +99,8 @@ def publish(partial: Path, output_dir: Path) -> None:
 def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | None = None) -> bool:
     """True when `output_dir` holds a complete manifest for exactly this config and this input.
 
-    The input check makes a change upstream (a stage rerun with another config) invalidate everything after it.
+    The input check makes a change upstream (a stage rerun with another config) invalidate everything after it. It
+    compares the upstream manifest's identity, not its path, so a run directory can be moved or copied.
     """
     output_dir = Path(output_dir)
     if not (output_dir / MANIFEST).is_file():
@@ -110,7 +111,10 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
         return False
     if manifest.status != "complete" or manifest.config_hash != config_hash(config):
         return False
-    return manifest.inputs == _describe_input(input_dir)
+    def identity(inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inputs.items() if k != "dir"}
+
+    return identity(manifest.inputs) == identity(_describe_input(input_dir))
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:

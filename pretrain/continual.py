@@ -38,6 +38,7 @@ from pretrain.objectives import (
     batches_per_objective,
     mix_denoising_mixture,
     per_objective_validation_loss,
+    token_mean_loss,
     ul2_mixture,
 )
 from pretrain.trainer import TrainConfig, Trainer
@@ -136,7 +137,7 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
     validation = batches_per_objective(validation_tokens, mixture, config.validation_batches,
                                        batch_size=config.train.micro_batch_size, seed=config.seed + 1, **options)
 
-    loss_fn = None
+    loss_fn = token_mean_loss  # passes use_cache=False: a KV cache would switch off transformers' packed-row masks
     if config.distill is not None:
         if config.teacher is None:
             raise UserError("distill is set but no teacher checkpoint is given (teacher: DIR)")

@@ -13,6 +13,7 @@ the recipe before the stage's output is published, and everything before it stay
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import shutil
 import time
@@ -22,6 +23,7 @@ from typing import Any
 from core.config import from_dict, load_config, merge, parse_override, to_dict
 from core.errors import UserError, main_guard
 from core.stage import Manifest, Stage, run_stages
+from eval.gate import GateFailed
 from recipes.kinds import Context, get_kind
 from recipes.report import stage_table, write_report
 from recipes.spec import RecipeConfig, StageSpec
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_plan(plan(recipe), recipe.world_size))
         return
     run_dir = Path(recipe.run_dir)
+    check_recipe(recipe, Context(run_dir, run_dir))  # every stage's config and gate, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     context = make_context(recipe, run_dir)
     stages = build_stages(recipe, context)
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_stages(stages, run_dir, input_dir=recipe.model, start=args.start, stop=args.stop, only=args.only,
                    on_done=done)
+    except GateFailed as failed:  # exit 1 as `python -m eval.gate` does; bad input exits 2
+        print(f"error: {failed}; the stage's output stays unpublished in its .partial directory", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:  # the table and report also show a run that stopped at a failing gate
         print(stage_table(recipe, run_dir, markdown=False))
         report = write_report(recipe, run_dir)
