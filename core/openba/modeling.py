@@ -611,7 +611,7 @@ class OpenBAForConditionalGeneration(OpenBAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), labels.to(logits.device).view(-1), ignore_index=-100
+                logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1), ignore_index=-100
             )
         return Seq2SeqLMOutput(
             loss=loss,

@@ -249,3 +249,17 @@ def test_return_dict_false_gives_a_tuple_starting_with_the_loss():
     model = build(tiny())
     out = model(input_ids=tokens(1, 4), labels=tokens(1, 3), return_dict=False)
     assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (1, 3, VOCAB)
+
+
+def test_loss_accepts_non_contiguous_labels():
+    from core.openba import openba_config
+    from core.openba.modeling import OpenBAForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = OpenBAForConditionalGeneration(openba_config("openba-tiny", vocab_size=64, hidden_size=32,
+                                                         num_decoder_layers=1)).eval()
+    ids = torch.randint(3, 64, (2, 8))
+    labels = torch.randint(3, 64, (4, 2)).t()
+    assert not labels.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels.contiguous()).loss)
