@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -293,7 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", help="where to put the teacher checkpoint (default: only the cache)")
-    parser.add_argument("--config", help="YAML with TeacherConfig fields (preset, model, corpus, tokenizer, train, ...)")
+    parser.add_argument("--config",
+                        help="YAML with TeacherConfig fields (preset, model, corpus, tokenizer, train, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config field, e.g. train.steps=100 (repeatable)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),

@@ -30,7 +30,6 @@ Contracts for callers (the objectives, data and LOGO code):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -573,7 +572,8 @@ def _load_plain(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete or from another run") from None
+        raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete or from another "
+                        "run") from None
     except Exception as err:  # the unpickler's refusal has several types
         raise UserError(f"cannot read {path} safely ({str(err).splitlines()[0]}); a data state_dict must hold only "
                         "dicts, lists, numbers, strings and tensors") from None
