@@ -142,6 +142,8 @@ class Stage:
     run: StageFn
     config: Any
     resumable: bool = False
+    input: str | None = None
+    """Name of the earlier stage whose output this one reads (a baseline branching off); None: the previous one."""
 
 
 def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, force: bool = False) -> Manifest:
@@ -208,15 +210,19 @@ def run_stages(
     last = names.index(only or stop) if (only or stop) else len(stages) - 1
     if first > last:
         raise UserError(f"stage '{start}' comes after stage '{stop}'")
+    for index, stage in enumerate(stages):
+        if stage.input is not None and stage.input not in names[:index]:
+            raise UserError(f"stage '{stage.name}' reads stage '{stage.input}', which does not come before it")
     previous = Path(input_dir) if input_dir is not None else None
     if first > 0:
+        wanted = stages[first].input or names[first - 1]
+        if not (run_dir / wanted / MANIFEST).is_file():
+            raise UserError(f"cannot start at '{names[first]}': stage '{wanted}' has not completed in {run_dir}")
         previous = run_dir / names[first - 1]
-        if not (previous / MANIFEST).is_file():
-            raise UserError(f"cannot start at '{names[first]}': stage '{names[first - 1]}' has not completed in {run_dir}")
     manifests = []
     for stage in stages[first : last + 1]:
         out = run_dir / stage.name
-        manifest = run_stage(stage, previous, out)
+        manifest = run_stage(stage, run_dir / stage.input if stage.input else previous, out)
         manifests.append(manifest)
         if on_done is not None:
             on_done(stage, manifest)

@@ -103,8 +103,9 @@ def gated(spec: StageSpec, config: Any, gate, context: Context, names: list[str]
     def run(input_dir: Path | None, work_dir: Path, _stage_config) -> dict[str, Any]:
         check_disk(work_dir, input_dir, context)
         metrics = kind.run(input_dir, work_dir, config, context) or {}
-        if gate is not None:
-            metrics["gate"] = run_stage_gate(work_dir, gate, previous_gate(context.run_dir, names, index))
+        if gate is not None:  # against the stage it read: the previous one, or the one a baseline branches off
+            upto = names.index(spec.input) + 1 if spec.input else index
+            metrics["gate"] = run_stage_gate(work_dir, gate, previous_gate(context.run_dir, names, upto))
         return metrics
 
     return run
@@ -145,7 +146,7 @@ def build_stages(recipe: RecipeConfig, context: Context) -> list[Stage]:
         stage_config = {"kind": spec.kind, "args": to_dict(config),
                         "gate": to_dict(gate) if gate is not None else None}
         stages.append(Stage(spec.name, gated(spec, config, gate, context, names, index), stage_config,
-                            resumable=get_kind(spec.kind).resumable))
+                            resumable=get_kind(spec.kind).resumable, input=spec.input))
     return stages
 
 

@@ -120,10 +120,14 @@ def plan(recipe: RecipeConfig) -> list[dict[str, Any]]:
     adapter = adapter_class(config.model_type)
     shape = adapter.config_shape(config)
     drops: dict[str, list[int]] = {}
+    shapes = {}
     rows = [{"stage": "input", "kind": "-", "shape": shape, "params": count_on_meta(config), "memory_gib": None,
              "untied_head": untied_head(config, shape)}]
     for spec in recipe.stages:
+        if spec.input is not None:  # a baseline branching off an earlier stage starts from that stage's shape
+            shape = shapes[spec.input]
         shape = shape_after(spec.kind, spec.args, shape, drops)
+        shapes[spec.name] = shape
         config = adapter.reshape_config(config, shape)
         params = count_on_meta(config)
         if spec.kind in TRAINING_KINDS:

@@ -19,6 +19,8 @@ class StageSpec:
     """Which step runs: see `recipes.kinds.KINDS` (teacher, layer_prune, neuron_prune, vocab_prune, train, align)."""
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Arguments for the kind's config dataclass (unknown keys are errors naming the key)."""
+    input: str | None = None
+    """Read this earlier stage's output instead of the previous stage's (baselines that branch off the chain)."""
     gate: str | None = None
     """Name of a gate in `gates` run on this stage's output; a failure stops the recipe and publishes nothing."""
     tokens: float | None = None

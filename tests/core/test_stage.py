@@ -150,3 +150,17 @@ def test_killed_process_leaves_no_output_and_reruns_cleanly(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "value.txt"]
     assert json.loads((out / MANIFEST).read_text())["stage"] == "quick"
     assert not partial_dir(out).exists()
+
+
+def test_a_stage_can_read_an_earlier_stage_than_the_previous_one(tmp_path):
+    seen = []
+
+    def record(i, w, c):
+        seen.append(i.name if i else None)
+        (w / "value.txt").write_text(str(c.value))
+
+    stages = [Stage("a", record, Cfg(1)), Stage("b", record, Cfg(2)), Stage("base", record, Cfg(3), input="a")]
+    run_stages(stages, tmp_path)
+    assert seen == [None, "a", "a"]
+    with pytest.raises(UserError, match="reads stage 'z'"):
+        run_stages([Stage("a", record, Cfg(1)), Stage("b", record, Cfg(2), input="z")], tmp_path)
