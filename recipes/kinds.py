@@ -9,10 +9,13 @@ corpus, the teacher for distillation, the run's cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from align.data import PreferenceDataConfig
+from align.logo import LogoConfig
 from core.errors import UserError
 
 
@@ -98,12 +101,40 @@ def run_train(input_dir, work_dir, config, context):
     return continual_stage(input_dir, work_dir, config)
 
 
+@dataclasses.dataclass
+class AlignStageConfig:
+    """LOGO as a recipe stage: preference rows built from the run's corpus in the model's own tokens (`data`, as
+    `python -m align.build_data`), then LOGO training on them (`logo`, as `python -m align.logo`)."""
+
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
+    logo: LogoConfig = dataclasses.field(default_factory=LogoConfig)
+
+
 def run_align(input_dir, work_dir, config, context):
-    from align.logo import logo_stage
+    from align.build_data import BuildDataConfig, describe, load_texts
+    from align.data import build_preference_rows, check_build, save_rows
+    from align.logo import prepare, resolve_attention, train_logo
+    from core.checkpoint import load_tokenizer
 
-    return logo_stage(input_dir, work_dir, config)
+    data_dir = work_dir / "preference_data"
+    metrics: dict[str, Any] = {}
+    if not (data_dir / "provenance.json").is_file():  # a resumed stage keeps the rows it already built
+        tokenizer = load_tokenizer(input_dir)
+        check_build(config.data, tokenizer)
+        build = BuildDataConfig(tokenizer=str(input_dir), corpus_dir=str(context.corpus_dir) if context.corpus_dir
+                                else None, cache_dir=str(context.cache_dir / "corpus"), data=config.data)
+        texts, doc_ids = load_texts(build)
+        rows, reasons = build_preference_rows(config.data, texts, doc_ids, tokenizer, None)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data), "generator": "rule",
+                                   "corpus_split": "train", "tokenizer": str(input_dir)})
+        metrics["preference_data"] = describe(rows, reasons, tokenizer)
+    logo = resolve_attention(dataclasses.replace(config.logo, data=str(data_dir)), input_dir)
+    metrics.update(train_logo(prepare(input_dir, logo), work_dir, logo))
+    return metrics
 
 
+@functools.lru_cache(maxsize=None)
 def _kinds() -> dict[str, Kind]:
     from compress.layer import LayerPruneConfig
     from compress.neuron import NeuronPruneConfig
@@ -116,18 +147,10 @@ def _kinds() -> dict[str, Kind]:
         "neuron_prune": Kind(NeuronPruneConfig, run_neuron_prune, defaults=_with_calibration),
         "vocab_prune": Kind(VocabConfig, run_vocab_prune, defaults=_with_corpus),
     }
-    try:
-        from pretrain.continual import ContinualConfig
+    from pretrain.continual import ContinualConfig
 
-        kinds["train"] = Kind(ContinualConfig, run_train, resumable=True, defaults=_with_training_corpus)
-    except ImportError:
-        pass
-    try:
-        from align.logo import LogoStageConfig
-
-        kinds["align"] = Kind(LogoStageConfig, run_align, resumable=True)
-    except ImportError:
-        pass
+    kinds["train"] = Kind(ContinualConfig, run_train, resumable=True, defaults=_with_training_corpus)
+    kinds["align"] = Kind(AlignStageConfig, run_align, resumable=True)
     return kinds
 
 

@@ -63,6 +63,42 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def probe_scores(run_dir: Path, name: str) -> dict[str, float]:
+    """Exact match per probe task (e.g. probe_needle_2000) from a stage's gate results."""
+    path = run_dir / name / "gate.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text()).get("results", {}).get("metrics", {})
+    return {task: values["exact_match"] for task, values in metrics.items()
+            if task.startswith("probe_") and task.count("_") == 2 and "exact_match" in values}
+
+
+def alignment_table(recipe: RecipeConfig, run_dir: Path) -> list[str]:
+    """Long-context probes and short-context bits/byte before alignment, after each align stage (LOGO, and an
+    SFT baseline branching off the same input), so LOGO's gain can be read against both."""
+    stages = {spec.name: spec for spec in recipe.stages}
+    aligned = [spec for spec in recipe.stages if spec.kind == "align" and (run_dir / spec.name / MANIFEST).is_file()]
+    if not aligned:
+        return []
+    names = [spec.name for spec in recipe.stages]
+    first = aligned[0]
+    before = first.input or names[names.index(first.name) - 1]
+    rows_for = [(f"before ({before})", before)] + [
+        (f"{spec.name} ({(spec.args.get('logo') or {}).get('loss', {}).get('loss', 'logo')} loss)", spec.name)
+        for spec in aligned]
+    tasks = sorted({t for _, n in rows_for for t in probe_scores(run_dir, n)}, key=lambda t: int(t.rsplit("_", 1)[1]))
+    if not tasks:
+        return []
+    rows = [[label, *[_fmt(probe_scores(run_dir, n).get(t)) for t in tasks],
+             _fmt(gate_metric(run_dir, n, "corpus_ppl", "bits_per_byte"))] for label, n in rows_for]
+    logo = stages[first.name].args.get("logo") or {}
+    window = (logo.get("position") or {}).get("window")
+    return ["## Long-context alignment", "",
+            f"Exact match of the retrieval probes by context length in characters (LOGO trained on synthesised "
+            f"positions over a window of {window} tokens), and short-context bits per byte.", "",
+            format_table(rows, ["model", *tasks, "bits/byte"], markdown=True), ""]
+
+
 def comparison(recipe: RecipeConfig, run_dir: Path) -> list[str]:
     """Teacher vs final model vs the same shape trained from scratch for the same steps (bits per byte)."""
     names = [spec.name for spec in recipe.stages if spec.name != recipe.baseline_stage]
@@ -140,6 +176,7 @@ def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] 
               "across vocabulary pruning); `bits/byte` is from the gate's held-out perplexity task and compares "
               "across every stage.", ""]
     lines += comparison(recipe, run_dir)
+    lines += alignment_table(recipe, run_dir)
     curve = plot_loss_curves(run_dir, names, run_dir / "loss_curves.png")
     if curve:
         lines += ["## Loss curves", "", f"![loss curves]({curve.name})", ""]
