@@ -114,7 +114,7 @@ def run_align(input_dir, work_dir, config, context):
     from align.build_data import BuildDataConfig, describe, load_texts
     from align.data import build_preference_rows, check_build, save_rows
     from align.logo import prepare, resolve_attention, train_logo
-    from core.checkpoint import load_tokenizer
+    from core.checkpoint import load_model, load_tokenizer
 
     data_dir = work_dir / "preference_data"
     metrics: dict[str, Any] = {}
@@ -124,9 +124,12 @@ def run_align(input_dir, work_dir, config, context):
         build = BuildDataConfig(tokenizer=str(input_dir), corpus_dir=str(context.corpus_dir) if context.corpus_dir
                                 else None, cache_dir=str(context.cache_dir / "corpus"), data=config.data)
         texts, doc_ids = load_texts(build)
-        rows, reasons = build_preference_rows(config.data, texts, doc_ids, tokenizer, None)
+        # LOGO samples responses with the model being aligned; "rule" responses need no model (the CPU default)
+        generator = load_model(input_dir).eval() if config.data.responses == "generator" else None
+        rows, reasons = build_preference_rows(config.data, texts, doc_ids, tokenizer, generator)
         shutil.rmtree(data_dir, ignore_errors=True)
-        save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data), "generator": "rule",
+        save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data),
+                                   "generator": str(input_dir) if generator is not None else "rule",
                                    "corpus_split": "train", "tokenizer": str(input_dir)})
         metrics["preference_data"] = describe(rows, reasons, tokenizer)
     logo = resolve_attention(dataclasses.replace(config.logo, data=str(data_dir)), input_dir)
