@@ -129,22 +129,49 @@ def probe_tokens(task_set, tokenizer, kinds) -> dict[int, float]:
     """Mean probe prompt length in the teacher's tokens, per character length."""
     from eval.probes import token_lengths
 
+    return token_lengths(probe_rows_of(task_set, kinds), tokenizer)
+
+
+def probe_rows_of(task_set, kinds) -> list[dict]:
     rows = []
     for name, info in task_set.tasks.items():
         if name.startswith("probe_") and "file" in info:
             with open(task_set.directory / info["file"]) as handle:
                 rows += [r for r in map(json.loads, handle) if r["kind"] in kinds]
-    return token_lengths(rows, tokenizer)
+    return rows
+
+
+def answer_nll(model, tokenizer, rows: list[dict], append_eos: bool = True) -> dict[int, float]:
+    """Mean per-token NLL of the true answer (" {answer}" + EOS, the training format) after each probe prompt, per
+    length: a graded retrieval signal where exact match is still 0 (plain positions, as the probes run)."""
+    import torch
+
+    from align.packing import response_logps
+
+    totals: dict[int, list[float]] = {}
+    model.eval()
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + row["answer"], add_special_tokens=False)["input_ids"]
+        answer = answer + ([tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else [])
+        batch = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long),
+                 "response_ids": torch.tensor([[answer]]), "response_mask": torch.ones(1, 1, len(answer), dtype=torch.long)}
+        with torch.no_grad():
+            scored = response_logps(model, batch, min_responses=1)
+        totals.setdefault(row["length"], []).append(-float(scored.mean_logp[0, 0]))
+    return {length: sum(v) / len(v) for length, v in sorted(totals.items())}
 
 
 def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict[int, float]) -> tuple[list, list]:
-    """Rows: model; columns: probe exact match per length (and mean), byte perplexity, change, gate."""
+    """Rows: model; columns: probe exact match per length (and mean), answer NLL per length, byte perplexity,
+    its change, and the perplexity gate."""
     from eval.taskdata import probe_task
 
     headers = ["model"]
     for kind in config.probe_kinds:
         headers += [f"{kind} @{n} chars (~{tokens.get(n, 0):.0f} tok)" for n in config.probe_lengths]
         headers.append(f"{kind} mean")
+    headers += [f"answer NLL @{n}" for n in config.probe_lengths]
     headers += ["byte perplexity", "vs before", "perplexity gate"]
     rows = []
     before_ppl = results[MODELS[0]]["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
@@ -155,6 +182,8 @@ def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict
         for kind in config.probe_kinds:
             scores = [metrics[probe_task(kind, n)]["exact_match"] for n in config.probe_lengths]
             row += [round(s, 3) for s in scores] + [round(sum(scores) / len(scores), 3)]
+        nll = gate.get("answer_nll", {})
+        row += [round(nll[n], 3) if n in nll else None for n in config.probe_lengths]
         ppl = metrics["corpus_ppl"]["byte_perplexity"]
         row += [round(ppl, 4), f"{(ppl / before_ppl - 1) * 100:+.2f}%",
                 "baseline" if name == MODELS[0] else ("pass" if gate["passed"] else "FAIL")]
@@ -189,12 +218,15 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path) -> dict[str, Any]:
 
     def report_stage(_input, work_dir: Path, cfg: EvidenceConfig) -> dict[str, Any]:
         results: dict[str, Any] = {}
-        before = run_gate(load_model(teacher), tokenizer, gate, prepared=prepared)
-        results[MODELS[0]] = before.to_dict()
+        probes = probe_rows_of(prepared.task_set, cfg.probe_kinds)
+        model = load_model(teacher)
+        before = run_gate(model, tokenizer, gate, prepared=prepared)
+        results[MODELS[0]] = {**before.to_dict(), "answer_nll": answer_nll(model, tokenizer, probes)}
         for name, key in ((MODELS[1], "logo"), (MODELS[2], "sft")):
-            result = run_gate(load_model(trained[key]), tokenizer, gate, baseline=before.results,
+            model = load_model(trained[key])
+            result = run_gate(model, tokenizer, gate, baseline=before.results,
                               prepared=prepare_gate(gate, baseline=before.results, task_set=prepared.task_set))
-            results[name] = result.to_dict()
+            results[name] = {**result.to_dict(), "answer_nll": answer_nll(model, tokenizer, probes)}
         tokens = probe_tokens(prepared.task_set, tokenizer, cfg.probe_kinds)
         headers, rows = evidence_table(results, cfg, tokens)
         markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, trained)
@@ -226,7 +258,10 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         "lambda 0.1, M 2.",
         "",
         "Probe lengths are characters of context; `~tok` is their mean length in the teacher's tokens. Probes and "
-        "perplexity texts come from the corpus' validation split; the preference data from its train split.",
+        "perplexity texts come from the corpus' validation split; the preference data from its train split. "
+        "Needle columns: exact match of the generated answer (eval probes). Answer NLL: mean per-token negative "
+        "log-likelihood of the true answer after the same probe prompts (lower is better): a graded retrieval "
+        "signal where exact match is still 0.",
         "",
         format_table(rows, headers, markdown=True),
         "",
