@@ -30,6 +30,8 @@ from core.table import format_table
 from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
+# Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
+REPORT_FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -216,7 +218,8 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path) -> dict[str, Any]:
         run_logo(teacher, out_dir / name, logo_config)
         trained[name] = out_dir / name
 
-    def report_stage(_input, work_dir: Path, cfg: EvidenceConfig) -> dict[str, Any]:
+    def report_stage(_input, work_dir: Path, _stage_config: dict) -> dict[str, Any]:
+        cfg = config
         results: dict[str, Any] = {}
         probes = probe_rows_of(prepared.task_set, cfg.probe_kinds)
         model = load_model(teacher)
@@ -236,7 +239,8 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path) -> dict[str, Any]:
                                                            default=str) + "\n")
         return {"table": {"headers": headers, "rows": rows}}
 
-    manifest = run_stage(Stage("logo-evidence", report_stage, config), None, out_dir / "report")
+    stage_config = {"report_format": REPORT_FORMAT, **to_dict(config)}
+    manifest = run_stage(Stage("logo-evidence", report_stage, stage_config), None, out_dir / "report")
     return {"report": str(out_dir / "report" / "report.md"), **manifest.metrics}
 
 
