@@ -111,3 +111,16 @@ def test_t5_without_decoder_positions_shares_the_encoder_by_repeating_its_output
                                    response_logps(model, batch, shared=False).sum_logp, atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="cannot be synthesised"):
         response_logps(model, preference_batch())
+
+
+@pytest.mark.parametrize("family", ["llama", "openba"])
+def test_responses_still_read_the_context_before_a_position_gap(family):
+    """A synthesised gap must not cut attention: changing the first chunk changes every response's score."""
+    model = build_tiny(family)
+    batch = preference_batch(gap=True)  # positions jump by 40 in the middle of the prompt
+    changed = {**batch, "input_ids": batch["input_ids"].clone()}
+    changed["input_ids"][:, :3] = (changed["input_ids"][:, :3] + 7) % 90 + 3
+    with torch.no_grad():
+        a = response_logps(model, batch).sum_logp
+        b = response_logps(model, changed).sum_logp
+    assert ((a - b).abs() > 1e-4).all()
