@@ -15,7 +15,7 @@ import contextlib
 import torch
 
 from align.losses import LossConfig, ResponseLogps, preference_loss
-from align.packing import _attention_kind, response_logps, unwrap
+from align.packing import mask_kind, response_logps, unwrap
 from core.errors import UserError
 
 
@@ -44,7 +44,7 @@ class PreferenceObjective:
             raise UserError("the dpo loss needs a reference model: pass one, or train with LoRA (the adapters are "
                             "switched off to score the reference)")
         if self.shared_context and not getattr(unwrap(model).config, "is_encoder_decoder", False):
-            _attention_kind(model)
+            mask_kind(model)
 
     def _used(self, batch: dict) -> dict:
         keep = self.config.responses_used

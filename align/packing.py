@@ -92,7 +92,7 @@ def response_logps(model, batch: dict, shared: bool = True, min_responses: int =
 # ---------------------------------------------------------------------------------------------------- decoder-only
 
 
-def _attention_kind(model) -> str:
+def mask_kind(model) -> str:
     implementation = getattr(unwrap(model).config, "_attn_implementation", "eager") or "eager"
     if implementation == "sdpa":
         return "bool"
@@ -175,7 +175,7 @@ def _model_dtype(model) -> torch.dtype:
 
 def _packed_logps(model, batch: dict) -> ResponseLogps:
     layout = packed_layout(batch)
-    mask = shared_context_mask(layout["segment"], _attention_kind(model), _model_dtype(model))
+    mask = shared_context_mask(layout["segment"], mask_kind(model), _model_dtype(model))
     inputs = {"input_ids": layout["input_ids"], "attention_mask": mask, "position_ids": layout["position_ids"]}
     logits = _logits_at(model, inputs, layout["keep"])
     values = _token_logps(logits, layout["targets"])
@@ -299,7 +299,7 @@ def _seq2seq_logps(model, batch: dict, shared: bool) -> ResponseLogps:
     if shared and _forward_accepts(model, "decoder_position_ids"):
         layout = _decoder_packed_layout(model, batch)
         encoded = unwrap(model).get_encoder()(**encoder_kwargs).last_hidden_state
-        mask = block_causal_mask(layout["segment"], _attention_kind(model), _model_dtype(model))
+        mask = block_causal_mask(layout["segment"], mask_kind(model), _model_dtype(model))
         outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
                         attention_mask=batch["attention_mask"], decoder_input_ids=layout["decoder_input_ids"],
                         decoder_attention_mask=mask, decoder_position_ids=layout["decoder_position_ids"],

@@ -14,7 +14,6 @@ import core.openba  # noqa: F401  (registers OpenBA with the Auto classes)
 from align.batches import BatchConfig, PreferenceBatches
 from align.data import load_rows
 from align.logo import LogoConfig, main, prepare, run_logo
-from align.losses import LossConfig
 from align.objective import PreferenceObjective
 from align.packing import response_logps
 from core.checkpoint import load_model, load_tokenizer

@@ -24,7 +24,7 @@ def test_positions_strictly_increase_inside_the_window_and_the_tail_ends_it(stra
 
 @pytest.mark.parametrize("seed", range(5))
 def test_continuous_chunks_keep_their_spacing_order_and_bounds(seed):
-    context, real = 100, 112
+    real = 112  # 100 context tokens in chunks of 16 and a 12-token tail
     biases = context_biases([16] * 6 + [4], real, CONFIG, "continuous", sample_generator(seed))
     chunks = biases.split(CONFIG.chunk_size)
     room = CONFIG.window - real
