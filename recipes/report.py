@@ -101,13 +101,19 @@ def alignment_table(recipe: RecipeConfig, run_dir: Path) -> list[str]:
 
 def comparison(recipe: RecipeConfig, run_dir: Path) -> list[str]:
     """Teacher vs final model vs the same shape trained from scratch for the same steps (bits per byte)."""
-    names = [spec.name for spec in recipe.stages if spec.name != recipe.baseline_stage]
+    stages = {spec.name: spec for spec in recipe.stages}
+    baseline = stages.get(recipe.baseline_stage) if recipe.baseline_stage else None
+    if baseline is None or not (run_dir / baseline.name / MANIFEST).is_file():
+        return []
+    names = list(stages)
+    # the model the baseline is compared with: the stage it branches off (its shape), else the main chain's end
+    final = baseline.input or next(n for n in reversed(names) if n != baseline.name and stages[n].input is None)
     done = [name for name in names if (run_dir / name / MANIFEST).is_file()]
-    if not done or recipe.baseline_stage is None or not (run_dir / recipe.baseline_stage / MANIFEST).is_file():
+    if final not in done:
         return []
     rows = []
-    for label, name in (("teacher (input)", done[0]), ("final (pruned + recovered)", done[-1]),
-                        ("same shape from scratch", recipe.baseline_stage)):
+    for label, name in (("teacher (input)", done[0]), ("pruned + recovered", final),
+                        ("same shape from scratch, same steps", baseline.name)):
         manifest = Manifest.read(run_dir / name)
         params = parameters(manifest)
         rows.append([label, name, human_count(params) if params else "",

@@ -59,7 +59,7 @@ def test_every_stage_ran_and_left_a_complete_manifest(mini_run):
     report = (run_dir / "report.md").read_text()
     for spec in recipe.stages:
         assert f"| {spec.name} |" in report
-    assert "same shape from scratch" in report
+    assert "| pruned + recovered | continual |" in report and "same shape from scratch" in report
     assert (run_dir / "eval" / "metrics_by_stage.png").is_file()
 
 
