@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--responses", type=int, default=3, help="1 + M responses")
     parser.add_argument("--response", type=int, default=32, help="tokens per response")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, "
+                        "multi-threaded step times swing by several x with other processes' load)")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with CUDA")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()

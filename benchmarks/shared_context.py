@@ -66,13 +66,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2, help="dis-preferred responses per row")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, "
+                        "multi-threaded step times swing by several x with other processes' load)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     for family in args.families:
         result = measure(family, args)
         rows.append((family, result["separate"], result["shared"], result["shared"] / result["separate"]))
     print(f"context {args.context} tokens, 1 + {args.k} responses of {args.response} tokens, hidden {args.hidden}, "
-          f"{args.layers} layers, fastest of {args.steps} steps (forward, backward, AdamW)")
+          f"{args.layers} layers, fastest of {args.steps} steps (forward, backward, AdamW), "
+          f"{torch.get_num_threads()} thread(s)")
     print(format_table(rows, ["family", "separate s", "shared s", "shared / separate"]))
     met = all(ratio <= 0.6 for *_, ratio in rows)
     print(f"target shared / separate <= 0.6x for k = 2: {'met' if met else 'NOT met'}")
