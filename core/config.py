@@ -81,13 +81,25 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        default = _default_of(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # a partial override keeps the parent's own defaults for this section, not the section class's defaults
+            value = merge(dataclasses.asdict(default), value)
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         if isinstance(err, UserError):
             raise
         raise UserError(f"config {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

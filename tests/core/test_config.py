@@ -55,3 +55,14 @@ def test_missing_file_and_bad_override():
 def test_hash_is_stable_and_sensitive():
     assert config_hash(Job()) == config_hash(Job())
     assert config_hash(Job()) != config_hash(Job(steps=11))
+
+
+@dataclasses.dataclass
+class Recipe:
+    optim: Optim = dataclasses.field(default_factory=lambda: Optim(lr=5e-7, betas=[0.5, 0.5]))
+
+
+def test_partial_override_keeps_the_parents_defaults_for_a_section():
+    recipe = load_config(Recipe, overrides=["optim.lr=1e-3"])
+    assert recipe.optim.lr == pytest.approx(1e-3)
+    assert recipe.optim.betas == [0.5, 0.5]  # from Recipe's factory, not Optim's class default
