@@ -258,11 +258,12 @@ def objective_of(batch: dict[str, Any]) -> str | None:
 
 
 def default_loss(model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The model's own token-mean cross-entropy (batch must carry labels)."""
+    """The model's own token-mean cross-entropy (batch must carry labels). No KV cache: with one, transformers
+    stops detecting packed documents from restarting position ids and lets them attend to each other."""
     tensors = tensors_of(batch)
     if "labels" not in tensors:
         raise UserError("batches have no 'labels': give the Trainer a loss_fn, or data that makes labels")
-    return model(**tensors).loss, {}
+    return model(**tensors, use_cache=False).loss, {}
 
 
 class DataStream:

@@ -397,3 +397,24 @@ def test_labels_that_are_all_ignored_are_a_user_error(tmp_path):
     batch["labels"][:] = -100
     with pytest.raises(UserError, match="no target tokens"):
         Trainer(tiny_openba(), quick_config(), [batch]).train(tmp_path)
+
+
+def test_default_loss_keeps_packed_documents_apart():
+    """With a KV cache transformers would let packed documents attend to each other: default_loss turns it off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.objectives import token_mean_loss
+    from pretrain.trainer import default_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, use_cache=True)).eval()
+    ids = torch.randint(3, 64, (1, 12))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([list(range(5)) + list(range(7))])}
+    batch["labels"][0, 5] = -100  # no prediction across the document boundary
+    with torch.no_grad():
+        packed, _ = default_loss(model, batch)
+        reference, _ = token_mean_loss(model, batch)
+        leaky = model(**batch).loss  # the model's own call with its cache on
+    torch.testing.assert_close(packed, reference)
+    assert not torch.allclose(packed, leaky)
