@@ -213,43 +213,8 @@ def _rebuild_rotary_modules(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- OpenBA linear
 
 
-def _linear_positions_hook(factor: float):
-    def hook(module, args, kwargs):
-        # the stack builds default positions from the cache length; do the same, then interpolate
-        positions = kwargs.get("position_ids")
-        if positions is None and kwargs.get("segment_ids") is not None:  # packed rows restart per document
-            from core.openba.modeling import segment_positions
-
-            positions = segment_positions(kwargs["segment_ids"])
-        if positions is None:
-            embeds = kwargs.get("inputs_embeds")
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            reference = ids if ids is not None else embeds
-            batch, seq = reference.shape[0], reference.shape[1]
-            cache = kwargs.get("cache") if module.is_decoder else None
-            past = cache.get_seq_length() if cache is not None else 0
-            positions = torch.arange(past, past + seq, device=reference.device).expand(batch, seq)
-        kwargs["position_ids"] = positions.float() / factor
-        return args, kwargs
-
-    return hook
-
-
 def attach_rope_scaling(model: torch.nn.Module) -> bool:
-    """(Re-)attach OpenBA's linear position interpolation recorded in `config.position_interpolation`; True if so.
-
-    Call after loading an extended OpenBA checkpoint (the hook is code, not weights).
-    """
-    config = model.config
-    factor = getattr(config, "position_interpolation", None)
-    for handle in getattr(model, "_rope_scaling_hooks", []):
-        handle.remove()
-    model._rope_scaling_hooks = []
-    if not is_openba(config) or not factor or float(factor) == 1.0:
-        return False
-    factor = float(factor)
-    base = getattr(model, "transformer", model)
-    for stack in (base.encoder, base.decoder):
-        handle = stack.register_forward_pre_hook(_linear_positions_hook(factor), with_kwargs=True)
-        model._rope_scaling_hooks.append(handle)
-    return True
+    """True when an OpenBA model interpolates positions (`config.position_interpolation`). The model reads the
+    field itself, so a plain `from_pretrained` reload keeps the extension; nothing needs attaching."""
+    factor = getattr(model.config, "position_interpolation", None)
+    return bool(is_openba(model.config) and factor and float(factor) != 1.0)

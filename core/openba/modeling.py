@@ -350,6 +350,9 @@ class OpenBAStack(nn.Module):
                 position_ids = segment_positions(segment_ids)
             else:
                 position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).expand(batch, seq)
+        interpolation = getattr(self.config, "position_interpolation", None)
+        if interpolation and float(interpolation) != 1.0:  # linear position interpolation (long-context extension)
+            position_ids = position_ids.float() / float(interpolation)
         rotary = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_theta)
 
         self_varlen = cross_varlen = None
