@@ -5,10 +5,9 @@ evaluation length; position interpolation (linear: positions / factor) and NTK-a
 the other common options. Applied here to:
 
 * OpenBA: `config.rope_theta` (self-attention only). "ntk" is a base change (theta * factor ** (d / (d - 2))), so it
-  lives in the config. "linear" divides the positions by `factor` through a forward pre-hook on both stacks (the
-  OpenBA model reads only `rope_theta`); the config records the factor as `position_interpolation` (not
-  `rope_scaling`, which transformers 5 rewrites into `rope_parameters`) and `attach_rope_scaling(model)` re-attaches
-  the hook after loading. "dynamic" (NTK recomputed per length at inference) is not available for OpenBA.
+  lives in the config. "linear" records the factor as `config.position_interpolation` (not
+  `rope_scaling`, which transformers 5 rewrites into `rope_parameters`); the OpenBA model divides its positions by
+  it, in both stacks, so a reloaded checkpoint keeps the extension. "dynamic" (NTK recomputed per length at inference) is not available for OpenBA.
 * Llama-family models of transformers 5: `config.rope_parameters` ({"rope_type", "rope_theta", "factor"}), whose
   rotary modules are rebuilt so an existing model picks the change up.
 
@@ -135,15 +134,12 @@ def check_sequence_lengths(config, batch: dict[str, Any]) -> None:
 def apply_long_context(model_or_config, settings: LongContextConfig) -> dict[str, Any]:
     """Change the model's RoPE and supported length in place; returns what changed (for logs and manifests).
 
-    Accepts a model (its rotary modules are rebuilt / hooks attached) or a bare config (before building a model).
+    Accepts a model (Llama-family rotary modules are rebuilt) or a bare config (before building a model).
     """
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
     config = model.config if model is not None else model_or_config
     if is_openba(config):
-        changed = _apply_openba(config, settings)
-        if model is not None:
-            attach_rope_scaling(model)
-        return changed
+        return _apply_openba(config, settings)
     if getattr(config, "rope_parameters", None) is None and not hasattr(config, "rope_theta"):
         raise UserError(f"model type {getattr(config, 'model_type', '?')!r} has no RoPE to extend")
     changed = _apply_rope_parameters(config, settings)
