@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
 
 def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None:
     """Merge LoRA (saving the adapter too) and write the checkpoint's files at the top of the stage directory."""
-    from core.checkpoint import save_checkpoint
+    from core.checkpoint import write_checkpoint
 
     module = trainer.engine.module
     module = getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
@@ -188,10 +187,7 @@ def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None
             if lora:
                 module.save_pretrained(str(work_dir / "lora_adapter"), safe_serialization=True)
                 module = module.merge_and_unload()
-            staged = save_checkpoint(module, prepared.tokenizer, work_dir / "model.tmpdir")
-            for path in staged.iterdir():
-                os.replace(path, work_dir / path.name)
-            staged.rmdir()
+            write_checkpoint(module, prepared.tokenizer, work_dir)
 
 
 def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[str, Any]:

@@ -188,7 +188,7 @@ def _check(config: TeacherConfig) -> None:
 
 def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """Build corpus, tokenizer, model and data; train (resuming from work_dir/checkpoints); save the checkpoint."""
-    from core.checkpoint import save_checkpoint
+    from core.checkpoint import write_checkpoint
     from core.openba import openba_config
     from core.openba.modeling import OpenBAForConditionalGeneration
     from pretrain.data import TokenizedDocuments
@@ -221,11 +221,7 @@ def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dic
     trainer = Trainer(model, config.train, data, loss_fn=token_mean_loss, eval_fn=ValidationLoss(val_batches))
     result = trainer.train(work_dir)
 
-    staging = work_dir / "_model"
-    save_checkpoint(model, tokenizer, staging)
-    for item in staging.iterdir():
-        os.replace(item, work_dir / item.name)
-    staging.rmdir()
+    write_checkpoint(model, tokenizer, work_dir)
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # optimizer states: resume-only, 3x the model
     val_loss = result.get("eval/val_loss")
     return {
