@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,22 @@ def vocab_map(student_tokenizer, teacher_tokenizer) -> dict[int, int] | None:
     return {sid: teacher[token] for token, sid in student.items() if token in teacher}
 
 
+def process_shard(config: DataConfig):
+    """This process's share of the training documents under torchrun/deepspeed (RANK, WORLD_SIZE), or None when
+    there is one process: the trainer expects every process to pass its own shard, not the same batches."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from datasets.distributed import split_dataset_by_node
+
+    from pretrain.corpus import build_corpus
+    from pretrain.data import load_text_dataset
+
+    dataset = (load_text_dataset(config.paths, config.split, config.streaming) if config.paths
+               else build_corpus()[config.split])
+    return split_dataset_by_node(dataset, rank=int(os.environ.get("RANK", "0")), world_size=world)
+
+
 def load_student(input_dir: Path, config: ContinualConfig):
     from core.checkpoint import load_model, load_tokenizer
 
@@ -129,8 +146,10 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
     options = dict(input_length=config.input_length, target_length=config.target_length if encoder_decoder else None,
                    encoder_decoder=encoder_decoder, packed=config.packed, pad_id=tokenizer.pad_token_id or 0,
                    decoder_start_id=getattr(model.config, "decoder_start_token_id", None) or 0)
-    documents = load_documents(config.data, tokenizer)
-    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size, seed=config.seed, **options)
+    documents = load_documents(config.data, tokenizer, dataset=process_shard(config.data))
+    rank = int(os.environ.get("RANK", "0"))
+    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size, seed=config.seed + rank,
+                            **options)
     validation_docs = load_documents(dataclasses.replace(config.data, split=config.validation_split, shuffle=False,
                                                          streaming=False), tokenizer, repeat=True)
     validation_tokens = [next(validation_docs) for _ in range(64)]

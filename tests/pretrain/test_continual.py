@@ -1,0 +1,72 @@
+"""The continual-pretraining stage: recovery lowers the validation loss, the scratch baseline re-initialises, and
+under several processes each one trains on its own shard of the documents."""
+
+from pathlib import Path
+
+import datasets
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.config import from_dict
+from core.openba import openba_config
+from core.openba.modeling import OpenBAForConditionalGeneration
+from pretrain.continual import ContinualConfig, continual_stage, process_shard
+from pretrain.corpus import CorpusConfig, load_or_build_corpus
+from pretrain.data import DataConfig
+from pretrain.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+
+def _corpus(tmp_path: Path) -> Path:
+    config = CorpusConfig(max_documents=40, validation_size=0.2)
+    load_or_build_corpus(config, tmp_path / "corpora")
+    return tmp_path / "corpora" / f"corpus-{config.fingerprint()}"
+
+
+def _model(tmp_path: Path, corpus: Path) -> Path:
+    tok_dir = train_tokenizer(datasets.load_from_disk(str(corpus)), TokenizerConfig(vocab_size=512, max_training_chars=200_000), tmp_path / "tok")
+    tokenizer = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = OpenBAForConditionalGeneration(openba_config("openba-tiny", vocab_size=len(tokenizer), hidden_size=32,
+                                                         num_decoder_layers=2, ffn_hidden_size=64))
+    return save_checkpoint(model, tokenizer, tmp_path / "model")
+
+
+def _config(corpus: Path, **extra) -> ContinualConfig:
+    return from_dict(ContinualConfig, {"data": {"paths": [str(corpus)]}, "input_length": 48, "target_length": 24,
+                                       "validation_batches": 1, "objective": "mix",
+                                       "train": {"steps": 12, "lr": 3e-3, "micro_batch_size": 4, "eval_every": 12,
+                                                 "save_every": 6, "log_every": 1}, **extra})
+
+
+def test_recovery_lowers_validation_loss_and_scratch_reinitialises(tmp_path):
+    corpus = _corpus(tmp_path)
+    model_dir = _model(tmp_path, corpus)
+    short = _config(corpus, train={"steps": 1, "lr": 1e-9, "min_lr": 0.0, "micro_batch_size": 4, "eval_every": 1})
+    (tmp_path / "w0").mkdir()
+    before = continual_stage(model_dir, tmp_path / "w0", short)["val_loss"]
+    (tmp_path / "w1").mkdir()
+    after = continual_stage(model_dir, tmp_path / "w1", _config(corpus))
+    assert after["val_loss"] < before - 0.1
+    assert (tmp_path / "w1" / "model.safetensors").is_file() and not (tmp_path / "w1" / "checkpoints").exists()
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "w2").mkdir()
+    continual_stage(model_dir, tmp_path / "w2", _config(corpus, init="scratch", seed=1,
+                                                        train={"steps": 1, "lr": 1e-9, "min_lr": 0.0, "micro_batch_size": 4}))
+    original, scratch = load_file(str(model_dir / "model.safetensors")), load_file(str(tmp_path / "w2" / "model.safetensors"))
+    name = next(k for k in original if k.endswith("qkv.weight"))
+    assert original[name].shape == scratch[name].shape and not torch.allclose(original[name], scratch[name])
+
+
+def test_each_process_trains_on_its_own_shard(tmp_path, monkeypatch):
+    corpus = _corpus(tmp_path)
+    config = DataConfig(paths=[str(corpus)])
+    assert process_shard(config) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shards.append(list(process_shard(config)["text"]))
+    assert set(shards[0]).isdisjoint(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(list(datasets.load_from_disk(str(corpus))["train"]["text"]))
