@@ -51,18 +51,13 @@ def count_on_meta(config) -> int:
     return sum({id(p): p.numel() for p in model.parameters()}.values())
 
 
-def original_to_current(drops_so_far: dict[str, list[int]], original: list[int], stack: str) -> list[int]:
-    """Map layer indices of the original model to positions in the current one (earlier drops shift them).
-
-    OpenBA-V2 names every stage's layers by their index in the original 15B model (REFERENCE.md).
-    """
+def check_not_dropped(drops_so_far: dict[str, list[int]], original: list[int], stack: str) -> None:
+    """OpenBA-V2 names every stage's layers by their index in the original 15B model (REFERENCE.md): an index an
+    earlier stage already dropped is a mistake in the plan (the layer pruner maps the rest to current positions)."""
     dropped = set(drops_so_far.get(stack, []))
-    current = []
-    for index in original:
-        if index in dropped:
-            raise UserError(f"{stack} layer {index} (original numbering) was already dropped by an earlier stage")
-        current.append(index - sum(1 for d in dropped if d < index))
-    return current
+    again = sorted(set(original) & dropped)
+    if again:
+        raise UserError(f"{stack} layers {again} (original numbering) were already dropped by an earlier stage")
 
 
 def shape_after(kind: str, args: dict[str, Any], shape: ModelShape, drops: dict[str, list[int]]) -> ModelShape:
@@ -71,7 +66,7 @@ def shape_after(kind: str, args: dict[str, Any], shape: ModelShape, drops: dict[
         depths = dict(shape.depths)
         for stack, indices in (args.get("drop") or {}).items():
             if args.get("drop_numbering") == "original":
-                original_to_current(drops, indices, stack)  # errors on an index an earlier stage dropped
+                check_not_dropped(drops, indices, stack)
                 drops.setdefault(stack, []).extend(indices)
             depths[stack] -= len(indices)
         remove = args.get("remove") or {}

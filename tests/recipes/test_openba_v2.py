@@ -168,3 +168,9 @@ def test_dry_run_plans_the_15b_recipe_without_weights(capsys):
     out = capsys.readouterr().out
     assert "s4_neurons" in out and "2560" in out and "6912" in out
     assert "3.45B" in out  # the paper's 3.4B, counted like the paper (LM head counted once with the embedding)
+
+
+def test_dry_run_refuses_a_layer_an_earlier_stage_dropped():
+    with pytest.raises(SystemExit):
+        main(["--config", str(ROOT / "recipes" / "configs" / "openba_v2_15b.yaml"), "--dry-run",
+              "--set", "stages.s3_layers.args.drop={decoder: [7, 24, 33]}"])
