@@ -2,6 +2,7 @@
 three gated evaluations, and a Markdown report whose table rows are the three models."""
 
 import json
+from pathlib import Path
 
 from align.evidence import MODELS, EvidenceConfig, main, run_evidence
 from core.stage import Manifest
@@ -42,3 +43,55 @@ def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "teacher checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, tmp_path, monkeypatch):
+    """The GPU workflow: `--stop-after instruct` in one checkout, the run directory copied to the same relative path
+    of another, where the rest resumes without retraining the instructed model."""
+    import dataclasses
+    import shutil
+
+    from align.evidence import InstructConfig
+
+    config = dataclasses.replace(smoke_config(workspace, tmp_path), responses="generator",
+                                 instruct=InstructConfig(steps=2, samples=3, batch_size=2))
+    (tmp_path / "gpu").mkdir()
+    monkeypatch.chdir(tmp_path / "gpu")
+    stopped = run_evidence(config, "runs/ev", stop_after="instruct")
+    assert stopped["stopped_after"] == "instruct" and stopped["step"] == 2
+    instruct = Manifest.read("runs/ev/instruct")
+    assert instruct.config["loss"]["loss"] == "sft" and instruct.config["position"]["synthesize"] is False
+    assert Manifest.read("runs/ev/instruct_data").metrics["rows"] == 3
+    assert not Path("runs/ev/data").exists() and not Path("runs/ev/report").exists()
+
+    shutil.copytree(tmp_path / "gpu" / "runs", tmp_path / "here" / "runs")
+    monkeypatch.chdir(tmp_path / "here")
+    run_evidence(config, "runs/ev")
+    assert Manifest.read("runs/ev/instruct").timings == instruct.timings  # kept, not retrained
+    logo = Manifest.read("runs/ev/logo")
+    assert logo.inputs["dir"] == "runs/ev/instruct"  # LOGO starts from the instructed model
+    data = Manifest.read("runs/ev/data")
+    assert data.config["generator"] == "runs/ev/instruct" and data.config["data"]["responses"] == "generator"
+    report = Path("runs/ev/report/report.md").read_text()
+    assert "after its instruction stage (2 steps" in report and "value acc @900" in report
+
+
+def test_answer_scores_count_value_tokens_only(workspace):
+    import torch
+
+    from align.evidence import answer_scores
+    from core.checkpoint import load_model, load_tokenizer
+
+    model, tokenizer = load_model(workspace / "openba"), load_tokenizer(workspace / "openba")
+    rows = [{"prompt": "The secret number of the teal yak is 4821.\nQuestion: What is it?\nAnswer:",
+             "answer": "4821", "length": 50}]
+    scores = answer_scores(model, tokenizer, rows)[50]
+    prompt = tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" 4821", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([answer])).logits[0]
+    expected_nll = float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer)))
+    value = [i for i, t in enumerate(answer) if tokenizer.decode([t]).strip() and t != tokenizer.eos_token_id]
+    hits = sum(int(logits[i].argmax()) == answer[i] for i in value)
+    assert abs(scores["nll"] - expected_nll) < 1e-5
+    assert scores["value_accuracy"] == hits / len(value) and 0 < len(value) < len(answer)
