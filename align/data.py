@@ -56,6 +56,9 @@ class GenerationConfig:
     """Sampling for generated responses: the released LOGO code's settings (vLLM server, `gen_hf.py`)."""
 
     temperature: float = 0.7
+    """0 decodes greedily (as in vLLM): the model's own systematic mistakes rather than sampling noise. A model that
+    retrieves, sampled at 0.7, often writes the right answer with a token or two changed, and such a dis-preferred
+    response teaches it not to copy the rest."""
     top_p: float = 0.95
     min_new_tokens: int = 16
     """The released code asks for 16-512 new tokens; lower it for short factual answers."""
@@ -279,9 +282,10 @@ def generate_response(model, tokenizer, prompt: str, settings: GenerationConfig,
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                                min_new_tokens=settings.min_new_tokens, max_new_tokens=settings.max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id)
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
+            if settings.temperature > 0 else {"do_sample": False}
+        output = model.generate(**inputs, **sampling, min_new_tokens=settings.min_new_tokens,
+                                max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     new = output[0] if model.config.is_encoder_decoder else output[0, inputs["input_ids"].shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     if settings.stop_at_newline:

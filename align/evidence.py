@@ -104,6 +104,8 @@ class EvidenceConfig:
     chunks) or "generator" (sampled from the model before LOGO on the partial and irrelevant chunks, the paper's
     recipe; the preferred answer stays the gold one). Rule-built irrelevant answers are mostly copied code lines,
     which a model finds so unlikely that LOGO's averaged margin saturates on them."""
+    response_temperature: float = 0.7
+    """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
     seed: int = 0
 
@@ -127,7 +129,8 @@ def data_overrides(config: EvidenceConfig) -> list[str]:
     if config.responses == "generator":
         # short factual answers: the released code's 16-512 new tokens would run past the number
         overrides += ["data.responses=generator", "data.generation.preferred=gold", "data.generation.min_new_tokens=1",
-                      "data.generation.max_new_tokens=12"]
+                      "data.generation.max_new_tokens=12",
+                      f"data.generation.temperature={config.response_temperature}"]
     return overrides
 
 

@@ -125,6 +125,28 @@ def test_generator_responses_follow_the_full_half_wrong_strategies(workspace):
         build_preference_rows(config, corpus["text"], corpus["doc_id"], tokenizer, None)
 
 
+def test_temperature_zero_generates_greedily(workspace):
+    """Greedy responses are the model's argmax continuation of each strategy's prompt, the same on every build."""
+    import torch
+
+    from align.data import generate_response
+
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    generator = load_model(workspace / "llama").eval()
+    greedy = GenerationConfig(temperature=0.0, min_new_tokens=3, max_new_tokens=3, stop_at_newline=False)
+    prompt = "def parse(text):\n    return"
+    first = generate_response(generator, tokenizer, prompt, greedy, seed=1)
+    assert first == generate_response(generator, tokenizer, prompt, greedy, seed=2)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = []
+    with torch.no_grad():
+        for _ in range(3):
+            token = generator(input_ids=ids).logits[0, -1].argmax()
+            expected.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    assert first == tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_rows_without_dispreferred_responses_are_rejected():
     good = {"id": "a", "chunks": ["x\n"], "question": "q", "responses": ["yes", "no", "maybe"]}
     check_rows([good], num_rejected=2)
