@@ -36,7 +36,7 @@ from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
-REPORT_FORMAT = 3
+REPORT_FORMAT = 4
 STAGES = ("instruct_data", "instruct", "data", "logo", "sft", "report")
 
 
@@ -386,14 +386,18 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"Perplexity gate: byte perplexity may rise at most {config.max_ppl_rel_increase:.0%} over the model before "
         "LOGO (eval/gates/long_context.yaml).",
         "",
-        "| stage | final loss | seconds | ran on (torch) |",
+        "| stage | final loss | seconds | ran on |",
         "|---|---|---|---|",
     ]
     for name, manifest in manifests.items():
         loss = manifest.metrics.get("loss")
         seconds = manifest.metrics.get("seconds", manifest.timings.get("seconds"))
-        lines.append(f"| {name} | {loss if loss is None else round(loss, 4)} | {seconds} | "
-                     f"{manifest.versions.get('torch', '?')} |")
+        info_file = stages[name] / "train" / "train_info.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        where = f"{info.get('device', 'cpu')}{', bf16' if info.get('bf16') else ''}, torch {manifest.versions.get('torch', '?')}"
+        if info.get("resumed_from_step"):
+            where += f" (seconds since the resume at step {info['resumed_from_step']})"
+        lines.append(f"| {name} | {loss if loss is None else round(loss, 4)} | {seconds} | {where} |")
     return "\n".join(lines + [""])
 
 
