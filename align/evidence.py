@@ -36,8 +36,8 @@ from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
-REPORT_FORMAT = 4
-STAGES = ("instruct_data", "instruct", "data", "logo", "sft", "report")
+REPORT_FORMAT = 5
+STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "logo", "sft", "report")
 
 
 @dataclasses.dataclass
@@ -59,6 +59,12 @@ class InstructConfig:
     lr: float = 2e-3
     distractors: int = 0
     """Facts of other names in each instruction row; 0 teaches the format and the copy first."""
+    lm_samples: int = 0
+    """Plain text rows mixed in (a few tokens of corpus text as the context, its next `lm_tokens` tokens as the
+    response): question rows alone teach the decoder to write six digits and stop, and the instructed model's byte
+    perplexity collapses (924 against the teacher's single digits), which leaves LOGO's short-context check nothing to
+    measure. Perplexity is scored with a near-empty encoder input, as these rows train."""
+    lm_tokens: int = 120
     overrides: list[str] = dataclasses.field(default_factory=list)
     """Extra `align.logo` settings for this stage, e.g. ["train.save_every=1000"]."""
 
@@ -101,9 +107,11 @@ class EvidenceConfig:
     """Extra `align.logo` settings for both trainings, e.g. ["train.grad_accum_steps=2"]."""
     responses: str = "rule"
     """Dis-preferred answers of the preference rows: "rule" (distractor values, numbers or lines of irrelevant
-    chunks) or "generator" (sampled from the model before LOGO on the partial and irrelevant chunks, the paper's
-    recipe; the preferred answer stays the gold one). Rule-built irrelevant answers are mostly copied code lines,
-    which a model finds so unlikely that LOGO's averaged margin saturates on them."""
+    chunks) or "generator" (from the model before LOGO on the partial and irrelevant chunks, the paper's recipe; the
+    preferred answer stays the gold one). Measured on the instructed tiny teacher: a model that retrieves answers
+    from the top chunks with the right number a few digits off (most "half" answers share 2-5 digits with the gold,
+    greedy or sampled), and pushing those down teaches it not to copy the digits it shares with them: LOGO then lost
+    to SFT at every length, while with rule negatives (other facts' whole values) it beat SFT at every length."""
     response_temperature: float = 0.7
     """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
@@ -280,6 +288,55 @@ def build_rows(config: EvidenceConfig, teacher: Path, overrides: list[str], out:
     return build(build_config, out)
 
 
+def text_rows(config: EvidenceConfig, tokenizer) -> list[dict]:
+    """`instruct.lm_samples` continuation rows from the corpus' train split (see InstructConfig.lm_samples)."""
+    import random
+
+    from pretrain.corpus import load_or_build_corpus
+
+    texts = [t for t in load_or_build_corpus(config.corpus, config.cache_dir)["train"]["text"] if len(t) > 2000]
+    if not texts:
+        raise UserError("the corpus' train split has no document long enough for text rows")
+    rng = random.Random(f"{config.seed}:instruct-text")
+    rows: list[dict] = []
+    for index in range(10 * config.instruct.lm_samples):
+        if len(rows) == config.instruct.lm_samples:
+            break
+        text = rng.choice(texts)
+        start = rng.randrange(0, len(text) - 1500)
+        ids = tokenizer(text[start:start + 1500], add_special_tokens=False)["input_ids"][1:]  # drop a cut first piece
+        context, response = tokenizer.decode(ids[:4]), tokenizer.decode(ids[4:4 + config.instruct.lm_tokens])
+        if context.strip() and response.strip():
+            rows.append({"id": f"text-{index}", "chunks": [context], "question": "", "answer": response,
+                         "responses": [response], "response_kinds": ["text"], "response_sources": ["corpus text"]})
+    if len(rows) < config.instruct.lm_samples:
+        raise UserError(f"only {len(rows)} of {config.instruct.lm_samples} text rows could be cut from the corpus")
+    return rows
+
+
+def mix_instruction_rows(config: EvidenceConfig, tokenizer, question_dir: Path, out: Path):
+    """The instruction rows (the columns training reads) and the text rows, shuffled, as one dataset stage."""
+    import random
+
+    from align.data import load_rows, save_rows
+    from core.stage import Stage, run_stage
+
+    columns = ("id", "chunks", "question", "answer", "responses", "response_kinds", "response_sources")
+
+    def mix(input_dir: Path, work_dir: Path, _config: dict) -> dict[str, Any]:
+        questions = [{c: row[c] for c in columns} for row in load_rows(input_dir)]
+        text = text_rows(config, tokenizer)
+        rows = questions + text
+        random.Random(f"{config.seed}:instruct-mix").shuffle(rows)
+        save_rows(rows, work_dir, {"question_rows": str(input_dir), "text_rows": len(text),
+                                   "lm_tokens": config.instruct.lm_tokens})
+        return {"rows": len(rows), "question_rows": len(questions), "text_rows": len(text)}
+
+    stage_config = {"lm_samples": config.instruct.lm_samples, "lm_tokens": config.instruct.lm_tokens,
+                    "corpus": to_dict(config.corpus), "seed": config.seed}
+    return run_stage(Stage("instruct-mix", mix, stage_config), question_dir, out)
+
+
 def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | None = None) -> dict[str, Any]:
     """Instruct the teacher (optional), build data, train LOGO and SFT, evaluate the three models, write report.md;
     returns the evidence dict. `stop_after` names a stage (STAGES) to stop after, its output complete."""
@@ -290,7 +347,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
 
     if stop_after is not None and stop_after not in STAGES:
         raise UserError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
-    if stop_after in STAGES[:2] and not config.instruct.steps:
+    if stop_after in STAGES[:3] and not config.instruct.steps:
         raise UserError(f"stop_after={stop_after} needs the instruction stage: set instruct.steps > 0")
     out_dir = Path(out_dir)
     teacher = teacher_path(config)
@@ -301,15 +358,20 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
     done = lambda stage: stop_after == stage  # noqa: E731
     # task data first, so a bad eval setting fails before any training (a run that stops at the instruction
     # stage, e.g. on a GPU machine without the evaluation packages, never evaluates)
-    prepared = prepare_gate(gate) if stop_after not in STAGES[:2] else None
+    prepared = prepare_gate(gate) if stop_after not in STAGES[:3] else None
 
     base = teacher
     if config.instruct.steps:
         build_rows(config, teacher, instruct_data_overrides(config), out_dir / "instruct_data")
         if done("instruct_data"):
             return {"stopped_after": stop_after}
-        instruct_config = load_config(LogoConfig, None,
-                                      instruct_overrides(config, out_dir / "instruct_data", real_length))
+        instruct_data = out_dir / "instruct_data"
+        if config.instruct.lm_samples:
+            mix_instruction_rows(config, tokenizer, instruct_data, out_dir / "instruct_mix")
+            instruct_data = out_dir / "instruct_mix"
+        if done("instruct_mix"):
+            return {"stopped_after": stop_after}
+        instruct_config = load_config(LogoConfig, None, instruct_overrides(config, instruct_data, real_length))
         run_logo(teacher, out_dir / "instruct", instruct_config)
         base = out_dir / "instruct"
         if done("instruct"):
@@ -338,10 +400,17 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
             result = run_gate(model, tokenizer, gate, baseline=before.results,
                               prepared=prepare_gate(gate, baseline=before.results, task_set=prepared.task_set))
             results[name] = {**result.to_dict(), "answer_scores": answer_scores(model, tokenizer, probes)}
+        teacher_ppl = None
+        if base != teacher:  # how much text modelling the instruction stage left to guard
+            ppl_only = dataclasses.replace(gate, tasks=[])
+            scored = run_gate(load_model(teacher), tokenizer, ppl_only, prepared=prepare_gate(
+                ppl_only, task_set=prepared.task_set))
+            teacher_ppl = scored.to_dict()["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
+            results["teacher"] = {"byte_perplexity": teacher_ppl}
         tokens = probe_tokens(prepared.task_set, tokenizer, cfg.probe_kinds)
         headers, rows = evidence_table(results, cfg, tokens)
         stages = {name: out_dir / name for name in ("instruct", "data", "logo", "sft") if (out_dir / name).is_dir()}
-        markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, stages)
+        markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, stages, teacher_ppl)
         (work_dir / "report.md").write_text(markdown)
         (work_dir / "evidence.json").write_text(json.dumps({"config": to_dict(cfg), "table": {"headers": headers,
                                                             "rows": rows}, "gates": results}, indent=2,
@@ -354,7 +423,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
 
 
 def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: int, window: int,
-                  stages: dict[str, Path]) -> str:
+                  stages: dict[str, Path], teacher_ppl: float | None = None) -> str:
     from core.stage import Manifest
 
     manifests = {name: Manifest.read(path) for name, path in stages.items()}
@@ -384,7 +453,12 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         format_table(rows, headers, markdown=True),
         "",
         f"Perplexity gate: byte perplexity may rise at most {config.max_ppl_rel_increase:.0%} over the model before "
-        "LOGO (eval/gates/long_context.yaml).",
+        "LOGO (eval/gates/long_context.yaml)."
+        + ("" if teacher_ppl is None else
+           f" The teacher itself, before its instruction stage, scores {teacher_ppl:.2f}: "
+           + ("the instruction stage trained answers only and the model stopped modelling text, so this gate "
+              "measures the drift of a model with no text modelling left to lose (instruct.lm_samples mixes text "
+              "rows in)." if float(rows[0][-3]) > 2 * teacher_ppl else "the instruction stage kept its text modelling.")),
         "",
         "| stage | final loss | seconds | ran on |",
         "|---|---|---|---|",

@@ -54,7 +54,7 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     from align.evidence import InstructConfig
 
     config = dataclasses.replace(smoke_config(workspace, tmp_path), responses="generator",
-                                 instruct=InstructConfig(steps=2, samples=3, batch_size=2))
+                                 instruct=InstructConfig(steps=2, samples=3, batch_size=2, lm_samples=2, lm_tokens=8))
     (tmp_path / "gpu").mkdir()
     monkeypatch.chdir(tmp_path / "gpu")
     stopped = run_evidence(config, "runs/ev", stop_after="instruct")
@@ -62,6 +62,13 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     instruct = Manifest.read("runs/ev/instruct")
     assert instruct.config["loss"]["loss"] == "sft" and instruct.config["position"]["synthesize"] is False
     assert Manifest.read("runs/ev/instruct_data").metrics["rows"] == 3
+    mix = Manifest.read("runs/ev/instruct_mix").metrics  # question rows and plain text rows, trained together
+    assert mix["question_rows"] == 3 and mix["text_rows"] == 2 and mix["rows"] == 5
+    assert instruct.config["data"] == "runs/ev/instruct_mix"
+    from align.data import load_rows
+
+    text = [row for row in load_rows("runs/ev/instruct_mix") if row["response_kinds"] == ["text"]]
+    assert len(text) == 2 and all(row["question"] == "" and row["responses"] == [row["answer"]] for row in text)
     assert not Path("runs/ev/data").exists() and not Path("runs/ev/report").exists()
 
     shutil.copytree(tmp_path / "gpu" / "runs", tmp_path / "here" / "runs")
@@ -74,6 +81,7 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     assert data.config["generator"] == "runs/ev/instruct" and data.config["data"]["responses"] == "generator"
     report = Path("runs/ev/report/report.md").read_text()
     assert "after its instruction stage (2 steps" in report and "value acc @900" in report
+    assert "The teacher itself, before its instruction stage, scores" in report
 
 
 def test_answer_scores_count_value_tokens_only(workspace):
