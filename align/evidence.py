@@ -7,9 +7,10 @@ perplexity checked against the long-context gate's bound.
 
 Steps (each a stage with a manifest, skipped when already complete, so a rerun resumes, also in a copied run
 directory: `--stop-after instruct` runs the instruction stage alone, e.g. on a GPU machine, and the rest resumes here):
-    instruct_data/, instruct/   the teacher's short instruction stage (`instruct.steps` > 0): SFT on the same question
-              format with plain positions at the real training length, so that "before LOGO" is a model that answers
-              and retrieves within the length it was trained at; LOGO is then measured on carrying that beyond it
+    instruct_data/, instruct_mix/, instruct/   the teacher's short instruction stage (`instruct.steps` > 0): SFT on
+              the same question format (plus plain text rows with `instruct.lm_samples`) with plain positions at the
+              real training length, so that "before LOGO" is a model that answers and retrieves within the length it
+              was trained at; LOGO is then measured on carrying that beyond it
     data/     preference rows from the corpus' train split, chunked in the teacher's tokens (align.build_data); with
               `responses: generator` the dis-preferred answers are sampled from the model before LOGO (LOGO's recipe)
     logo/     LOGO (loss `logo`, positions synthesised over `window_factor` x the real length)
