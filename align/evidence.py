@@ -459,7 +459,8 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
            f" The teacher itself, before its instruction stage, scores {teacher_ppl:.2f}: "
            + ("the instruction stage trained answers only and the model stopped modelling text, so this gate "
               "measures the drift of a model with no text modelling left to lose (instruct.lm_samples mixes text "
-              "rows in)." if float(rows[0][-3]) > 2 * teacher_ppl else "the instruction stage kept its text modelling.")),
+              "rows in)." if float(rows[0][-3]) > 2 * teacher_ppl
+              else "the instruction stage did not cost text modelling, so the gate guards modelling the model has.")),
         "",
         "| stage | final loss | seconds | ran on |",
         "|---|---|---|---|",
