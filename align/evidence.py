@@ -243,7 +243,8 @@ def answer_scores(model, tokenizer, rows: list[dict], append_eos: bool = True) -
         nll = float(torch.nn.functional.cross_entropy(logits.float(), target))
         hits = int(((logits.argmax(-1) == target) & value).sum())
         scores.setdefault(row["length"], []).append((nll, hits, int(value.sum())))
-    return {length: {"nll": sum(s[0] for s in v) / len(v), "value_accuracy": sum(s[1] for s in v) / max(1, sum(s[2] for s in v))}
+    return {length: {"nll": sum(s[0] for s in v) / len(v),
+                     "value_accuracy": sum(s[1] for s in v) / max(1, sum(s[2] for s in v))}
             for length, v in sorted(scores.items())}
 
 
