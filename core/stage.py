@@ -100,7 +100,9 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
     """True when `output_dir` holds a complete manifest for exactly this config and this input.
 
     The input check makes a change upstream (a stage rerun with another config) invalidate everything after it. It
-    compares the upstream manifest's identity, not its path, so a run directory can be moved or copied.
+    compares the upstream manifest's identity, not its path, so a run directory can be moved or copied. A config
+    field added after the stage ran does not invalidate it when the field keeps its default (new fields default to
+    the old behaviour), so a finished training stage is not retrained because its config class grew.
     """
     output_dir = Path(output_dir)
     if not (output_dir / MANIFEST).is_file():
@@ -109,12 +111,26 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
         manifest = Manifest.read(output_dir)
     except UserError:
         return False
-    if manifest.status != "complete" or manifest.config_hash != config_hash(config):
+    if manifest.status != "complete":
+        return False
+    if manifest.config_hash != config_hash(config) and not _same_with_new_defaults(manifest.config, config):
         return False
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
 
     return identity(manifest.inputs) == identity(_describe_input(input_dir))
+
+
+def _same_with_new_defaults(stored: dict[str, Any], config: Any) -> bool:
+    """True when the stored config, read into today's config class (new fields at their defaults), is `config`."""
+    if not dataclasses.is_dataclass(config) or not isinstance(stored, dict):
+        return False
+    from core.config import from_dict
+
+    try:
+        return config_hash(from_dict(type(config), stored)) == config_hash(config)
+    except UserError:  # a field was removed or changed type: not the same work
+        return False
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:

@@ -53,6 +53,30 @@ def test_completed_stage_is_skipped_and_config_change_reruns(tmp_path):
     assert (tmp_path / "a" / "value.txt").read_text() == "2"
 
 
+@dataclasses.dataclass
+class GrownCfg:
+    """Cfg after a release added a field whose default keeps the old behaviour."""
+
+    value: int = 1
+    extra: float = 0.0
+
+
+def test_field_added_later_at_its_default_keeps_a_finished_stage(tmp_path):
+    calls = []
+
+    def counted(i, w, c):
+        calls.append(c)
+        return write_value(i, w, c)
+
+    run_stage(Stage("a", counted, Cfg(4)), None, tmp_path / "a")
+    run_stage(Stage("a", counted, GrownCfg(4)), None, tmp_path / "a")
+    assert len(calls) == 1  # same work: the new field sits at its default
+    run_stage(Stage("a", counted, GrownCfg(4, extra=0.5)), None, tmp_path / "a")
+    assert len(calls) == 2 and calls[1].extra == 0.5  # the new field set: rerun
+    run_stage(Stage("a", counted, Cfg(4)), None, tmp_path / "a")
+    assert len(calls) == 3  # the stored config has a field Cfg lacks: not the same work
+
+
 def test_upstream_change_invalidates_downstream(tmp_path):
     calls = []
 
