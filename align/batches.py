@@ -166,3 +166,42 @@ class PreferenceBatches:
         if self.position.synthesize:
             return self.position.window - 1
         return max(sum(map(len, r.chunks)) + self._tail(r) for r in self.rows) - 1
+
+
+class WithTextBatches:
+    """Preference batches, each carrying the next plain-text batch under "text" (`align.logo.TextRegulariser`).
+
+    The text batches cycle on their own (a new shuffled epoch when they run out), and both positions are part of the
+    state, so a resumed run sees the same pairs of batches."""
+
+    def __init__(self, preference: PreferenceBatches, text: PreferenceBatches):
+        self.preference, self.text = preference, text
+        self._text_iterator = None
+
+    def _next_text(self) -> dict[str, Any]:
+        for _ in range(2):  # a finished epoch ends one iterator; the next one starts the new epoch
+            if self._text_iterator is None:
+                self._text_iterator = iter(self.text)
+            try:
+                return next(self._text_iterator)
+            except StopIteration:
+                self._text_iterator = None
+        raise UserError("the text regulariser's data yields no batch")
+
+    def __len__(self) -> int:
+        return len(self.preference)
+
+    def __iter__(self):
+        for batch in self.preference:
+            yield {**batch, "text": self._next_text()}
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"preference": self.preference.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        self.preference.load_state_dict(state["preference"])
+        self.text.load_state_dict(state["text"])
+        self._text_iterator = None
+
+    def max_position(self) -> int:
+        return max(self.preference.max_position(), self.text.max_position())

@@ -10,7 +10,8 @@ What happens, in order (every check before anything is written):
 3. optionally wrap the model in LoRA (peft; LOGO: r 32, alpha 16, dropout 0 on the attention projections, which the
    model family's adapter names: q/k/v/o for Llama, qkv/o/q/kv for OpenBA);
 4. train with `pretrain.trainer.Trainer` and `align.objective.PreferenceObjective` as its loss (DeepSpeed, exact
-   resume from checkpoints kept in the stage's partial directory, progress bar, metrics.jsonl);
+   resume from checkpoints kept in the stage's partial directory, progress bar, metrics.jsonl), optionally with a
+   plain-text language-modelling term beside it (`text`: not LOGO's, off by default);
 5. merge LoRA into the weights and save a plain safetensors checkpoint (loadable with `from_pretrained`); the
    unmerged adapter is saved beside it in `lora_adapter/`. The output has a manifest (`core.stage.run_stage`).
 
@@ -30,7 +31,7 @@ from typing import Any
 from core.config import load_config
 from core.errors import UserError, main_guard
 from core.table import format_table, human_count
-from align.batches import BatchConfig, PreferenceBatches
+from align.batches import BatchConfig, PreferenceBatches, WithTextBatches
 from align.losses import LOGO_PRESETS, LossConfig
 from align.positions import PositionConfig
 from pretrain.trainer import TrainConfig
@@ -66,6 +67,27 @@ class LoraSettings:
 
 
 @dataclasses.dataclass
+class TextRegulariser:
+    """Plain-text language modelling added to every step: `weight` x the token-mean NLL of a batch of text rows.
+    Not part of LOGO (its only regulariser is the NLL of the preferred response); InstructGPT's pretraining-mix
+    term. For a model that must keep modelling text the preference rows never show, e.g. an instructed model whose
+    text perplexity the alignment would otherwise be free to drift. Off by default."""
+
+    data: str = ""
+    """Rows in align.data format: the first response is the text to model, the context chunks its prompt (plain
+    positions, never synthesised). `python -m align.evidence` cuts them from the corpus (`text_rows`)."""
+    weight: float = 0.0
+    batch_size: int = 8
+    """Text rows per micro-batch, drawn in a seeded order of their own that cycles."""
+
+    def __post_init__(self):
+        if self.weight < 0 or self.batch_size < 1:
+            raise UserError(f"text.weight must be >= 0 and text.batch_size >= 1, got {self.weight}, {self.batch_size}")
+        if bool(self.data) != bool(self.weight):
+            raise UserError("the text regulariser needs both text.data and a positive text.weight (or neither)")
+
+
+@dataclasses.dataclass
 class LogoConfig:
     """Everything the LOGO stage does; `python -m align.logo --config FILE --set key=value` fills it."""
 
@@ -76,6 +98,7 @@ class LogoConfig:
     batches: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     train: LogoTrainConfig = dataclasses.field(default_factory=LogoTrainConfig)
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    text: TextRegulariser = dataclasses.field(default_factory=TextRegulariser)
     shared_context: bool = True
     """Score all responses on one shared context (packed mask / one encoder pass); false: 1 + M full copies."""
     max_rows: int | None = None
@@ -89,6 +112,7 @@ class Prepared:
     model: Any
     tokenizer: Any
     batches: PreferenceBatches
+    text: PreferenceBatches | None
     objective: Any
     extended: dict[str, Any]
     trainable: int
@@ -156,7 +180,17 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     batches = PreferenceBatches(rows, tokenizer, config.position, config.batches, config.loss.responses_used,
                                 encoder_decoder)
-    extended = extend_to_window(model, config, batches)
+    text = None
+    if config.text.weight:
+        text_position = dataclasses.replace(config.position, synthesize=False)
+        text_batches = dataclasses.replace(config.batches, batch_size=config.text.batch_size,
+                                           seed=config.batches.seed + 1)
+        try:
+            text = PreferenceBatches(load_rows(config.text.data), tokenizer, text_position, text_batches, 1,
+                                     encoder_decoder)
+        except UserError as err:
+            raise UserError(f"text regulariser data: {err}") from None
+    extended = extend_to_window(model, config, WithTextBatches(batches, text) if text else batches)
     reference = None
     if config.loss.needs_reference:
         if reference_dir is not None:
@@ -168,9 +202,9 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     if config.lora.enabled:
         model = wrap_lora(model, config.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    objective = PreferenceObjective(config.loss, config.shared_context, reference)
+    objective = PreferenceObjective(config.loss, config.shared_context, reference, config.text.weight)
     objective.check(model)
-    return Prepared(model, tokenizer, batches, objective, extended, trainable, total)
+    return Prepared(model, tokenizer, batches, text, objective, extended, trainable, total)
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -195,7 +229,8 @@ def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[s
     from align.objective import rows
     from pretrain.trainer import CHECKPOINTS, Trainer
 
-    trainer = Trainer(prepared.model, config.train, prepared.batches, loss_fn=prepared.objective, weight_fn=rows)
+    data = WithTextBatches(prepared.batches, prepared.text) if prepared.text else prepared.batches
+    trainer = Trainer(prepared.model, config.train, data, loss_fn=prepared.objective, weight_fn=rows)
     result = trainer.train(work_dir / "train")
     _save_final(trainer, prepared, work_dir, config.lora.enabled)
     shutil.rmtree(work_dir / "train" / CHECKPOINTS, ignore_errors=True)
@@ -203,6 +238,7 @@ def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[s
         **{k: v for k, v in result.items() if isinstance(v, (int, float, str))},
         "rows": len(prepared.batches.rows),
         "truncated_responses": prepared.batches.truncated,
+        "text_rows": len(prepared.text.rows) if prepared.text else 0,
         "trainable_parameters": prepared.trainable,
         "parameters": prepared.total,
         "window": config.position.window if config.position.synthesize else None,

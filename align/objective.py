@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from align.losses import LossConfig, ResponseLogps, preference_loss
+from align.losses import LossConfig, ResponseLogps, preference_loss, preferred_nll
 from align.packing import mask_kind, response_logps, unwrap
 from core.errors import UserError
 
@@ -32,9 +32,10 @@ def _peft_model(model):
 class PreferenceObjective:
     """LOGO (or a baseline) on preference batches from `align.batches`."""
 
-    def __init__(self, config: LossConfig, shared_context: bool = True, reference=None):
+    def __init__(self, config: LossConfig, shared_context: bool = True, reference=None, text_weight: float = 0.0):
         self.config = config
         self.shared_context = shared_context
+        self.text_weight = text_weight  # x the token-mean NLL of the batch's "text" rows (align.logo.TextRegulariser)
         self.reference = reference
         if reference is not None:
             reference.eval().requires_grad_(False)
@@ -66,6 +67,12 @@ class PreferenceObjective:
         policy = response_logps(model, batch, self.shared_context, min_responses=self.config.responses_used)
         reference = self.reference_logps(model, batch) if self.config.needs_reference else None
         loss, metrics = preference_loss(self.config, policy, reference)
+        if self.text_weight and "text" in batch:
+            device = batch["input_ids"].device
+            text = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch["text"].items()}
+            text_nll = preferred_nll(response_logps(model, text, self.shared_context, min_responses=1)).float()
+            loss = loss + self.text_weight * text_nll
+            metrics = {**metrics, "loss": loss.item(), "text_nll": text_nll.item()}
         strategies = batch.get("position_strategy")
         if isinstance(strategies, (list, tuple)) and strategies:
             metrics["sparse_positions"] = sum(s == "sparse" for s in strategies) / len(strategies)
