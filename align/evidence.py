@@ -13,6 +13,7 @@ directory: `--stop-after instruct` runs the instruction stage alone, e.g. on a G
               was trained at; LOGO is then measured on carrying that beyond it
     data/     preference rows from the corpus' train split, chunked in the teacher's tokens (align.build_data); with
               `responses: generator` the dis-preferred answers are sampled from the model before LOGO (LOGO's recipe)
+    text_data/  plain text rows for an optional text regulariser of both trainings alike (`text_rows` > 0)
     logo/     LOGO (loss `logo`, positions synthesised over `window_factor` x the real length)
     sft/      the same data, steps, positions and optimiser, loss `sft` (NLL of the preferred response only)
     report/   evaluation of the three models (eval.gate.run_gate: probes from the validation split, corpus perplexity
@@ -38,7 +39,7 @@ from pretrain.corpus import CorpusConfig
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
 REPORT_FORMAT = 5
-STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "logo", "sft", "report")
+STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "text_data", "logo", "sft", "report")
 
 
 @dataclasses.dataclass
@@ -116,6 +117,15 @@ class EvidenceConfig:
     response_temperature: float = 0.7
     """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
+    text_rows: int = 0
+    """Plain text rows for a text regulariser in both trainings alike (align.logo.TextRegulariser; not LOGO's):
+    `text_weight` x their NLL beside the loss, `text_batch_size` rows a step. 0: off (LOGO as published). For a model
+    before LOGO that models text the preference rows never show, so that its short-context perplexity is guarded by
+    training on text rather than by a small learning rate."""
+    text_weight: float = 1.0
+    text_batch_size: int = 8
+    text_tokens: int = 120
+    """Tokens of text per row, after a 4-token prompt (as the instruction stage's text rows)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -125,6 +135,8 @@ class EvidenceConfig:
             raise UserError(f"responses must be \"rule\" or \"generator\", got {self.responses!r}")
         if self.instruct.steps < 0 or self.instruct.samples < 1 or self.instruct.batch_size < 1:
             raise UserError("instruct.steps must be >= 0, instruct.samples and instruct.batch_size >= 1")
+        if self.text_rows < 0 or (self.text_rows and (self.text_weight <= 0 or self.text_batch_size < 1)):
+            raise UserError("text_rows must be >= 0; with text rows, text_weight > 0 and text_batch_size >= 1")
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -161,15 +173,18 @@ def instruct_overrides(config: EvidenceConfig, data_dir: Path, real_length: int)
             "batches.max_response_tokens=128", *config.instruct.overrides]
 
 
-def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_length: int) -> list[str]:
+def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_length: int,
+                   text_dir: Path | None = None) -> list[str]:
     window = config.window_factor * real_length
+    text = ([f"text.data={text_dir}", f"text.weight={config.text_weight}",
+             f"text.batch_size={config.text_batch_size}"] if config.text_rows else [])
     return [f"data={data_dir}", f"loss.loss={loss}", f"loss.beta={config.beta}", f"loss.gamma={config.gamma}",
             f"position.window={window}", f"position.chunk_size={config.chunk_size}",
             f"position.max_chunks={config.context_chunks}", f"train.steps={config.steps}",
             f"train.lr={config.lr}", f"train.min_lr={config.lr / 10}", f"train.warmup_steps={max(1, config.steps // 10)}",
             "train.grad_accum_steps=1", f"train.save_every={max(1, config.steps // 3)}", "train.log_every=5",
             f"train.seed={config.seed}", f"batches.batch_size={config.batch_size}", f"batches.seed={config.seed}",
-            "batches.max_response_tokens=128", f"lora.enabled={str(config.lora).lower()}",
+            "batches.max_response_tokens=128", f"lora.enabled={str(config.lora).lower()}", *text,
             *config.logo_overrides]
 
 
@@ -290,8 +305,9 @@ def build_rows(config: EvidenceConfig, teacher: Path, overrides: list[str], out:
     return build(build_config, out)
 
 
-def text_rows(config: EvidenceConfig, tokenizer) -> list[dict]:
-    """`instruct.lm_samples` continuation rows from the corpus' train split (see InstructConfig.lm_samples)."""
+def text_rows(config: EvidenceConfig, tokenizer, count: int, tokens: int, salt: str = "instruct-text") -> list[dict]:
+    """`count` continuation rows (a 4-token prompt, the next `tokens` tokens as the response) from the corpus' train
+    split (see InstructConfig.lm_samples and EvidenceConfig.text_rows)."""
     import random
 
     from pretrain.corpus import load_or_build_corpus
@@ -299,20 +315,20 @@ def text_rows(config: EvidenceConfig, tokenizer) -> list[dict]:
     texts = [t for t in load_or_build_corpus(config.corpus, config.cache_dir)["train"]["text"] if len(t) > 2000]
     if not texts:
         raise UserError("the corpus' train split has no document long enough for text rows")
-    rng = random.Random(f"{config.seed}:instruct-text")
+    rng = random.Random(f"{config.seed}:{salt}")
     rows: list[dict] = []
-    for index in range(10 * config.instruct.lm_samples):
-        if len(rows) == config.instruct.lm_samples:
+    for index in range(10 * count):
+        if len(rows) == count:
             break
         text = rng.choice(texts)
         start = rng.randrange(0, len(text) - 1500)
         ids = tokenizer(text[start:start + 1500], add_special_tokens=False)["input_ids"][1:]  # drop a cut first piece
-        context, response = tokenizer.decode(ids[:4]), tokenizer.decode(ids[4:4 + config.instruct.lm_tokens])
+        context, response = tokenizer.decode(ids[:4]), tokenizer.decode(ids[4:4 + tokens])
         if context.strip() and response.strip():
             rows.append({"id": f"text-{index}", "chunks": [context], "question": "", "answer": response,
                          "responses": [response], "response_kinds": ["text"], "response_sources": ["corpus text"]})
-    if len(rows) < config.instruct.lm_samples:
-        raise UserError(f"only {len(rows)} of {config.instruct.lm_samples} text rows could be cut from the corpus")
+    if len(rows) < count:
+        raise UserError(f"only {len(rows)} of {count} text rows could be cut from the corpus")
     return rows
 
 
@@ -327,7 +343,7 @@ def mix_instruction_rows(config: EvidenceConfig, tokenizer, question_dir: Path, 
 
     def mix(input_dir: Path, work_dir: Path, _config: dict) -> dict[str, Any]:
         questions = [{c: row[c] for c in columns} for row in load_rows(input_dir)]
-        text = text_rows(config, tokenizer)
+        text = text_rows(config, tokenizer, config.instruct.lm_samples, config.instruct.lm_tokens)
         rows = questions + text
         random.Random(f"{config.seed}:instruct-mix").shuffle(rows)
         save_rows(rows, work_dir, {"question_rows": str(input_dir), "text_rows": len(text),
@@ -337,6 +353,21 @@ def mix_instruction_rows(config: EvidenceConfig, tokenizer, question_dir: Path, 
     stage_config = {"lm_samples": config.instruct.lm_samples, "lm_tokens": config.instruct.lm_tokens,
                     "corpus": to_dict(config.corpus), "seed": config.seed}
     return run_stage(Stage("instruct-mix", mix, stage_config), question_dir, out)
+
+
+def regulariser_rows(config: EvidenceConfig, tokenizer, out: Path):
+    """The text regulariser's rows (`text_rows`) as a dataset stage; drawn apart from the instruction stage's."""
+    from align.data import save_rows
+    from core.stage import Stage, run_stage
+
+    def cut(_input, work_dir: Path, _config: dict) -> dict[str, Any]:
+        rows = text_rows(config, tokenizer, config.text_rows, config.text_tokens, salt="regulariser-text")
+        save_rows(rows, work_dir, {"text_rows": len(rows), "tokens": config.text_tokens, "split": "train"})
+        return {"rows": len(rows)}
+
+    stage_config = {"text_rows": config.text_rows, "text_tokens": config.text_tokens,
+                    "corpus": to_dict(config.corpus), "seed": config.seed}
+    return run_stage(Stage("regulariser-text", cut, stage_config), None, out)
 
 
 def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | None = None) -> dict[str, Any]:
@@ -382,9 +413,14 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
                generator=base if config.responses == "generator" else None)
     if done("data"):
         return {"stopped_after": stop_after}
+    if config.text_rows:
+        regulariser_rows(config, tokenizer, out_dir / "text_data")
+    if done("text_data"):
+        return {"stopped_after": stop_after}
     trained = {}
     for name, loss in (("logo", "logo"), ("sft", "sft")):
-        logo_config = load_config(LogoConfig, None, logo_overrides(config, out_dir / "data", loss, real_length))
+        logo_config = load_config(LogoConfig, None, logo_overrides(config, out_dir / "data", loss, real_length,
+                                                                   out_dir / "text_data"))
         run_logo(base, out_dir / name, logo_config)
         trained[name] = out_dir / name
         if done(name):
@@ -443,7 +479,10 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"context: at most {real_context} tokens ({config.context_chunks} chunks x {config.chunk_size}){measured}; "
         f"synthesised window: {window} positions (x{config.window_factor}). LOGO and SFT: {config.steps} steps, "
         f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows (dis-preferred "
-        f"answers: {config.responses}) and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda 0.1, M 2.",
+        f"answers: {config.responses}) and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda 0.1, M 2."
+        + (f" Both trainings add the same text regulariser (not LOGO's): {config.text_weight} x the NLL of "
+           f"{config.text_batch_size} plain-text rows a step ({config.text_rows} rows of {config.text_tokens} "
+           "tokens from the corpus' train split)." if config.text_rows else ""),
         "",
         "Probe lengths are characters of context; `~tok` is their mean length in the teacher's tokens. Probes and "
         "perplexity texts come from the corpus' validation split; the training rows from its train split. "

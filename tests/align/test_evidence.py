@@ -54,7 +54,8 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     from align.evidence import InstructConfig
 
     config = dataclasses.replace(smoke_config(workspace, tmp_path), responses="generator",
-                                 instruct=InstructConfig(steps=2, samples=3, batch_size=2, lm_samples=2, lm_tokens=8))
+                                 instruct=InstructConfig(steps=2, samples=3, batch_size=2, lm_samples=2, lm_tokens=8),
+                                 text_rows=3, text_tokens=8, text_batch_size=2, text_weight=0.5)
     (tmp_path / "gpu").mkdir()
     monkeypatch.chdir(tmp_path / "gpu")
     stopped = run_evidence(config, "runs/ev", stop_after="instruct")
@@ -79,9 +80,16 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     assert logo.inputs["dir"] == "runs/ev/instruct"  # LOGO starts from the instructed model
     data = Manifest.read("runs/ev/data")
     assert data.config["generator"] == "runs/ev/instruct" and data.config["data"]["responses"] == "generator"
+    # the same text regulariser in both trainings, on rows drawn apart from the instruction stage's text rows
+    sft = Manifest.read("runs/ev/sft")
+    assert logo.config["text"] == sft.config["text"] == {"data": "runs/ev/text_data", "weight": 0.5, "batch_size": 2}
+    assert logo.metrics["text_rows"] == sft.metrics["text_rows"] == 3
+    regulariser = load_rows("runs/ev/text_data")
+    assert {row["answer"] for row in regulariser}.isdisjoint(row["answer"] for row in text)
     report = Path("runs/ev/report/report.md").read_text()
     assert "after its instruction stage (2 steps" in report and "value acc @900" in report
     assert "The teacher itself, before its instruction stage, scores" in report
+    assert "Both trainings add the same text regulariser (not LOGO's): 0.5 x the NLL of 2 plain-text rows" in report
 
 
 def test_answer_scores_count_value_tokens_only(workspace):
