@@ -55,10 +55,11 @@ class PreferenceBatches:
     """Iterable of preference batches over a dataset of rows (`align.data` format), for `pretrain.trainer.Trainer`."""
 
     def __init__(self, rows, tokenizer, position: PositionConfig, config: BatchConfig, responses: int,
-                 encoder_decoder: bool):
+                 encoder_decoder: bool, rank: int = 0, world: int = 1):
         check_rows(rows, num_rejected=max(responses - 1, 0))
         if config.batch_size < 1:
             raise UserError("batch_size must be at least 1")
+        self.rank, self.world = rank, world
         self.position, self.config, self.responses = position, config, responses
         self.encoder_decoder = encoder_decoder
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -67,6 +68,9 @@ class PreferenceBatches:
             raise UserError("append_eos needs a tokenizer with an EOS token")
         self.truncated = 0
         self.rows = [self._encode(row, tokenizer) for row in rows]
+        if len(self) == 0:
+            raise UserError(f"{len(self.rows)} rows make fewer batches of {config.batch_size} than the {world} "
+                            "processes: lower batch_size or use fewer processes")
         self.epoch, self.next_batch = 0, 0
 
     # ------------------------------------------------------------------ encoding and checks
@@ -142,14 +146,24 @@ class PreferenceBatches:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.rows), generator=generator).tolist()
 
+    def batch_rows(self, epoch: int) -> list[list[int]]:
+        """This process's batches of an epoch: under several processes (RANK/WORLD_SIZE), consecutive batches of the
+        shuffled order go to consecutive ranks, so one step of all ranks reads what one process would read with a
+        `world` times larger batch; the last batches that cannot give every rank one are left out of that epoch."""
+        order, size = self.order(epoch), self.config.batch_size
+        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        if self.world == 1:
+            return batches
+        return [batches[group * self.world + self.rank] for group in range(len(batches) // self.world)]
+
     def __len__(self) -> int:
-        return (len(self.rows) + self.config.batch_size - 1) // self.config.batch_size
+        batches = (len(self.rows) + self.config.batch_size - 1) // self.config.batch_size
+        return batches if self.world == 1 else batches // self.world
 
     def __iter__(self):
-        order = self.order(self.epoch)
-        size = self.config.batch_size
+        batches = self.batch_rows(self.epoch)
         while self.next_batch < len(self):
-            indices = order[self.next_batch * size:(self.next_batch + 1) * size]
+            indices = batches[self.next_batch]
             batch = self.collate(indices, self.epoch)
             self.next_batch += 1
             yield batch

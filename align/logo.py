@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,9 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     model = load_model(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    shard = {"rank": int(os.environ.get("RANK", "0")), "world": int(os.environ.get("WORLD_SIZE", "1"))}
     batches = PreferenceBatches(rows, tokenizer, config.position, config.batches, config.loss.responses_used,
-                                encoder_decoder)
+                                encoder_decoder, **shard)
     text = None
     if config.text.weight:
         text_position = dataclasses.replace(config.position, synthesize=False)
@@ -187,7 +189,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
                                            seed=config.batches.seed + 1)
         try:
             text = PreferenceBatches(load_rows(config.text.data), tokenizer, text_position, text_batches, 1,
-                                     encoder_decoder)
+                                     encoder_decoder, **shard)
         except UserError as err:
             raise UserError(f"text regulariser data: {err}") from None
     extended = extend_to_window(model, config, WithTextBatches(batches, text) if text else batches)

@@ -1,7 +1,8 @@
 """The stage contract: a stage turns an input checkpoint directory into an output one and leaves a manifest.
 
 A stage writes into `<out>.partial` and renames it to `<out>` only when it has finished, so a killed run never
-leaves a directory that looks complete. A training stage keeps its periodic checkpoints inside the partial
+leaves a directory that looks complete. Under a launcher every process runs the stage; the first one alone sets up
+and publishes the directory (see `_barrier`). A training stage keeps its periodic checkpoints inside the partial
 directory; rerunning with the same config resumes from them, while a changed config starts the stage afresh.
 """
 
@@ -173,14 +174,22 @@ def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, forc
     partial = partial_dir(output_dir)
     pending = partial / PENDING
     resumes = stage.resumable and pending.is_file() and json.loads(pending.read_text()).get("config_hash") == digest
-    if partial.exists() and not resumes:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest}))
+    main = _rank() == 0
+    _barrier()  # every process has read the partial state before the first one changes it
+    if main:
+        if partial.exists() and not resumes:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest}))
+    _barrier()
 
     started = time.time()
     metrics = stage.run(Path(input_dir) if input_dir is not None else None, partial, stage.config) or {}
     finished = time.time()
+    _barrier()  # every process has finished writing into the partial directory
+    if not main:
+        _barrier()  # until the first process has published it
+        return Manifest.read(output_dir)
 
     manifest = Manifest(
         stage=stage.name,
@@ -200,7 +209,27 @@ def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, forc
     pending.unlink()
     manifest.write(partial)
     publish(partial, output_dir)
+    _barrier()
     return manifest
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    """Under a launcher (torchrun, deepspeed, accelerate: WORLD_SIZE > 1) every process runs the stage, and only the
+    first one sets up, writes the manifest and publishes; the others meet it here. The process group the trainer
+    uses is opened now if it is not yet (nccl on CUDA, gloo on CPU). One process: nothing to wait for."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    torch.distributed.barrier()
 
 
 def run_stages(

@@ -14,11 +14,11 @@ from core.errors import UserError
 POSITION = PositionConfig(window=4096, chunk_size=128, max_chunks=8)
 
 
-def batches(workspace, encoder_decoder=False, position=POSITION, **settings) -> PreferenceBatches:
+def batches(workspace, encoder_decoder=False, position=POSITION, rank=0, world=1, **settings) -> PreferenceBatches:
     rows = load_rows(workspace / "data")
     tokenizer = load_tokenizer(workspace / "tokenizer")
     return PreferenceBatches(rows, tokenizer, position, BatchConfig(**{"batch_size": 3, **settings}), 3,
-                             encoder_decoder)
+                             encoder_decoder, rank=rank, world=world)
 
 
 def test_prompt_is_chunks_then_question_and_responses_end_with_eos(workspace):
@@ -64,6 +64,23 @@ def test_iteration_resumes_exactly_and_epochs_reshuffle(workspace):
     list(data)
     epoch1 = [b["row_ids"] for b in data]
     assert sorted(sum(epoch0, [])) == sorted(sum(epoch1, [])) and epoch0 != epoch1
+
+
+def test_processes_share_one_process_batches_between_them(workspace):
+    """Two ranks with batch 2 read, step by step, the rows (and positions) one process reads with batch 4."""
+    one = list(batches(workspace, batch_size=4))
+    ranks = [list(batches(workspace, batch_size=2, rank=r, world=2)) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 2  # 8 rows
+    for step, whole in enumerate(one):
+        parts = [ranks[0][step], ranks[1][step]]
+        assert parts[0]["row_ids"] + parts[1]["row_ids"] == whole["row_ids"]
+        for part, rows in zip(parts, (slice(0, 2), slice(2, 4))):
+            width = part["input_ids"].shape[1]
+            assert torch.equal(part["position_ids"], whole["position_ids"][rows, :width])
+    odd = [[b["row_ids"] for b in batches(workspace, batch_size=3, rank=r, world=2)] for r in (0, 1)]
+    assert [len(o) for o in odd] == [1, 1] and set(odd[0][0]).isdisjoint(odd[1][0])  # 3 batches: the last left out
+    with pytest.raises(UserError, match="fewer batches of 8 than the 2 processes"):
+        batches(workspace, batch_size=8, rank=1, world=2)
 
 
 def test_long_responses_fail_naming_the_row_or_are_truncated_when_asked(workspace):

@@ -1,0 +1,56 @@
+"""`python -m align.logo` under `torchrun` with two processes on CPU (gloo), for real: each rank reads its own half
+of every step's rows, the first rank alone publishes the stage directory, and the weights equal those of one
+process reading the whole batch (SimPO's loss is a mean over rows, so the two runs take the same steps)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_model
+from core.stage import Manifest
+from tests.align.conftest import POSITION_SETTINGS
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = [*POSITION_SETTINGS, "train.warmup_steps=0", "train.grad_accum_steps=1", "train.log_every=1",
+            "train.steps=3", "train.lr=1e-3", "train.save_every=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def logo(workspace, out: Path, processes: int, batch_size: int) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                 str(processes), "--master_port", str(free_port())] if processes > 1 else [sys.executable])
+    command = launcher + ["-m", "align.logo", "--model", str(workspace / "llama"), "--data", str(workspace / "data"),
+                          "--out", str(out), "--loss", "simpo",
+                          *[f"--set={s}" for s in SETTINGS + [f"batches.batch_size={batch_size}"]]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_like_one_with_the_whole_batch(workspace, tmp_path):
+    logo(workspace, tmp_path / "one", 1, 4)
+    done = logo(workspace, tmp_path / "two", 2, 2)
+    assert done.stdout.count("saved to") == 2  # both ranks finish; only the first wrote
+    assert not (tmp_path / "two.partial").exists()
+    one, two = Manifest.read(tmp_path / "one"), Manifest.read(tmp_path / "two")
+    assert two.metrics["step"] == one.metrics["step"] == 3
+    assert two.metrics["loss"] == pytest.approx(one.metrics["loss"], rel=1e-4)
+    a, b = load_model(tmp_path / "one"), load_model(tmp_path / "two")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=name)
+    untrained = load_model(workspace / "llama").state_dict()
+    assert any(not torch.allclose(untrained[n], p) for n, p in b.state_dict().items())
