@@ -38,7 +38,7 @@ from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
-REPORT_FORMAT = 5
+REPORT_FORMAT = 6
 STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "text_data", "logo", "sft", "report")
 
 
@@ -499,8 +499,11 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
            f" The teacher itself, before its instruction stage, scores {teacher_ppl:.2f}: "
            + ("the instruction stage trained answers only and the model stopped modelling text, so this gate "
               "measures the drift of a model with no text modelling left to lose (instruct.lm_samples mixes text "
-              "rows in)." if float(rows[0][-3]) > 2 * teacher_ppl
-              else "the instruction stage did not cost text modelling, so the gate guards modelling the model has.")),
+              "rows into that stage; text_rows trains text beside LOGO and SFT)." if float(rows[0][-3]) > 2 * teacher_ppl
+              else "the instruction stage did not cost text modelling, so the gate guards modelling the model has.")
+           + " Against the teacher: " + ", ".join(f"{row[0]} {float(row[-3]):.2f} "
+                                                 f"({(float(row[-3]) / teacher_ppl - 1) * 100:+.1f}%)"
+                                                 for row in rows[1:]) + "."),
         "",
         "| stage | final loss | seconds | ran on |",
         "|---|---|---|---|",

@@ -89,6 +89,7 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     report = Path("runs/ev/report/report.md").read_text()
     assert "after its instruction stage (2 steps" in report and "value acc @900" in report
     assert "The teacher itself, before its instruction stage, scores" in report
+    assert "Against the teacher: LOGO " in report and ", SFT (same steps) " in report
     assert "Both trainings add the same text regulariser (not LOGO's): 0.5 x the NLL of 2 plain-text rows" in report
 
 
