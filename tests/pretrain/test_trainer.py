@@ -418,3 +418,12 @@ def test_default_loss_keeps_packed_documents_apart():
         leaky = model(**batch).loss  # the model's own call with its cache on
     torch.testing.assert_close(packed, reference)
     assert not torch.allclose(packed, leaky)
+
+
+def test_processes_sharing_a_cpu_split_its_cores_unless_threads_are_set():
+    from pretrain.trainer import cpu_threads_per_process
+
+    assert cpu_threads_per_process(16, 2, threads_set=False) == 8
+    assert cpu_threads_per_process(2, 4, threads_set=False) == 1
+    assert cpu_threads_per_process(16, 2, threads_set=True) is None  # OMP_NUM_THREADS is the user's choice
+    assert cpu_threads_per_process(16, 1, threads_set=False) is None  # one process keeps torch's default
