@@ -175,9 +175,12 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
         losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
         return {**metrics, "val_loss": sum(losses) / len(losses)}
 
-    result = Trainer(model, config.train, data, loss_fn=loss_fn, eval_fn=evaluate).train(work_dir)
-    write_checkpoint(model, tokenizer, work_dir)
-    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # resume-only optimizer states
+    trainer = Trainer(model, config.train, data, loss_fn=loss_fn, eval_fn=evaluate)
+    result = trainer.train(work_dir)
+    with trainer.engine.gathered():  # ZeRO-3 shards the weights across processes: whole again inside
+        if trainer.runtime.is_main:  # one writer under a launcher; run_stage publishes after every rank is done
+            write_checkpoint(model, tokenizer, work_dir)
+            shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # resume-only optimizer states
     return {
         "val_loss": result.get("eval/val_loss"),
         "per_objective": {k[len("eval/val_loss/"):]: v for k, v in result.items() if k.startswith("eval/val_loss/")},

@@ -4,6 +4,7 @@ under several processes each one trains on its own shard of the documents."""
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
 
 from core.checkpoint import save_checkpoint
@@ -70,3 +71,39 @@ def test_each_process_trains_on_its_own_shard(tmp_path, monkeypatch):
         shards.append(list(process_shard(config)["text"]))
     assert set(shards[0]).isdisjoint(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(list(datasets.load_from_disk(str(corpus))["train"]["text"]))
+
+
+@pytest.mark.slow
+def test_the_command_under_torchrun_with_zero3_publishes_one_whole_checkpoint(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pretrain.continual` with ZeRO-3: both processes run the stage, the first alone
+    writes the (gathered, whole) weights and publishes the directory."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.pretrain.test_distributed import ROOT, free_port
+
+    corpus = _corpus(tmp_path)
+    model_dir = _model(tmp_path, corpus)
+    out = tmp_path / "recovered"
+    settings = [f"data.paths=[{corpus}]", "input_length=48", "target_length=24", "validation_batches=1",
+                "objective=mix", "train.steps=3", "train.lr=3e-3", "train.micro_batch_size=2", "train.eval_every=3",
+                "train.save_every=2", "train.deepspeed=3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "pretrain.continual", "--model", str(model_dir),
+               "--out", str(out), *[f"--set={s}" for s in settings]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
+    done = subprocess.run(command, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert not (tmp_path / "recovered.partial").exists() and not (out / "checkpoints").exists()
+    before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, weight in after.items():
+        assert weight.shape == before[name].shape and torch.isfinite(weight).all(), name
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    from core.stage import Manifest
+
+    assert Manifest.read(out).metrics["steps"] == 3
