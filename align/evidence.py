@@ -16,6 +16,7 @@ directory: `--stop-after instruct` runs the instruction stage alone, e.g. on a G
     text_data/  plain text rows for an optional text regulariser of both trainings alike (`text_rows` > 0)
     logo/     LOGO (loss `logo`, positions synthesised over `window_factor` x the real length)
     sft/      the same data, steps, positions and optimiser, loss `sft` (NLL of the preferred response only)
+    logo-seed<N>/, sft-seed<N>/  the same two trainings with each further seed of `train_seeds`
     report/   evaluation of the three models (eval.gate.run_gate: probes from the validation split, corpus perplexity
               with the bound `max_ppl_rel_increase` against the model before LOGO), report.md and evidence.json
 
@@ -126,6 +127,10 @@ class EvidenceConfig:
     text_batch_size: int = 8
     text_tokens: int = 120
     """Tokens of text per row, after a 4-token prompt (as the instruction stage's text rows)."""
+    train_seeds: tuple[int, ...] = (0,)
+    """Seeds of the LOGO and SFT trainings (row order, synthesised positions, text rows; added to `seed`), each
+    training both on the same data: the report gives a row per seed and their mean. On the tiny teacher two seeds
+    moved exact match at one length by up to 0.17, as much as LOGO and SFT differ there, so one seed can mislead."""
     seed: int = 0
 
     def __post_init__(self):
@@ -135,6 +140,8 @@ class EvidenceConfig:
             raise UserError(f"responses must be \"rule\" or \"generator\", got {self.responses!r}")
         if self.instruct.steps < 0 or self.instruct.samples < 1 or self.instruct.batch_size < 1:
             raise UserError("instruct.steps must be >= 0, instruct.samples and instruct.batch_size >= 1")
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise UserError(f"train_seeds must be distinct and at least one, got {list(self.train_seeds)}")
         if self.text_rows < 0 or (self.text_rows and (self.text_weight <= 0 or self.text_batch_size < 1)):
             raise UserError("text_rows must be >= 0; with text rows, text_weight > 0 and text_batch_size >= 1")
 
@@ -173,8 +180,16 @@ def instruct_overrides(config: EvidenceConfig, data_dir: Path, real_length: int)
             "batches.max_response_tokens=128", *config.instruct.overrides]
 
 
+def trainings(config: EvidenceConfig) -> list[tuple[str, str, int, str]]:
+    """(report label, loss, seed, directory name) of every training: LOGO for each seed, then SFT for each seed.
+    Seed 0 trains in `logo/` and `sft/`, so a one-seed run keeps the names (and finished stages) it always had."""
+    several = len(config.train_seeds) > 1
+    return [(f"{label}, seed {seed}" if several else label, loss, seed, loss + (f"-seed{seed}" if seed else ""))
+            for loss, label in (("logo", MODELS[1]), ("sft", MODELS[2])) for seed in config.train_seeds]
+
+
 def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_length: int,
-                   text_dir: Path | None = None) -> list[str]:
+                   text_dir: Path | None = None, seed: int = 0) -> list[str]:
     window = config.window_factor * real_length
     text = ([f"text.data={text_dir}", f"text.weight={config.text_weight}",
              f"text.batch_size={config.text_batch_size}"] if config.text_rows else [])
@@ -183,7 +198,8 @@ def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_lengt
             f"position.max_chunks={config.context_chunks}", f"train.steps={config.steps}",
             f"train.lr={config.lr}", f"train.min_lr={config.lr / 10}", f"train.warmup_steps={max(1, config.steps // 10)}",
             "train.grad_accum_steps=1", f"train.save_every={max(1, config.steps // 3)}", "train.log_every=5",
-            f"train.seed={config.seed}", f"batches.batch_size={config.batch_size}", f"batches.seed={config.seed}",
+            f"train.seed={config.seed + seed}", f"batches.batch_size={config.batch_size}",
+            f"batches.seed={config.seed + seed}",
             "batches.max_response_tokens=128", f"lora.enabled={str(config.lora).lower()}", *text,
             *config.logo_overrides]
 
@@ -277,7 +293,7 @@ def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict
     headers += ["byte perplexity", "vs before", "perplexity gate"]
     rows = []
     before_ppl = results[MODELS[0]]["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
-    for name in MODELS:
+    for name in (key for key in results if key != "teacher"):
         gate = results[name]
         metrics = gate["results"]["metrics"]
         row: list[Any] = [name]
@@ -291,7 +307,20 @@ def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict
         row += [round(ppl, 4), f"{(ppl / before_ppl - 1) * 100:+.2f}%",
                 "baseline" if name == MODELS[0] else ("pass" if gate["passed"] else "FAIL")]
         rows.append(row)
+    if len(config.train_seeds) > 1:
+        rows += [mean_row(f"{label}, mean of {len(config.train_seeds)} seeds",
+                          [row for row in rows if row[0].startswith(f"{label}, seed ")], before_ppl)
+                 for label in MODELS[1:]]
     return headers, rows
+
+
+def mean_row(label: str, rows: list[list[Any]], before_ppl: float) -> list[Any]:
+    """The column means of seed rows (ppl change recomputed from the mean; the gate as passes out of seeds)."""
+    columns = [[row[i] for row in rows] for i in range(1, len(rows[0]) - 2)]
+    means = [None if None in column else round(sum(column) / len(column), 4 if i == len(columns) - 1 else 3)
+             for i, column in enumerate(columns)]
+    passes = sum(row[-1] == "pass" for row in rows)
+    return [label, *means, f"{(means[-1] / before_ppl - 1) * 100:+.2f}%", f"{passes}/{len(rows)} pass"]
 
 
 def build_rows(config: EvidenceConfig, teacher: Path, overrides: list[str], out: Path,
@@ -418,12 +447,12 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
     if done("text_data"):
         return {"stopped_after": stop_after}
     trained = {}
-    for name, loss in (("logo", "logo"), ("sft", "sft")):
+    for label, loss, seed, name in trainings(config):
         logo_config = load_config(LogoConfig, None, logo_overrides(config, out_dir / "data", loss, real_length,
-                                                                   out_dir / "text_data"))
+                                                                   out_dir / "text_data", seed))
         run_logo(base, out_dir / name, logo_config)
-        trained[name] = out_dir / name
-        if done(name):
+        trained[label] = out_dir / name
+        if done(loss) and seed == config.train_seeds[-1]:
             return {"stopped_after": stop_after}
 
     def report_stage(_input, work_dir: Path, _stage_config: dict) -> dict[str, Any]:
@@ -433,8 +462,8 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
         model = load_model(base)
         before = run_gate(model, tokenizer, gate, prepared=prepared)
         results[MODELS[0]] = {**before.to_dict(), "answer_scores": answer_scores(model, tokenizer, probes)}
-        for name, key in ((MODELS[1], "logo"), (MODELS[2], "sft")):
-            model = load_model(trained[key])
+        for name, directory in trained.items():
+            model = load_model(directory)
             result = run_gate(model, tokenizer, gate, baseline=before.results,
                               prepared=prepare_gate(gate, baseline=before.results, task_set=prepared.task_set))
             results[name] = {**result.to_dict(), "answer_scores": answer_scores(model, tokenizer, probes)}
@@ -447,7 +476,8 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
             results["teacher"] = {"byte_perplexity": teacher_ppl}
         tokens = probe_tokens(prepared.task_set, tokenizer, cfg.probe_kinds)
         headers, rows = evidence_table(results, cfg, tokens)
-        stages = {name: out_dir / name for name in ("instruct", "data", "logo", "sft") if (out_dir / name).is_dir()}
+        names = ["instruct", "data"] + [name for *_, name in trainings(cfg)]
+        stages = {name: out_dir / name for name in names if (out_dir / name).is_dir()}
         markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, stages, teacher_ppl)
         (work_dir / "report.md").write_text(markdown)
         (work_dir / "evidence.json").write_text(json.dumps({"config": to_dict(cfg), "table": {"headers": headers,
@@ -480,6 +510,8 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"synthesised window: {window} positions (x{config.window_factor}). LOGO and SFT: {config.steps} steps, "
         f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows (dis-preferred "
         f"answers: {config.responses}) and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda 0.1, M 2."
+        + (f" Each is trained with seeds {list(config.train_seeds)} (row order, positions): a row per seed, then "
+           "their means." if len(config.train_seeds) > 1 else "")
         + (f" Both trainings add the same text regulariser (not LOGO's): {config.text_weight} x the NLL of "
            f"{config.text_batch_size} plain-text rows a step ({config.text_rows} rows of {config.text_tokens} "
            "tokens from the corpus' train split)." if config.text_rows else ""),

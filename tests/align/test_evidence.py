@@ -4,6 +4,8 @@ three gated evaluations, and a Markdown report whose table rows are the three mo
 import json
 from pathlib import Path
 
+import pytest
+
 from align.evidence import MODELS, EvidenceConfig, main, run_evidence
 from core.stage import Manifest
 from pretrain.corpus import CorpusConfig
@@ -33,6 +35,28 @@ def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(workspace, tm
     before_ppl = evidence["gates"][MODELS[0]]["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
     assert evidence["table"]["rows"][0][-3] == round(before_ppl, 4)
     assert result["table"]["headers"][0] == "model"
+
+
+def test_several_training_seeds_give_a_row_each_and_their_means(workspace, tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(smoke_config(workspace, tmp_path), train_seeds=(0, 2))
+    result = run_evidence(config, tmp_path / "evidence")
+    labels = [row[0] for row in result["table"]["rows"]]
+    assert labels == ["before LOGO", "LOGO, seed 0", "LOGO, seed 2", "SFT (same steps), seed 0",
+                      "SFT (same steps), seed 2", "LOGO, mean of 2 seeds", "SFT (same steps), mean of 2 seeds"]
+    rows = {row[0]: row for row in result["table"]["rows"]}
+    for label in ("LOGO", "SFT (same steps)"):
+        seeds, mean = [rows[f"{label}, seed {s}"] for s in (0, 2)], rows[f"{label}, mean of 2 seeds"]
+        for column in range(1, len(mean) - 3):
+            assert mean[column] == pytest.approx((seeds[0][column] + seeds[1][column]) / 2, abs=1e-3)
+        assert mean[-1].endswith("/2 pass")
+    for loss in ("logo", "sft"):  # seed 0 keeps the one-seed directory; the others get their own, seeded apart
+        zero, two = Manifest.read(tmp_path / "evidence" / loss), Manifest.read(tmp_path / "evidence" / f"{loss}-seed2")
+        assert (zero.config["train"]["seed"], zero.config["batches"]["seed"]) == (0, 0)
+        assert (two.config["train"]["seed"], two.config["batches"]["seed"]) == (2, 2)
+        assert {**zero.config["train"], "seed": 2} == two.config["train"]
+    assert "Each is trained with seeds [0, 2]" in (tmp_path / "evidence" / "report" / "report.md").read_text()
 
 
 def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
