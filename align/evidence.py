@@ -458,7 +458,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
     def report_stage(_input, work_dir: Path, _stage_config: dict) -> dict[str, Any]:
         cfg = config
         results: dict[str, Any] = {}
-        probes = probe_rows_of(prepared.task_set, cfg.probe_kinds)
+        probes = probe_rows_of(prepared.task_set, cfg.probe_kinds[:1])  # graded scores on the first kind
         model = load_model(base)
         before = run_gate(model, tokenizer, gate, prepared=prepared)
         results[MODELS[0]] = {**before.to_dict(), "answer_scores": answer_scores(model, tokenizer, probes)}
@@ -518,10 +518,11 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         "",
         "Probe lengths are characters of context; `~tok` is their mean length in the teacher's tokens. Probes and "
         "perplexity texts come from the corpus' validation split; the training rows from its train split. "
-        "Needle columns: exact match of the generated answer (eval probes). Value acc: share of the answer's value "
-        "tokens that are the model's top choice under teacher forcing (chance ~0.1 for digits). Answer NLL: mean "
-        "per-token negative log-likelihood of the true answer (lower is better). Both are graded retrieval signals "
-        "on the same probe prompts, read where exact match is still 0.",
+        "Probe columns: exact match of the generated answer (eval/probes.py: `needle` one fact in corpus text, "
+        "`needles` the same among 3 facts of other names, `kv` JSON key-value pairs). Value acc: share of the "
+        "answer's value tokens that are the model's top choice under teacher forcing (chance ~0.1 for digits). "
+        "Answer NLL: mean per-token negative log-likelihood of the true answer (lower is better). Both are graded "
+        f"retrieval signals on the `{config.probe_kinds[0]}` probe prompts, read where exact match is still 0.",
         "",
         format_table(rows, headers, markdown=True),
         "",

@@ -1,9 +1,12 @@
 """Long-context probes: put a fact into a long context at a chosen depth, ask for it back at the end.
 
-Two kinds, both answered by greedy generation and scored by exact match:
+Three kinds, all answered by greedy generation and scored by exact match:
 
 - `needle`: one sentence ("The secret number of the amber heron is 482913.") inserted at a line boundary of held-out
   corpus text (needle in a haystack; the haystack is real code and prose, not repeated filler).
+- `needles`: the same with `DISTRACTORS` more secret-number sentences of other names at random depths (RULER's
+  multi-key needle): the model must pick the fact the question names, not any number that looks like an answer,
+  which is what LOGO's preference rows train against (a distractor fact's value as the dis-preferred answer).
 - `kv`: a JSON object of random 8-hex-digit keys and values that fills the whole context; the asked pair sits at the
   depth (key-value retrieval as in "Lost in the Middle" and LongBench's kv_retrieval: no semantic shortcut at all).
 
@@ -17,7 +20,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-PROBE_KINDS = ("needle", "kv")
+PROBE_KINDS = ("needle", "needles", "kv")
+DISTRACTORS = 3
 
 _ADJECTIVES = (
     "amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lively",
@@ -68,6 +72,28 @@ def needle_row(texts: Sequence[str], length: int, depth: float, rng: random.Rand
     return {"prompt": context + question, "answer": answer, "fact_at": at, "context_chars": len(context)}
 
 
+def needles_row(texts: Sequence[str], length: int, depth: float, rng: random.Random,
+                distractors: int = DISTRACTORS) -> dict:
+    """A needle row plus `distractors` secret-number sentences of other names (and other values) at random line
+    starts; the question names the needle at `depth`."""
+    row = needle_row(texts, length, depth, rng)
+    prompt, at = row["prompt"], row["fact_at"]
+    asked = prompt[at:prompt.index("\n", at) + 1]
+    context, question = prompt[: row["context_chars"]], prompt[row["context_chars"]:]
+    names = {question.split("secret number of the ", 1)[1].split("?")[0]}
+    values = {row["answer"]}
+    for _ in range(distractors):
+        name = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
+        value = str(rng.randrange(100_000, 1_000_000))
+        while name in names or value in values:
+            name, value = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}", str(rng.randrange(100_000, 1_000_000))
+        names.add(name), values.add(value)
+        cut = _line_start_near(context, rng.randrange(len(context) + 1))
+        context = context[:cut] + f"The secret number of the {name} is {value}.\n" + context[cut:]
+    at = context.index(asked)
+    return {"prompt": context + question, "answer": row["answer"], "fact_at": at, "context_chars": len(context)}
+
+
 def kv_row(length: int, depth: float, rng: random.Random) -> dict:
     """A JSON object of random hex key-value pairs about `length` characters long; asks for the pair at `depth`."""
     pair_chars = len('"0123abcd": "0123abcd",\n')
@@ -92,7 +118,8 @@ def probe_rows(kind: str, texts: Sequence[str], length: int, depths: Sequence[fl
     for sample in range(samples):  # sample-major, so that lm-eval's --limit keeps every depth
         for depth in depths:
             rng = random.Random(f"{seed}:probe:{kind}:{length}:{depth}:{sample}")
-            row = needle_row(texts, length, depth, rng) if kind == "needle" else kv_row(length, depth, rng)
+            row = (needle_row(texts, length, depth, rng) if kind == "needle" else
+                   needles_row(texts, length, depth, rng) if kind == "needles" else kv_row(length, depth, rng))
             rows.append({"kind": kind, "length": length, "depth": depth, "sample": sample, **row})
     return rows
 

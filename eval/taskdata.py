@@ -70,8 +70,9 @@ class TaskDataConfig:
     """Characters per choice (the real next span, or a span of another held-out document)."""
     mc_choices: int = 4
     """Choices per question; chance accuracy is 1 / mc_choices."""
-    probe_kinds: tuple[str, ...] = PROBE_KINDS
-    """Long-context probes to build: "needle" (a sentence in corpus text) and/or "kv" (JSON key-value retrieval)."""
+    probe_kinds: tuple[str, ...] = ("needle", "kv")
+    """Long-context probes to build: "needle" (a sentence in corpus text), "needles" (the same among 3 distractor
+    facts) and/or "kv" (JSON key-value retrieval)."""
     probe_lengths: tuple[int, ...] = (1000, 2000, 4000, 8000, 16000)
     """Context lengths in CHARACTERS (about 3-4 characters per token for the project tokenizer on code): the
     same rows then fit every tokenizer, so stages before and after vocabulary pruning are compared on equal data.

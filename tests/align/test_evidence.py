@@ -19,12 +19,14 @@ def smoke_config(workspace, tmp_path) -> EvidenceConfig:
 
 
 def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(workspace, tmp_path):
-    config = smoke_config(workspace, tmp_path)
+    import dataclasses
+
+    config = dataclasses.replace(smoke_config(workspace, tmp_path), probe_kinds=("needle", "needles"))
     result = run_evidence(config, tmp_path / "evidence")
     report = (tmp_path / "evidence" / "report" / "report.md").read_text()
     for name in MODELS:
         assert f"| {name} |" in report
-    assert "needle @900 chars" in report and "byte perplexity" in report
+    assert "needle @900 chars" in report and "needles @900 chars" in report and "byte perplexity" in report
     logo = Manifest.read(tmp_path / "evidence" / "logo")
     sft = Manifest.read(tmp_path / "evidence" / "sft")
     assert logo.config["loss"]["loss"] == "logo" and sft.config["loss"]["loss"] == "sft"

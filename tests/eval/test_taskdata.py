@@ -5,7 +5,7 @@ import json
 import pytest
 
 from core.errors import UserError
-from eval.probes import kv_row, needle_row, probe_rows
+from eval.probes import DISTRACTORS, kv_row, needle_row, needles_row, probe_rows
 from eval.taskdata import TaskDataConfig, generate_task_set, load_task_set, task_metrics
 from tests.eval.conftest import TASK_DATA
 
@@ -87,6 +87,24 @@ def test_probe_rows_are_a_pure_function_of_their_seed():
     first, last = kv_row(500, 0.0, random.Random(1)), kv_row(500, 1.0, random.Random(1))
     assert first["fact_at"] < 20 < last["fact_at"]
     assert needle_row(texts, 300, 0.0, random.Random(2))["fact_at"] == 0
+
+
+def test_needles_hide_the_asked_fact_among_distractor_facts():
+    import random
+    import re
+
+    texts = [f"line {i} of some prose\n" * 40 for i in range(3)]
+    for depth in (0.0, 0.5, 1.0):
+        row = needles_row(texts, 1500, depth, random.Random(depth))
+        facts = re.findall(r"The secret number of the (\w+ \w+) is (\d+)\.\n", row["prompt"])
+        asked = re.search(r"What is the secret number of the (\w+ \w+)\?", row["prompt"]).group(1)
+        assert len(facts) == 1 + DISTRACTORS
+        assert len({name for name, _ in facts}) == len({value for _, value in facts}) == len(facts)
+        assert dict(facts)[asked] == row["answer"] and row["prompt"].count(row["answer"]) == 1
+        assert row["prompt"][row["fact_at"]:].startswith(f"The secret number of the {asked} is")
+        assert abs(row["fact_at"] / row["context_chars"] - depth) < 0.2
+        assert row["prompt"].rstrip().endswith("Answer:")
+    assert probe_rows("needles", texts, 900, (0.5,), 2, 3) == probe_rows("needles", texts, 900, (0.5,), 2, 3)
 
 
 @pytest.mark.parametrize("field, value, message", [
