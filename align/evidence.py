@@ -39,7 +39,7 @@ from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
-REPORT_FORMAT = 6
+REPORT_FORMAT = 7
 STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "text_data", "logo", "sft", "report")
 
 
@@ -232,11 +232,11 @@ def teacher_path(config: EvidenceConfig) -> Path:
     return ensure_teacher()
 
 
-def probe_tokens(task_set, tokenizer, kinds) -> dict[int, float]:
-    """Mean probe prompt length in the teacher's tokens, per character length."""
+def probe_tokens(task_set, tokenizer, kinds) -> dict[str, dict[int, float]]:
+    """Mean probe prompt length in the teacher's tokens, per kind and character length."""
     from eval.probes import token_lengths
 
-    return token_lengths(probe_rows_of(task_set, kinds), tokenizer)
+    return {kind: token_lengths(probe_rows_of(task_set, [kind]), tokenizer) for kind in kinds}
 
 
 def probe_rows_of(task_set, kinds) -> list[dict]:
@@ -279,14 +279,15 @@ def answer_scores(model, tokenizer, rows: list[dict], append_eos: bool = True) -
             for length, v in sorted(scores.items())}
 
 
-def evidence_table(results: dict[str, Any], config: EvidenceConfig, tokens: dict[int, float]) -> tuple[list, list]:
+def evidence_table(results: dict[str, Any], config: EvidenceConfig,
+                   tokens: dict[str, dict[int, float]]) -> tuple[list, list]:
     """Rows: model; columns: probe exact match per length (and mean), answer NLL per length, byte perplexity,
     its change, and the perplexity gate."""
     from eval.taskdata import probe_task
 
     headers = ["model"]
     for kind in config.probe_kinds:
-        headers += [f"{kind} @{n} chars (~{tokens.get(n, 0):.0f} tok)" for n in config.probe_lengths]
+        headers += [f"{kind} @{n} chars (~{tokens[kind].get(n, 0):.0f} tok)" for n in config.probe_lengths]
         headers.append(f"{kind} mean")
     headers += [f"value acc @{n}" for n in config.probe_lengths]
     headers += [f"answer NLL @{n}" for n in config.probe_lengths]

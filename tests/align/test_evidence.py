@@ -27,6 +27,11 @@ def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(workspace, tm
     for name in MODELS:
         assert f"| {name} |" in report
     assert "needle @900 chars" in report and "needles @900 chars" in report and "byte perplexity" in report
+    import re
+
+    tokens = {kind: float(re.search(rf"\| {kind} @900 chars \(~(\d+) tok\)", report).group(1))
+              for kind in ("needle", "needles")}
+    assert tokens["needles"] > tokens["needle"]  # each kind's own length: the distractor facts add text
     logo = Manifest.read(tmp_path / "evidence" / "logo")
     sft = Manifest.read(tmp_path / "evidence" / "sft")
     assert logo.config["loss"]["loss"] == "logo" and sft.config["loss"]["loss"] == "sft"
