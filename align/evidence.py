@@ -114,7 +114,8 @@ class EvidenceConfig:
     preferred answer stays the gold one). Measured on the instructed tiny teacher: a model that retrieves answers
     from the top chunks with the right number a few digits off (most "half" answers share 2-5 digits with the gold,
     greedy or sampled), and pushing those down teaches it not to copy the digits it shares with them: LOGO then lost
-    to SFT at every length, while with rule negatives (other facts' whole values) it beat SFT at every length."""
+    to SFT at every length. With rule negatives (other facts' whole values) it beat SFT at every length with one
+    seed and tied with it over three."""
     response_temperature: float = 0.7
     """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
@@ -129,8 +130,9 @@ class EvidenceConfig:
     """Tokens of text per row, after a 4-token prompt (as the instruction stage's text rows)."""
     train_seeds: tuple[int, ...] = (0,)
     """Seeds of the LOGO and SFT trainings (row order, synthesised positions, text rows; added to `seed`), each
-    training both on the same data: the report gives a row per seed and their mean. On the tiny teacher two seeds
-    moved exact match at one length by up to 0.17, as much as LOGO and SFT differ there, so one seed can mislead."""
+    training both on the same data: the report gives a row per seed and their mean. On the instructed tiny teacher
+    three LOGO seeds spread by up to 0.43 in exact match at one length, more than LOGO and SFT differ in their
+    means, so one seed can mislead (it did in session 3)."""
     seed: int = 0
 
     def __post_init__(self):
