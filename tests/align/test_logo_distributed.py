@@ -2,8 +2,6 @@
 of every step's rows, the first rank alone publishes the stage directory, and the weights equal those of one
 process reading the whole batch (SimPO's loss is a mean over rows, so the two runs take the same steps)."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +12,10 @@ import torch
 from core.checkpoint import load_model
 from core.stage import Manifest
 from tests.align.conftest import POSITION_SETTINGS
+from tests.pretrain.test_distributed import free_port, run_launched
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = [*POSITION_SETTINGS, "train.warmup_steps=0", "train.grad_accum_steps=1", "train.log_every=1",
             "train.steps=3", "train.lr=1e-3", "train.save_every=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def logo(workspace, out: Path, processes: int, batch_size: int) -> subprocess.CompletedProcess:
@@ -32,12 +24,7 @@ def logo(workspace, out: Path, processes: int, batch_size: int) -> subprocess.Co
     command = launcher + ["-m", "align.logo", "--model", str(workspace / "llama"), "--data", str(workspace / "data"),
                           "--out", str(out), "--loss", "simpo",
                           *[f"--set={s}" for s in SETTINGS + [f"batches.batch_size={batch_size}"]]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
+    return run_launched(command)
 
 
 @pytest.mark.slow

@@ -47,10 +47,17 @@ def launch(work_dir: Path, engine: str, processes: int = 1, stop_at: int = 0,
         command = LAUNCHERS[launcher](processes, free_port()) + script
     else:
         command = [sys.executable] + script
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return run_launched(command)
+
+
+def run_launched(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a (launcher) command from the repository root in this environment minus any launcher variables."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, env={k: v for k, v in env.items() if v is not None},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
