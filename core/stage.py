@@ -8,6 +8,7 @@ directory; rerunning with the same config resumes from them, while a changed con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -166,11 +168,18 @@ class Stage:
 def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, force: bool = False) -> Manifest:
     """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically."""
     output_dir = Path(output_dir)
-    digest = config_hash(stage.config)
     if not force and is_complete(output_dir, stage.config, input_dir):
         return Manifest.read(output_dir)
     if input_dir is not None and not Path(input_dir).exists():
         raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
+    with _exclusive(output_dir):
+        if not force and is_complete(output_dir, stage.config, input_dir):  # the process we waited for did it
+            return Manifest.read(output_dir)
+        return _run_unlocked(stage, input_dir, output_dir)
+
+
+def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Manifest:
+    digest = config_hash(stage.config)
     partial = partial_dir(output_dir)
     pending = partial / PENDING
     resumes = stage.resumable and pending.is_file() and json.loads(pending.read_text()).get("config_hash") == digest
@@ -211,6 +220,44 @@ def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, forc
     publish(partial, output_dir)
     _barrier()
     return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(output_dir: Path):
+    """One process at a time per output directory (e.g. two runs building the same evaluation cache): the second
+    waits, then finds the stage complete. An flock on `<out>.lock`, removed after use; processes of one launched
+    job share their stage instead (see `_barrier`), and systems without fcntl run unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        fcntl = None
+    if fcntl is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    lock = output_dir.with_name(output_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        handle = open(lock, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                print(f"waiting for another process running stage output {output_dir} (lock {lock})",
+                      file=sys.stderr, flush=True)
+                told = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:  # the holder before us may have removed the file we locked: then lock the new one
+            if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def _rank() -> int:

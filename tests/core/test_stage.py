@@ -188,3 +188,32 @@ def test_a_stage_can_read_an_earlier_stage_than_the_previous_one(tmp_path):
     assert seen == [None, "a", "a"]
     with pytest.raises(UserError, match="reads stage 'z'"):
         run_stages([Stage("a", record, Cfg(1)), Stage("b", record, Cfg(2), input="z")], tmp_path)
+
+
+def test_two_processes_running_the_same_stage_build_it_once(tmp_path):
+    """Two independent runs that need the same output (e.g. an evaluation cache) at once: one builds, the other
+    waits for it and reuses the result; no lock file stays behind."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from pathlib import Path
+        from core.stage import Stage, run_stage
+
+        def build(_input, work_dir, _config):
+            with open({str(tmp_path / "calls.txt")!r}, "a") as calls:
+                calls.write("built\\n")
+            time.sleep(1.5)
+            (work_dir / "value.txt").write_text("7")
+            return {{"value": 7}}
+
+        manifest = run_stage(Stage("cache", build, {{"value": 7}}), None, Path({str(tmp_path / "cache")!r}))
+        print(manifest.timings["started"])
+    """)
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert (tmp_path / "calls.txt").read_text() == "built\n"
+    assert outputs[0][0] == outputs[1][0]  # the same manifest
+    assert (tmp_path / "cache" / "value.txt").read_text() == "7"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "calls.txt"]
