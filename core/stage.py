@@ -42,6 +42,9 @@ class Manifest:
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     status: str = "complete"
+    identity: str = ""
+    """Hash of the config with every path to a stage directory replaced by that stage's identity (`stage_identity`):
+    equal across copies of a run directory; empty in manifests written before it existed."""
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -103,7 +106,8 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
     """True when `output_dir` holds a complete manifest for exactly this config and this input.
 
     The input check makes a change upstream (a stage rerun with another config) invalidate everything after it. It
-    compares the upstream manifest's identity, not its path, so a run directory can be moved or copied. A config
+    compares the upstream manifest's identity, not its path, and so does the config comparison for paths in the
+    config that name stage directories (`stage_identity`), so a run directory can be moved or copied. A config
     field added after the stage ran does not invalidate it when the field keeps its default (new fields default to
     the old behaviour), so a finished training stage is not retrained because its config class grew.
     """
@@ -116,7 +120,8 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
         return False
     if manifest.status != "complete":
         return False
-    if manifest.config_hash != config_hash(config) and not _same_with_new_defaults(manifest.config, config):
+    key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
+    if stored != key(config) and not _same_with_new_defaults(manifest.config, config, key):
         return False
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
@@ -124,14 +129,32 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
     return identity(manifest.inputs) == identity(_describe_input(input_dir))
 
 
-def _same_with_new_defaults(stored: dict[str, Any], config: Any) -> bool:
+def stage_identity(config: Any) -> str:
+    """The config's hash with each string that names a stage directory (one with a manifest) replaced by that
+    stage's config hash and finish time: the same work wherever the run directory lies, and new work when a stage
+    it reads was rerun at the same path."""
+    def resolve(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [resolve(v) for v in value]
+        if isinstance(value, str) and value and (Path(value) / MANIFEST).is_file():
+            described = _describe_input(value)
+            return {"stage": described.get("manifest_config_hash"), "finished": described.get("manifest_finished")}
+        return value
+
+    data = to_dict(config) if dataclasses.is_dataclass(config) else config
+    return config_hash(resolve(data))
+
+
+def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[Any], str]) -> bool:
     """True when the stored config, read into today's config class (new fields at their defaults), is `config`."""
     if not dataclasses.is_dataclass(config) or not isinstance(stored, dict):
         return False
     from core.config import from_dict
 
     try:
-        return config_hash(from_dict(type(config), stored)) == config_hash(config)
+        return key(from_dict(type(config), stored)) == key(config)
     except UserError:  # a field was removed or changed type: not the same work
         return False
 
@@ -214,6 +237,7 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
             "resumed": resumes,
         },
         versions=library_versions(),
+        identity=stage_identity(stage.config),
     )
     pending.unlink()
     manifest.write(partial)

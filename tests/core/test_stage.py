@@ -217,3 +217,32 @@ def test_two_processes_running_the_same_stage_build_it_once(tmp_path):
     assert outputs[0][0] == outputs[1][0]  # the same manifest
     assert (tmp_path / "cache" / "value.txt").read_text() == "7"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "calls.txt"]
+
+
+@dataclasses.dataclass
+class ReadsCfg:
+    data: str = ""
+    scale: int = 1
+
+
+def test_a_copied_run_directory_keeps_stages_whose_configs_name_its_other_stages(tmp_path):
+    """A stage's config names another stage's directory (training data): a copy of the run at another path keeps
+    the stage, while rebuilding that other stage at the same path reruns it."""
+    import shutil
+
+    calls = []
+
+    def train(_input, work_dir, cfg):
+        calls.append(cfg.data)
+        (work_dir / "trained.txt").write_text(Path(cfg.data, "value.txt").read_text())
+        return {}
+
+    def run(root, value=1):
+        run_stage(Stage("data", write_value, Cfg(value)), None, root / "data")
+        return run_stage(Stage("train", train, ReadsCfg(data=str(root / "data"))), None, root / "train")
+
+    first = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert run(tmp_path / "b").timings == first.timings and len(calls) == 1  # same work at another path
+    run(tmp_path / "b", value=2)  # the data stage rebuilt with another config: the training reads new data
+    assert len(calls) == 2 and (tmp_path / "b" / "train" / "trained.txt").read_text() == "2"
