@@ -77,8 +77,8 @@ def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
 
 
 def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, tmp_path, monkeypatch):
-    """The GPU workflow: `--stop-after instruct` in one checkout, the run directory copied to the same relative path
-    of another, where the rest resumes without retraining the instructed model."""
+    """The GPU workflow: `--stop-after instruct` in one checkout, the run directory copied into another (under
+    another name), where the rest resumes without retraining the instructed model."""
     import dataclasses
     import shutil
 
@@ -103,21 +103,21 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     assert len(text) == 2 and all(row["question"] == "" and row["responses"] == [row["answer"]] for row in text)
     assert not Path("runs/ev/data").exists() and not Path("runs/ev/report").exists()
 
-    shutil.copytree(tmp_path / "gpu" / "runs", tmp_path / "here" / "runs")
+    shutil.copytree(tmp_path / "gpu" / "runs" / "ev", tmp_path / "here" / "runs" / "copied")
     monkeypatch.chdir(tmp_path / "here")
-    run_evidence(config, "runs/ev")
-    assert Manifest.read("runs/ev/instruct").timings == instruct.timings  # kept, not retrained
-    logo = Manifest.read("runs/ev/logo")
-    assert logo.inputs["dir"] == "runs/ev/instruct"  # LOGO starts from the instructed model
-    data = Manifest.read("runs/ev/data")
-    assert data.config["generator"] == "runs/ev/instruct" and data.config["data"]["responses"] == "generator"
+    run_evidence(config, "runs/copied")
+    assert Manifest.read("runs/copied/instruct").timings == instruct.timings  # kept, not retrained
+    logo = Manifest.read("runs/copied/logo")
+    assert logo.inputs["dir"] == "runs/copied/instruct"  # LOGO starts from the instructed model
+    data = Manifest.read("runs/copied/data")
+    assert data.config["generator"] == "runs/copied/instruct" and data.config["data"]["responses"] == "generator"
     # the same text regulariser in both trainings, on rows drawn apart from the instruction stage's text rows
-    sft = Manifest.read("runs/ev/sft")
-    assert logo.config["text"] == sft.config["text"] == {"data": "runs/ev/text_data", "weight": 0.5, "batch_size": 2}
+    sft = Manifest.read("runs/copied/sft")
+    assert logo.config["text"] == sft.config["text"] == {"data": "runs/copied/text_data", "weight": 0.5, "batch_size": 2}
     assert logo.metrics["text_rows"] == sft.metrics["text_rows"] == 3
-    regulariser = load_rows("runs/ev/text_data")
+    regulariser = load_rows("runs/copied/text_data")
     assert {row["answer"] for row in regulariser}.isdisjoint(row["answer"] for row in text)
-    report = Path("runs/ev/report/report.md").read_text()
+    report = Path("runs/copied/report/report.md").read_text()
     assert "after its instruction stage (2 steps" in report and "value acc @900" in report
     assert "The teacher itself, before its instruction stage, scores" in report
     assert "Against the teacher: LOGO " in report and ", SFT (same steps) " in report
