@@ -139,7 +139,10 @@ def stage_identity(config: Any) -> str:
         if isinstance(value, (list, tuple)):
             return [resolve(v) for v in value]
         if isinstance(value, str) and value and (Path(value) / MANIFEST).is_file():
-            described = _describe_input(value)
+            try:
+                described = _describe_input(value)
+            except UserError:  # not a manifest this code wrote: the path itself is the identity
+                return value
             return {"stage": described.get("manifest_config_hash"), "finished": described.get("manifest_finished")}
         return value
 
