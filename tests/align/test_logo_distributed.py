@@ -18,19 +18,20 @@ SETTINGS = [*POSITION_SETTINGS, "train.warmup_steps=0", "train.grad_accum_steps=
             "train.steps=3", "train.lr=1e-3", "train.save_every=2"]
 
 
-def logo(workspace, out: Path, processes: int, batch_size: int) -> subprocess.CompletedProcess:
+def logo(workspace, out: Path, processes: int, batch_size: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
                  str(processes), "--master_port", str(free_port())] if processes > 1 else [sys.executable])
     command = launcher + ["-m", "align.logo", "--model", str(workspace / "llama"), "--data", str(workspace / "data"),
                           "--out", str(out), "--loss", "simpo",
-                          *[f"--set={s}" for s in SETTINGS + [f"batches.batch_size={batch_size}"]]]
+                          *[f"--set={s}" for s in SETTINGS + [f"batches.batch_size={batch_size}", *extra]]]
     return run_launched(command)
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_train_like_one_with_the_whole_batch(workspace, tmp_path):
+@pytest.mark.parametrize("engine", [[], ["train.deepspeed=3"]], ids=["torch", "zero3"])
+def test_two_torchrun_processes_train_like_one_with_the_whole_batch(workspace, tmp_path, engine):
     logo(workspace, tmp_path / "one", 1, 4)
-    done = logo(workspace, tmp_path / "two", 2, 2)
+    done = logo(workspace, tmp_path / "two", 2, 2, *engine)  # ZeRO-3: the weights are gathered to be saved
     assert done.stdout.count("saved to") == 2  # both ranks finish; only the first wrote
     assert not (tmp_path / "two.partial").exists()
     one, two = Manifest.read(tmp_path / "one"), Manifest.read(tmp_path / "two")
