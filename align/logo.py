@@ -114,6 +114,8 @@ class Prepared:
     tokenizer: Any
     batches: PreferenceBatches
     text: PreferenceBatches | None
+    data: PreferenceBatches | WithTextBatches
+    """What the trainer iterates: the preference batches, with the text batches attached when `text` is set."""
     objective: Any
     extended: dict[str, Any]
     trainable: int
@@ -192,7 +194,8 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
                                      encoder_decoder, **shard)
         except UserError as err:
             raise UserError(f"text regulariser data: {err}") from None
-    extended = extend_to_window(model, config, WithTextBatches(batches, text) if text else batches)
+    data = WithTextBatches(batches, text) if text else batches
+    extended = extend_to_window(model, config, data)
     reference = None
     if config.loss.needs_reference:
         if reference_dir is not None:
@@ -206,7 +209,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = PreferenceObjective(config.loss, config.shared_context, reference, config.text.weight)
     objective.check(model)
-    return Prepared(model, tokenizer, batches, text, objective, extended, trainable, total)
+    return Prepared(model, tokenizer, batches, text, data, objective, extended, trainable, total)
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -231,8 +234,7 @@ def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[s
     from align.objective import rows
     from pretrain.trainer import CHECKPOINTS, Trainer
 
-    data = WithTextBatches(prepared.batches, prepared.text) if prepared.text else prepared.batches
-    trainer = Trainer(prepared.model, config.train, data, loss_fn=prepared.objective, weight_fn=rows)
+    trainer = Trainer(prepared.model, config.train, prepared.data, loss_fn=prepared.objective, weight_fn=rows)
     result = trainer.train(work_dir / "train")
     _save_final(trainer, prepared, work_dir, config.lora.enabled)
     shutil.rmtree(work_dir / "train" / CHECKPOINTS, ignore_errors=True)
