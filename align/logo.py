@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from core.config import load_config
 from core.errors import UserError, main_guard
+from core.launch import launch
 from core.table import format_table, human_count
 from align.batches import BatchConfig, PreferenceBatches, WithTextBatches
 from align.losses import LOGO_PRESETS, LossConfig
@@ -181,7 +181,8 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     model = load_model(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    shard = {"rank": int(os.environ.get("RANK", "0")), "world": int(os.environ.get("WORLD_SIZE", "1"))}
+    process = launch()
+    shard = {"rank": process.rank, "world": process.world_size}
     batches = PreferenceBatches(rows, tokenizer, config.position, config.batches, config.loss.responses_used,
                                 encoder_decoder, **shard)
     text = None

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from core.config import config_hash, to_dict
 from core.errors import UserError
+from core.launch import launch
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"  # inside a partial directory: the config hash the partial work belongs to
@@ -209,7 +210,7 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
     partial = partial_dir(output_dir)
     pending = partial / PENDING
     resumes = stage.resumable and pending.is_file() and json.loads(pending.read_text()).get("config_hash") == digest
-    main = _rank() == 0
+    main = launch().rank == 0
     _barrier()  # every process has read the partial state before the first one changes it
     if main:
         if partial.exists() and not resumes:
@@ -258,7 +259,7 @@ def _exclusive(output_dir: Path):
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         fcntl = None
-    if fcntl is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if fcntl is None or launch().distributed:
         yield
         return
     lock = output_dir.with_name(output_dir.name + ".lock")
@@ -287,21 +288,17 @@ def _exclusive(output_dir: Path):
         handle.close()
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _barrier() -> None:
     """Under a launcher (torchrun, deepspeed, accelerate: WORLD_SIZE > 1) every process runs the stage, and only the
     first one sets up, writes the manifest and publishes; the others meet it here. The process group the trainer
     uses is opened now if it is not yet (nccl on CUDA, gloo on CPU). One process: nothing to wait for."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not launch().distributed:
         return
     import torch
 
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch().local_rank)
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     torch.distributed.barrier()
 

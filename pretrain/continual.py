@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,7 @@ import torch
 
 from core.config import load_config
 from core.errors import UserError, main_guard
+from core.launch import launch
 from pretrain.data import DataConfig, load_documents
 from pretrain.long_context import LongContextConfig, apply_long_context
 from pretrain.objectives import (
@@ -111,8 +111,8 @@ def vocab_map(student_tokenizer, teacher_tokenizer) -> dict[int, int] | None:
 def process_shard(config: DataConfig):
     """This process's share of the training documents under torchrun/deepspeed (RANK, WORLD_SIZE), or None when
     there is one process: the trainer expects every process to pass its own shard, not the same batches."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    process = launch()
+    if not process.distributed:
         return None
     from datasets.distributed import split_dataset_by_node
 
@@ -121,7 +121,7 @@ def process_shard(config: DataConfig):
 
     dataset = (load_text_dataset(config.paths, config.split, config.streaming) if config.paths
                else build_corpus()[config.split])
-    return split_dataset_by_node(dataset, rank=int(os.environ.get("RANK", "0")), world_size=world)
+    return split_dataset_by_node(dataset, rank=process.rank, world_size=process.world_size)
 
 
 def load_student(input_dir: Path, config: ContinualConfig):
@@ -147,8 +147,7 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
                    encoder_decoder=encoder_decoder, packed=config.packed, pad_id=tokenizer.pad_token_id or 0,
                    decoder_start_id=getattr(model.config, "decoder_start_token_id", None) or 0)
     documents = load_documents(config.data, tokenizer, dataset=process_shard(config.data))
-    rank = int(os.environ.get("RANK", "0"))
-    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size, seed=config.seed + rank,
+    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size, seed=config.seed + launch().rank,
                             **options)
     validation_docs = load_documents(dataclasses.replace(config.data, split=config.validation_split, shuffle=False,
                                                          streaming=False), tokenizer, repeat=True)

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from core.config import config_hash
 from core.errors import UserError
+from core.launch import launch
 from pretrain.schedules import SCHEDULES, build_scheduler, check_schedule
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,14 @@ def setup_runtime(need_process_group: bool) -> Runtime:
 
     A single process that uses DeepSpeed still needs a (one-member) process group; it gets one on a free port.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    process = launch()
+    world_size, rank, local_rank = process.world_size, process.rank, process.local_rank
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        threads = cpu_threads_per_process(os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        threads = cpu_threads_per_process(os.cpu_count() or 1, process.local_world_size,
                                           "OMP_NUM_THREADS" in os.environ)
         if threads is not None:
             torch.set_num_threads(threads)

@@ -1,0 +1,20 @@
+from core.launch import Launch, launch
+
+
+def test_without_a_launcher_one_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch() == Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    assert not launch().distributed
+
+
+def test_reads_what_torchrun_sets(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    process = launch()
+    assert (process.rank, process.world_size, process.local_rank, process.local_world_size) == (3, 4, 1, 4)
+    assert process.distributed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launch().local_world_size == 2
