@@ -19,6 +19,8 @@ default, from rules (`responses: rule`), because a tiny model's samples would be
                  the top chunks because it shares the question's wording); without distractors a corrupted value
     rejected 2   from the lowest-scoring chunks: a number found in them, or a copied line of one of them
                  (instruction-ignoring text); a random number when they hold neither
+    near miss    (on request, `rule_rejected`) the true value with one or two digits changed: what a model that half
+                 retrieves writes, a negative it can almost but not quite tell from the gold
 
 Questions and answers are synthesised: facts "The secret number of the <name> is <number>." (the wording of the
 needle probe in eval/probes.py, with names and numbers drawn here, from train-split text only) are inserted at
@@ -49,6 +51,7 @@ ADJECTIVES = ("ashen", "bold", "coral", "dapper", "ember", "frosty", "golden", "
 NOUNS = ("alpaca", "bison", "cobra", "dingo", "egret", "ferret", "gibbon", "hyena", "impala", "jaguar", "kiwi",
          "llama", "magpie", "narwhal", "ocelot", "panda", "quokka", "rhino", "salmon", "toucan", "vulture", "yak")
 RESPONSE_COLUMNS = ("responses", "response_kinds", "response_sources")
+RULE_REJECTED = ("partial", "irrelevant", "near_miss")
 
 
 @dataclasses.dataclass
@@ -99,6 +102,9 @@ class PreferenceDataConfig:
     """Facts of other names inserted beside the asked one: they make the partial-mix answer confusable."""
     responses: Literal["rule", "generator"] = "rule"
     """"rule": offline responses from the facts (see module docstring); "generator": sample with a model."""
+    rule_rejected: list[str] = dataclasses.field(default_factory=lambda: ["partial", "irrelevant"])
+    """The dis-preferred rule responses of a row, in order (`responses: rule`): "partial" (rejected 1 above),
+    "irrelevant" (rejected 2), "near_miss". Their number is the M a preference loss trains with (`num_rejected`)."""
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     question_template: str = "\nQuestion: What is the secret number of the {name}?\nAnswer:"
     """Appended after the context (the eval needle probe's wording, so aligned models answer it)."""
@@ -119,6 +125,10 @@ class PreferenceDataConfig:
             raise UserError("distractors must be >= 0")
         if self.distractors + 1 > self.document_chunks:
             raise UserError("each fact needs its own chunk: distractors + 1 must not exceed document_chunks")
+        unknown = [r for r in self.rule_rejected if r not in RULE_REJECTED]
+        if unknown or not self.rule_rejected or len(set(self.rule_rejected)) != len(self.rule_rejected):
+            raise UserError(f"rule_rejected must list distinct kinds out of {', '.join(RULE_REJECTED)}, "
+                            f"got {list(self.rule_rejected)}")
 
 
 # ---------------------------------------------------------------------------------------------------- chunks
@@ -243,8 +253,9 @@ def numbers_in(text: str) -> list[str]:
 
 
 def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list[str], ranking: list[int],
-                   rng: random.Random) -> tuple[list[str], list[str], list[str]]:
-    """Preferred (gold), partial-mix and irrelevant responses from the facts; with their kinds and sources."""
+                   rng: random.Random, near_miss_rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """The preferred (gold) and the `rule_rejected` responses from the facts; with their kinds and sources. The near
+    miss draws from its own generator, so asking for it leaves every other draw of the row as it was."""
     target, others = facts[0], facts[1:]
     answer = config.answer_template.format(value=target.value)
     half = set(ranking[: config.half_chunks])
@@ -268,10 +279,18 @@ def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list
     else:
         irrelevant = draw_value(rng, fact_values)
         irrelevant_kind, irrelevant_source = "hallucinated", "random number"
-    responses = [answer, config.answer_template.format(value=partial),
-                 irrelevant if irrelevant_kind == "ignores_question" else config.answer_template.format(value=irrelevant)]
-    kinds = ["gold", "partial", irrelevant_kind]
-    sources = ["true value of the asked fact", partial_source, irrelevant_source]
+    rejected = {
+        "partial": (config.answer_template.format(value=partial), "partial", partial_source),
+        "irrelevant": (irrelevant if irrelevant_kind == "ignores_question"
+                       else config.answer_template.format(value=irrelevant), irrelevant_kind, irrelevant_source),
+    }
+    if "near_miss" in config.rule_rejected:
+        rejected["near_miss"] = (config.answer_template.format(value=corrupt_value(target.value, near_miss_rng)),
+                                 "near_miss", "true value with one or two digits changed")
+    chosen = [rejected[kind] for kind in config.rule_rejected]
+    responses = [answer, *(response for response, _, _ in chosen)]
+    kinds = ["gold", *(kind for _, kind, _ in chosen)]
+    sources = ["true value of the asked fact", *(source for _, _, source in chosen)]
     return responses, kinds, sources
 
 
@@ -366,7 +385,8 @@ def build_row(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Seque
         return None, "no critical chunk"
 
     if config.responses == "rule":
-        responses, kinds, sources = rule_responses(config, facts, chunks, ranking, rng)
+        responses, kinds, sources = rule_responses(config, facts, chunks, ranking, rng,
+                                                   random.Random(f"{config.seed}:near-miss:{index}"))
         generator_name = "rule"
     else:
         responses, kinds, sources = generated_responses(config, question, chunks, ranking, answer, generator,

@@ -116,6 +116,12 @@ class EvidenceConfig:
     greedy or sampled), and pushing those down teaches it not to copy the digits it shares with them: LOGO then lost
     to SFT at every length. With rule negatives (other facts' whole values) it beat SFT at every length with one
     seed and tied with it over three."""
+    rule_rejected: list[str] = dataclasses.field(default_factory=lambda: ["partial", "irrelevant"])
+    """The dis-preferred rule answers, M of them (align.data.PreferenceDataConfig.rule_rejected): "partial" (a
+    distractor fact's value), "irrelevant" (from the lowest-scoring chunks), "near_miss" (the gold with one or two
+    digits changed). The instruction stage's rows keep the default (it trains the gold only)."""
+    sft_weight: float = 0.1
+    """LOGO's lambda: weight of the preferred response's NLL beside the preference term (the paper: 0.1)."""
     response_temperature: float = 0.7
     """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
@@ -144,6 +150,8 @@ class EvidenceConfig:
             raise UserError("instruct.steps must be >= 0, instruct.samples and instruct.batch_size >= 1")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise UserError(f"train_seeds must be distinct and at least one, got {list(self.train_seeds)}")
+        if self.sft_weight < 0:
+            raise UserError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.text_rows < 0 or (self.text_rows and (self.text_weight <= 0 or self.text_batch_size < 1)):
             raise UserError("text_rows must be >= 0; with text rows, text_weight > 0 and text_batch_size >= 1")
 
@@ -155,7 +163,8 @@ def data_overrides(config: EvidenceConfig) -> list[str]:
     overrides = [f"data.samples={config.samples}", f"data.chunk_size={config.chunk_size}",
                  f"data.context_chunks={config.context_chunks}", f"data.document_chunks={config.document_chunks}",
                  f"data.full_chunks={min(6, config.context_chunks)}",
-                 f"data.half_chunks={min(3, config.context_chunks)}", f"data.seed={config.seed}"]
+                 f"data.half_chunks={min(3, config.context_chunks)}", f"data.seed={config.seed}",
+                 f"data.rule_rejected={json.dumps(list(config.rule_rejected))}"]
     if config.responses == "generator":
         # short factual answers: the released code's 16-512 new tokens would run past the number
         overrides += ["data.responses=generator", "data.generation.preferred=gold", "data.generation.min_new_tokens=1",
@@ -165,7 +174,7 @@ def data_overrides(config: EvidenceConfig) -> list[str]:
 
 
 def instruct_data_overrides(config: EvidenceConfig) -> list[str]:
-    rule_only = dataclasses.replace(config, responses="rule")
+    rule_only = dataclasses.replace(config, responses="rule", rule_rejected=EvidenceConfig().rule_rejected)
     return [*data_overrides(rule_only), f"data.samples={config.instruct.samples}",
             f"data.distractors={config.instruct.distractors}", f"data.seed={config.seed + 1}"]
 
@@ -195,7 +204,9 @@ def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_lengt
     window = config.window_factor * real_length
     text = ([f"text.data={text_dir}", f"text.weight={config.text_weight}",
              f"text.batch_size={config.text_batch_size}"] if config.text_rows else [])
+    rejected = len(config.rule_rejected) if config.responses == "rule" else 2  # generated: half and wrong
     return [f"data={data_dir}", f"loss.loss={loss}", f"loss.beta={config.beta}", f"loss.gamma={config.gamma}",
+            f"loss.sft_weight={config.sft_weight}", f"loss.num_rejected={rejected}",
             f"position.window={window}", f"position.chunk_size={config.chunk_size}",
             f"position.max_chunks={config.context_chunks}", f"train.steps={config.steps}",
             f"train.lr={config.lr}", f"train.min_lr={config.lr / 10}", f"train.warmup_steps={max(1, config.steps // 10)}",
@@ -512,7 +523,10 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"context: at most {real_context} tokens ({config.context_chunks} chunks x {config.chunk_size}){measured}; "
         f"synthesised window: {window} positions (x{config.window_factor}). LOGO and SFT: {config.steps} steps, "
         f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows (dis-preferred "
-        f"answers: {config.responses}) and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda 0.1, M 2."
+        f"answers: {config.responses}"
+        + (f", {' + '.join(config.rule_rejected)}" if config.responses == "rule" else "")
+        + f") and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda {config.sft_weight}, "
+        f"M {len(config.rule_rejected) if config.responses == 'rule' else 2}."
         + (f" Each is trained with seeds {list(config.train_seeds)} (row order, positions): a row per seed, then "
            "their means." if len(config.train_seeds) > 1 else "")
         + (f" Both trainings add the same text regulariser (not LOGO's): {config.text_weight} x the NLL of "

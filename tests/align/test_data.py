@@ -9,6 +9,7 @@ import pytest
 
 from align.build_data import main
 from align.data import (
+    RESPONSE_COLUMNS,
     GenerationConfig,
     PreferenceDataConfig,
     build_preference_rows,
@@ -67,6 +68,35 @@ def test_same_seed_same_rows_other_seed_other_rows(workspace):
     b, _ = build_preference_rows(small_config(samples=2), texts, ids, tokenizer)
     c, _ = build_preference_rows(small_config(samples=2, seed=1), texts, ids, tokenizer)
     assert a == b and a != c
+
+
+def test_near_miss_negatives_change_one_or_two_digits_and_leave_the_rest_of_the_row(workspace):
+    corpus = datasets.load_from_disk(str(workspace / "corpus"))["train"]
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    texts, ids = corpus["text"], corpus["doc_id"]
+    default, _ = build_preference_rows(small_config(samples=4), texts, ids, tokenizer)
+    near, _ = build_preference_rows(small_config(samples=4, rule_rejected=["partial", "near_miss"]), texts, ids,
+                                    tokenizer)
+    assert len(near) == len(default) == 4
+    for plain, row in zip(default, near):
+        assert row["response_kinds"][1:] == ["partial", "near_miss"] and len(row["responses"]) == 3
+        gold, miss = row["responses"][0].strip(), row["responses"][2].strip()
+        assert len(miss) == len(gold) and miss.isdigit() and 1 <= sum(a != b for a, b in zip(gold, miss)) <= 2
+        # the near miss has its own random stream: context, gold and partial answer are the default row's
+        assert {k: v for k, v in row.items() if k not in RESPONSE_COLUMNS} == \
+            {k: v for k, v in plain.items() if k not in RESPONSE_COLUMNS}
+        assert row["responses"][:2] == plain["responses"][:2]
+    only, _ = build_preference_rows(small_config(samples=2, rule_rejected=["near_miss"]), texts, ids, tokenizer)
+    assert [r["response_kinds"] for r in only] == [["gold", "near_miss"]] * 2
+    check_rows(only, num_rejected=1)
+    with pytest.raises(UserError, match="num_rejected"):
+        check_rows(only, num_rejected=2)
+
+
+@pytest.mark.parametrize("rejected", [[], ["partial", "partial"], ["wrong"]])
+def test_bad_rule_rejected_is_a_clear_error(rejected):
+    with pytest.raises(UserError, match="rule_rejected"):
+        small_config(rule_rejected=rejected)
 
 
 def test_chunks_end_at_line_ends_and_respect_the_budget(workspace):

@@ -66,6 +66,28 @@ def test_several_training_seeds_give_a_row_each_and_their_means(workspace, tmp_p
     assert "Each is trained with seeds [0, 2]" in (tmp_path / "evidence" / "report" / "report.md").read_text()
 
 
+def test_rule_negatives_and_lambda_reach_the_data_and_the_logo_loss(workspace, tmp_path):
+    import dataclasses
+
+    from align.data import load_rows
+    from align.evidence import instruct_data_overrides
+    from core.config import load_config
+
+    config = dataclasses.replace(smoke_config(workspace, tmp_path), rule_rejected=["near_miss"], sft_weight=1.0)
+    run_evidence(config, tmp_path / "evidence", stop_after="logo")
+    rows = load_rows(tmp_path / "evidence" / "data")
+    assert [row["response_kinds"] for row in rows] == [["gold", "near_miss"]] * len(rows)
+    loss = Manifest.read(tmp_path / "evidence" / "logo").config["loss"]
+    assert (loss["num_rejected"], loss["sft_weight"]) == (1, 1.0)
+    # the instruction stage trains gold answers only: its rows keep the default negatives (and its identity)
+    from align.build_data import BuildDataConfig
+
+    instruct = load_config(BuildDataConfig, None, instruct_data_overrides(config))
+    assert instruct.data.rule_rejected == ["partial", "irrelevant"]
+    with pytest.raises(Exception, match="sft_weight"):
+        EvidenceConfig(sft_weight=-1)
+
+
 def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
     import pytest
 
