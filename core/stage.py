@@ -26,7 +26,7 @@ from core.errors import UserError
 from core.launch import launch
 
 MANIFEST = "manifest.json"
-PENDING = "pending.json"  # inside a partial directory: the config hash the partial work belongs to
+PENDING = "pending.json"  # inside a partial directory: the config (hash, identity) the partial work belongs to
 LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "lm_eval", "sentencepiece", "tokenizers", "peft")
 
 
@@ -196,27 +196,46 @@ def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, forc
     """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically."""
     output_dir = Path(output_dir)
     if not force and is_complete(output_dir, stage.config, input_dir):
-        return Manifest.read(output_dir)
+        return _with_identity(output_dir, stage.config)
     if input_dir is not None and not Path(input_dir).exists():
         raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
     with _exclusive(output_dir):
         if not force and is_complete(output_dir, stage.config, input_dir):  # the process we waited for did it
-            return Manifest.read(output_dir)
+            return _with_identity(output_dir, stage.config)
         return _run_unlocked(stage, input_dir, output_dir)
 
 
+def _with_identity(output_dir: Path, config: Any) -> Manifest:
+    """The complete manifest of a skipped stage; one written before manifests carried an `identity` gets it now (it
+    matched at its own path), so a copy of its run directory keeps it too."""
+    manifest = Manifest.read(output_dir)
+    if not manifest.identity and launch().rank == 0:
+        manifest = dataclasses.replace(manifest, identity=stage_identity(config))
+        manifest.write(output_dir)
+    return manifest
+
+
+def _pending_matches(pending: Path, digest: str, identity: str) -> bool:
+    """Partial work of the same config: its identity (so a copied run directory resumes) or, in a partial directory
+    written before pending files carried one, its raw config hash."""
+    if not pending.is_file():
+        return False
+    stored = json.loads(pending.read_text())
+    return stored.get("identity") == identity if "identity" in stored else stored.get("config_hash") == digest
+
+
 def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Manifest:
-    digest = config_hash(stage.config)
+    digest, identity = config_hash(stage.config), stage_identity(stage.config)
     partial = partial_dir(output_dir)
     pending = partial / PENDING
-    resumes = stage.resumable and pending.is_file() and json.loads(pending.read_text()).get("config_hash") == digest
+    resumes = stage.resumable and _pending_matches(pending, digest, identity)
     main = launch().rank == 0
     _barrier()  # every process has read the partial state before the first one changes it
     if main:
         if partial.exists() and not resumes:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest}))
+        pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest, "identity": identity}))
     _barrier()
 
     started = time.time()
@@ -241,7 +260,7 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
             "resumed": resumes,
         },
         versions=library_versions(),
-        identity=stage_identity(stage.config),
+        identity=identity,
     )
     pending.unlink()
     manifest.write(partial)

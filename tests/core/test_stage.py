@@ -246,3 +246,65 @@ def test_a_copied_run_directory_keeps_stages_whose_configs_name_its_other_stages
     assert run(tmp_path / "b").timings == first.timings and len(calls) == 1  # same work at another path
     run(tmp_path / "b", value=2)  # the data stage rebuilt with another config: the training reads new data
     assert len(calls) == 2 and (tmp_path / "b" / "train" / "trained.txt").read_text() == "2"
+
+
+def test_a_manifest_from_before_identities_gains_one_so_its_copies_resume(tmp_path):
+    import shutil
+
+    calls = []
+
+    def train(_input, work_dir, cfg):
+        calls.append(cfg.data)
+        (work_dir / "trained.txt").write_text("x")
+        return {}
+
+    def run(root):
+        run_stage(Stage("data", write_value, Cfg()), None, root / "data")
+        return run_stage(Stage("train", train, ReadsCfg(data=str(root / "data"))), None, root / "train")
+
+    run(tmp_path / "a")
+    for name in ("data", "train"):  # as written before manifests carried an identity
+        old = dataclasses.replace(Manifest.read(tmp_path / "a" / name), identity="")
+        old.write(tmp_path / "a" / name)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy-of-old")
+    run(tmp_path / "copy-of-old")
+    assert len(calls) == 2  # an old manifest at another path: its stage reruns, as before
+    assert Manifest.read(tmp_path / "a" / "train").identity == ""
+    run(tmp_path / "a")  # skipped at its own path, and upgraded
+    assert len(calls) == 2 and Manifest.read(tmp_path / "a" / "train").identity
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run(tmp_path / "b")
+    assert len(calls) == 2  # the upgraded run directory resumes wherever it is copied
+
+
+def test_partial_training_copied_under_another_name_resumes(tmp_path):
+    import shutil
+
+    seen = []
+
+    def train(_input, work_dir, cfg):
+        ckpt = work_dir / "step.txt"
+        start = int(ckpt.read_text()) if ckpt.exists() else 0
+        seen.append(start)
+        for step in range(start, 4):
+            ckpt.write_text(str(step + 1))
+            if step == 1 and len(seen) == 1:
+                raise KeyboardInterrupt  # killed after two steps
+        return {}
+
+    def run(root):
+        run_stage(Stage("data", write_value, Cfg()), None, root / "data")
+        return run_stage(Stage("train", train, ReadsCfg(data=str(root / "data")), resumable=True), None,
+                         root / "train")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert run(tmp_path / "b").timings["resumed"] is True and seen == [0, 2]
+    # a partial directory written before pending files named an identity still resumes by its raw hash, at its path
+    with pytest.raises(KeyboardInterrupt):
+        seen.clear()
+        run(tmp_path / "c")
+    pending = partial_dir(tmp_path / "c" / "train") / "pending.json"
+    pending.write_text(json.dumps({k: v for k, v in json.loads(pending.read_text()).items() if k != "identity"}))
+    assert run(tmp_path / "c").timings["resumed"] is True and seen == [0, 2]
