@@ -269,13 +269,11 @@ def resolve_attention(config: LogoConfig, model_dir: str | Path) -> LogoConfig:
 def run_logo(model_dir: str | Path, out_dir: str | Path, config: LogoConfig, reference_dir: str | Path | None = None,
              tokenizer_dir: str | Path | None = None, force: bool = False):
     """Prepare (all checks), then train under `run_stage` (atomic output, manifest, resume). Returns the manifest."""
-    from core.stage import Stage, is_complete, run_stage
+    from core.stage import Stage, completed, run_stage
 
     config = resolve_attention(config, model_dir)
-    if not force and is_complete(out_dir, config, model_dir):
-        from core.stage import Manifest
-
-        return Manifest.read(out_dir)
+    if not force and (done := completed(out_dir, config, model_dir)):
+        return done
     prepared = prepare(model_dir, config, reference_dir, tokenizer_dir)
     stage = Stage("logo", lambda _input, work_dir, cfg: train_logo(prepared, work_dir, cfg), config, resumable=True)
     return run_stage(stage, Path(model_dir), out_dir, force=force)

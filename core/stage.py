@@ -195,19 +195,22 @@ class Stage:
 def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, force: bool = False) -> Manifest:
     """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically."""
     output_dir = Path(output_dir)
-    if not force and is_complete(output_dir, stage.config, input_dir):
-        return _with_identity(output_dir, stage.config)
+    if not force and (done := completed(output_dir, stage.config, input_dir)):
+        return done
     if input_dir is not None and not Path(input_dir).exists():
         raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
     with _exclusive(output_dir):
-        if not force and is_complete(output_dir, stage.config, input_dir):  # the process we waited for did it
-            return _with_identity(output_dir, stage.config)
+        if not force and (done := completed(output_dir, stage.config, input_dir)):  # the process we waited for did it
+            return done
         return _run_unlocked(stage, input_dir, output_dir)
 
 
-def _with_identity(output_dir: Path, config: Any) -> Manifest:
-    """The complete manifest of a skipped stage; one written before manifests carried an `identity` gets it now (it
-    matched at its own path), so a copy of its run directory keeps it too."""
+def completed(output_dir: str | Path, config: Any, input_dir: str | Path | None = None) -> Manifest | None:
+    """The manifest of a stage that is complete for this config and input (`is_complete`), else None. One written
+    before manifests carried an `identity` gets it now (it matched at its own path), so copies of its run directory
+    keep the stage too."""
+    if not is_complete(output_dir, config, input_dir):
+        return None
     manifest = Manifest.read(output_dir)
     if not manifest.identity and launch().rank == 0:
         manifest = dataclasses.replace(manifest, identity=stage_identity(config))
