@@ -102,11 +102,11 @@ def test_failed_stage_leaves_previous_output_and_no_new_one(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_resumable_stage_continues_from_its_partial_work(tmp_path):
-    seen = []
-
-    def train(i, w, c):
-        ckpt = w / "step.txt"
+def training_killed_once(seen: list[int]):
+    """A 4-step training that checkpoints every step and is killed after two steps on its first run; `seen` gets
+    the step each run started from."""
+    def train(_input, work_dir, _cfg):
+        ckpt = work_dir / "step.txt"
         start = int(ckpt.read_text()) if ckpt.exists() else 0
         seen.append(start)
         for step in range(start, 4):
@@ -115,7 +115,12 @@ def test_resumable_stage_continues_from_its_partial_work(tmp_path):
                 raise KeyboardInterrupt  # killed after two steps
         return {"steps": 4}
 
-    stage = Stage("train", train, Cfg(), resumable=True)
+    return train
+
+
+def test_resumable_stage_continues_from_its_partial_work(tmp_path):
+    seen = []
+    stage = Stage("train", training_killed_once(seen), Cfg(), resumable=True)
     with pytest.raises(KeyboardInterrupt):
         run_stage(stage, None, tmp_path / "train")
     assert not (tmp_path / "train").exists()
@@ -281,16 +286,7 @@ def test_partial_training_copied_under_another_name_resumes(tmp_path):
     import shutil
 
     seen = []
-
-    def train(_input, work_dir, cfg):
-        ckpt = work_dir / "step.txt"
-        start = int(ckpt.read_text()) if ckpt.exists() else 0
-        seen.append(start)
-        for step in range(start, 4):
-            ckpt.write_text(str(step + 1))
-            if step == 1 and len(seen) == 1:
-                raise KeyboardInterrupt  # killed after two steps
-        return {}
+    train = training_killed_once(seen)
 
     def run(root):
         run_stage(Stage("data", write_value, Cfg()), None, root / "data")
