@@ -39,7 +39,7 @@ from pretrain.corpus import CorpusConfig
 
 MODELS = ("before LOGO", "LOGO", "SFT (same steps)")
 # Bump when the report's content changes, so a finished run's report is rebuilt (the trainings are kept).
-REPORT_FORMAT = 7
+REPORT_FORMAT = 8
 STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "text_data", "logo", "sft", "report")
 
 
@@ -328,6 +328,23 @@ def evidence_table(results: dict[str, Any], config: EvidenceConfig,
     return headers, rows
 
 
+def paired_differences(headers: list[str], rows: list[list[Any]], config: EvidenceConfig) -> tuple[list, list]:
+    """LOGO minus SFT in exact match, seed by seed (both trainings of a seed read the same rows in the same order
+    at the same positions, so the seed's data noise cancels), then the mean difference, its standard error over
+    seeds and in how many seeds LOGO is ahead: the comparison the issue asks for, with its uncertainty."""
+    columns = [i for i, h in enumerate(headers) if any(h.startswith(f"{kind} @") for kind in config.probe_kinds)]
+    by_label = {row[0]: row for row in rows}
+    diffs = [[by_label[f"{MODELS[1]}, seed {s}"][i] - by_label[f"{MODELS[2]}, seed {s}"][i] for i in columns]
+             for s in config.train_seeds]
+    out = [[f"seed {s}", *(round(d, 3) for d in row)] for s, row in zip(config.train_seeds, diffs)]
+    n = len(diffs)
+    means = [sum(column) / n for column in zip(*diffs)]
+    errors = [(sum((d - m) ** 2 for d in column) / (n - 1) / n) ** 0.5 for column, m in zip(zip(*diffs), means)]
+    out.append(["mean +- s.e.", *(f"{m:+.3f} +- {e:.3f}" for m, e in zip(means, errors))])
+    out.append(["LOGO ahead in", *(f"{sum(d > 0 for d in column)}/{n} seeds" for column in zip(*diffs))])
+    return ["LOGO - SFT", *(headers[i] for i in columns)], out
+
+
 def mean_row(label: str, rows: list[list[Any]], before_ppl: float) -> list[Any]:
     """The column means of seed rows (ppl change recomputed from the mean; the gate as passes out of seeds)."""
     columns = [[row[i] for row in rows] for i in range(1, len(rows[0]) - 2)]
@@ -490,12 +507,14 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
             results["teacher"] = {"byte_perplexity": teacher_ppl}
         tokens = probe_tokens(prepared.task_set, tokenizer, cfg.probe_kinds)
         headers, rows = evidence_table(results, cfg, tokens)
+        paired = paired_differences(headers, rows, cfg) if len(cfg.train_seeds) > 1 else None
         names = ["instruct", "data"] + [name for *_, name in trainings(cfg)]
         stages = {name: out_dir / name for name in names if (out_dir / name).is_dir()}
-        markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, stages, teacher_ppl)
+        markdown = render_report(cfg, headers, rows, tokens, real_length - 64, window, stages, teacher_ppl, paired)
         (work_dir / "report.md").write_text(markdown)
         (work_dir / "evidence.json").write_text(json.dumps({"config": to_dict(cfg), "table": {"headers": headers,
-                                                            "rows": rows}, "gates": results}, indent=2,
+                                                            "rows": rows}, "paired": paired, "gates": results},
+                                                           indent=2,
                                                            default=str) + "\n")
         return {"table": {"headers": headers, "rows": rows}}
 
@@ -505,7 +524,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
 
 
 def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: int, window: int,
-                  stages: dict[str, Path], teacher_ppl: float | None = None) -> str:
+                  stages: dict[str, Path], teacher_ppl: float | None = None, paired: tuple | None = None) -> str:
     from core.stage import Manifest
 
     manifests = {name: Manifest.read(path) for name, path in stages.items()}
@@ -543,6 +562,10 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         "",
         format_table(rows, headers, markdown=True),
         "",
+        *([] if paired is None else [
+            "Exact match of LOGO minus SFT, seed by seed (the two trainings of a seed read the same rows in the same "
+            "order at the same positions), their mean with its standard error over seeds, and how many seeds LOGO "
+            "leads in:", "", format_table(paired[1], paired[0], markdown=True), ""]),
         f"Perplexity gate: byte perplexity may rise at most {config.max_ppl_rel_increase:.0%} over the model before "
         "LOGO (eval/gates/long_context.yaml)."
         + ("" if teacher_ppl is None else

@@ -63,7 +63,24 @@ def test_several_training_seeds_give_a_row_each_and_their_means(workspace, tmp_p
         assert (zero.config["train"]["seed"], zero.config["batches"]["seed"]) == (0, 0)
         assert (two.config["train"]["seed"], two.config["batches"]["seed"]) == (2, 2)
         assert {**zero.config["train"], "seed": 2} == two.config["train"]
-    assert "Each is trained with seeds [0, 2]" in (tmp_path / "evidence" / "report" / "report.md").read_text()
+    report = (tmp_path / "evidence" / "report" / "report.md").read_text()
+    assert "Each is trained with seeds [0, 2]" in report and "| LOGO - SFT |" in report and "| seed 2 |" in report
+
+
+def test_paired_differences_are_logo_minus_sft_per_seed_with_their_spread():
+    from align.evidence import paired_differences
+
+    config = EvidenceConfig(probe_kinds=("needle",), probe_lengths=(1000, 2000), train_seeds=(0, 1, 2))
+    headers = ["model", "needle @1000 chars (~290 tok)", "needle @2000 chars (~550 tok)", "needle mean", "byte ppl"]
+    logo = [[0.5, 0.2], [0.7, 0.4], [0.6, 0.1]]
+    sft = [[0.4, 0.3], [0.6, 0.3], [0.7, 0.3]]
+    rows = [[f"{MODELS[1]}, seed {s}", *logo[s], 0, 6.0] for s in range(3)]
+    rows += [[f"{MODELS[2]}, seed {s}", *sft[s], 0, 6.0] for s in range(3)]
+    paired_headers, paired = paired_differences(headers, rows, config)
+    assert paired_headers == ["LOGO - SFT", headers[1], headers[2]]
+    assert paired[0] == ["seed 0", 0.1, -0.1] and paired[2] == ["seed 2", -0.1, -0.2]
+    # column 1: differences 0.1, 0.1, -0.1 -> mean 0.0333, sd 0.1155, s.e. 0.0667
+    assert paired[3][1] == "+0.033 +- 0.067" and paired[4][1:] == ["2/3 seeds", "1/3 seeds"]
 
 
 def test_rule_negatives_and_lambda_reach_the_data_and_the_logo_loss(workspace, tmp_path):
