@@ -136,9 +136,9 @@ class EvidenceConfig:
     """Tokens of text per row, after a 4-token prompt (as the instruction stage's text rows)."""
     train_seeds: tuple[int, ...] = (0,)
     """Seeds of the LOGO and SFT trainings (row order, synthesised positions, text rows; added to `seed`), each
-    training both on the same data: the report gives a row per seed and their mean. On the instructed tiny teacher
-    three LOGO seeds spread by up to 0.43 in exact match at one length, more than LOGO and SFT differ in their
-    means, so one seed can mislead (it did in session 3)."""
+    training both on the same data: the report gives a row per seed, their means and LOGO minus SFT paired by seed.
+    On the instructed tiny teacher the paired difference moves by up to 0.7 between seeds at one length, so few
+    seeds mislead: one did in session 3, five did in session 5 (LOGO ahead by 0.05-0.07; ten: behind by 0.03-0.08)."""
     seed: int = 0
 
     def __post_init__(self):
