@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from core.config import load_config
 from core.errors import UserError, main_guard
-from core.stage import Manifest, Stage, is_complete, run_stage
+from core.stage import Manifest, Stage, completed, run_stage
 from core.table import format_table, human_count
 from compress.tokenizer_surgery import MergeClosure, TokenizerFiles, read_tokenizer_files, required_tokens, \
     write_pruned_tokenizer
@@ -649,8 +649,8 @@ def prune_vocabulary(model_dir: str | Path, out_dir: str | Path, config: VocabCo
 
     A finished `out_dir` for the same config and input is reused, unless the corpus is passed in memory (its
     contents are not part of the config hash, so it could have changed)."""
-    if not force and corpus is None and is_complete(out_dir, config, model_dir):
-        return Manifest.read(out_dir)
+    if not force and corpus is None and (done := completed(out_dir, config, model_dir)):
+        return done
     prepared = prepare(model_dir, config, corpus)
     stage = Stage("vocab", lambda _input, work, cfg: write_pruned(prepared, work, cfg), config)
     return run_stage(stage, Path(model_dir), out_dir, force=True)

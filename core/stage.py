@@ -112,22 +112,26 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
     field added after the stage ran does not invalidate it when the field keeps its default (new fields default to
     the old behaviour), so a finished training stage is not retrained because its config class grew.
     """
-    output_dir = Path(output_dir)
+    return _complete_manifest(Path(output_dir), config, input_dir) is not None
+
+
+def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | None) -> Manifest | None:
+    """The manifest that makes the stage complete (`is_complete`), or None."""
     if not (output_dir / MANIFEST).is_file():
-        return False
+        return None
     try:
         manifest = Manifest.read(output_dir)
     except UserError:
-        return False
+        return None
     if manifest.status != "complete":
-        return False
+        return None
     key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
     if stored != key(config) and not _same_with_new_defaults(manifest.config, config, key):
-        return False
+        return None
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
 
-    return identity(manifest.inputs) == identity(_describe_input(input_dir))
+    return manifest if identity(manifest.inputs) == identity(_describe_input(input_dir)) else None
 
 
 def stage_identity(config: Any) -> str:
@@ -209,9 +213,9 @@ def completed(output_dir: str | Path, config: Any, input_dir: str | Path | None 
     """The manifest of a stage that is complete for this config and input (`is_complete`), else None. One written
     before manifests carried an `identity` gets it now (it matched at its own path), so copies of its run directory
     keep the stage too."""
-    if not is_complete(output_dir, config, input_dir):
+    manifest = _complete_manifest(Path(output_dir), config, input_dir)
+    if manifest is None:
         return None
-    manifest = Manifest.read(output_dir)
     if not manifest.identity and launch().rank == 0:
         manifest = dataclasses.replace(manifest, identity=stage_identity(config))
         manifest.write(output_dir)
