@@ -155,6 +155,11 @@ class EvidenceConfig:
         if self.text_rows < 0 or (self.text_rows and (self.text_weight <= 0 or self.text_batch_size < 1)):
             raise UserError("text_rows must be >= 0; with text rows, text_weight > 0 and text_batch_size >= 1")
 
+    @property
+    def num_rejected(self) -> int:
+        """M of every preference row: the rule kinds asked for, or the generator's two (half and wrong chunks)."""
+        return len(self.rule_rejected) if self.responses == "rule" else 2
+
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -204,9 +209,8 @@ def logo_overrides(config: EvidenceConfig, data_dir: Path, loss: str, real_lengt
     window = config.window_factor * real_length
     text = ([f"text.data={text_dir}", f"text.weight={config.text_weight}",
              f"text.batch_size={config.text_batch_size}"] if config.text_rows else [])
-    rejected = len(config.rule_rejected) if config.responses == "rule" else 2  # generated: half and wrong
     return [f"data={data_dir}", f"loss.loss={loss}", f"loss.beta={config.beta}", f"loss.gamma={config.gamma}",
-            f"loss.sft_weight={config.sft_weight}", f"loss.num_rejected={rejected}",
+            f"loss.sft_weight={config.sft_weight}", f"loss.num_rejected={config.num_rejected}",
             f"position.window={window}", f"position.chunk_size={config.chunk_size}",
             f"position.max_chunks={config.context_chunks}", f"train.steps={config.steps}",
             f"train.lr={config.lr}", f"train.min_lr={config.lr / 10}", f"train.warmup_steps={max(1, config.steps // 10)}",
@@ -545,7 +549,7 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"answers: {config.responses}"
         + (f", {' + '.join(config.rule_rejected)}" if config.responses == "rule" else "")
         + f") and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda {config.sft_weight}, "
-        f"M {len(config.rule_rejected) if config.responses == 'rule' else 2}."
+        f"M {config.num_rejected}."
         + (f" Each is trained with seeds {list(config.train_seeds)} (row order, positions): a row per seed, then "
            "their means." if len(config.train_seeds) > 1 else "")
         + (f" Both trainings add the same text regulariser (not LOGO's): {config.text_weight} x the NLL of "
