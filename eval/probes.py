@@ -60,11 +60,20 @@ def _line_start_near(text: str, position: int) -> int:
     return min(candidates, key=lambda p: abs(p - position))
 
 
+def _draw_fact(rng: random.Random) -> tuple[str, str]:
+    """A random name and six-digit secret number."""
+    name = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
+    return name, str(rng.randrange(100_000, 1_000_000))
+
+
+def _fact_sentence(name: str, value: str) -> str:
+    return f"The secret number of the {name} is {value}.\n"
+
+
 def needle_row(texts: Sequence[str], length: int, depth: float, rng: random.Random) -> dict:
     """A haystack of corpus text with one secret-number sentence at `depth`, and the question about it."""
-    name = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
-    answer = str(rng.randrange(100_000, 1_000_000))
-    needle = f"The secret number of the {name} is {answer}.\n"
+    name, answer = _draw_fact(rng)
+    needle = _fact_sentence(name, answer)
     context = haystack(texts, max(length - len(needle), 1), rng)
     at = _line_start_near(context, round(depth * len(context)))
     context = context[:at] + needle + context[at:]
@@ -83,13 +92,12 @@ def needles_row(texts: Sequence[str], length: int, depth: float, rng: random.Ran
     names = {question.split("secret number of the ", 1)[1].split("?")[0]}
     values = {row["answer"]}
     for _ in range(distractors):
-        name = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
-        value = str(rng.randrange(100_000, 1_000_000))
+        name, value = _draw_fact(rng)
         while name in names or value in values:
-            name, value = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}", str(rng.randrange(100_000, 1_000_000))
+            name, value = _draw_fact(rng)
         names.add(name), values.add(value)
         cut = _line_start_near(context, rng.randrange(len(context) + 1))
-        context = context[:cut] + f"The secret number of the {name} is {value}.\n" + context[cut:]
+        context = context[:cut] + _fact_sentence(name, value) + context[cut:]
     at = context.index(asked)
     return {"prompt": context + question, "answer": row["answer"], "fact_at": at, "context_chars": len(context)}
 

@@ -147,8 +147,8 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
                    encoder_decoder=encoder_decoder, packed=config.packed, pad_id=tokenizer.pad_token_id or 0,
                    decoder_start_id=getattr(model.config, "decoder_start_token_id", None) or 0)
     documents = load_documents(config.data, tokenizer, dataset=process_shard(config.data))
-    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size, seed=config.seed + launch().rank,
-                            **options)
+    data = ObjectiveBatches(documents, mixture, batch_size=config.train.micro_batch_size,
+                            seed=config.seed + launch().rank, **options)
     validation_docs = load_documents(dataclasses.replace(config.data, split=config.validation_split, shuffle=False,
                                                          streaming=False), tokenizer, repeat=True)
     validation_tokens = [next(validation_docs) for _ in range(64)]
