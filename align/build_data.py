@@ -6,7 +6,8 @@ The output is a `datasets` directory (save_to_disk) with one row per sample (con
 responses, provenance columns; see align/data.py), `provenance.json` (the config and generation settings) and a
 manifest. Chunks are measured in the given tokenizer's tokens, so build with the tokenizer of the model to align.
 With `--generator DIR` and `--set responses=generator` the responses are sampled from that model instead of made by
-rules.
+rules; with `--set 'data.rule_rejected=["own_mistake","irrelevant"]'` one dis-preferred answer is that model's own
+mistake at synthesised positions (align/mistakes.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class BuildDataConfig:
     tokenizer: str = ""
     """Tokenizer directory: chunk sizes are counted in its tokens (use the aligned model's)."""
     generator: str | None = None
-    """Checkpoint that samples responses when data.responses is "generator"."""
+    """Checkpoint that samples responses (data.responses "generator") or makes the own mistakes (rule_rejected)."""
     corpus_dir: str | None = None
     """A corpus saved by python -m pretrain.corpus; None builds (and caches) the embedded offline corpus."""
     cache_dir: str = "runs/cache"
@@ -82,9 +83,9 @@ def build(config: BuildDataConfig, out_dir: str | Path, force: bool = False):
     tokenizer = load_tokenizer(config.tokenizer)
     check_build(config.data, tokenizer)
     generator = None
-    if config.data.responses == "generator":
+    if config.data.needs_generator:
         if not config.generator:
-            raise UserError("responses: generator needs --generator DIR")
+            raise UserError("responses: generator and rule_rejected: own_mistake need --generator DIR")
         generator = load_model(config.generator).eval()
     texts, doc_ids = load_texts(config)
 

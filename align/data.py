@@ -21,6 +21,8 @@ default, from rules (`responses: rule`), because a tiny model's samples would be
                  (instruction-ignoring text); a random number when they hold neither
     near miss    (on request, `rule_rejected`) the true value with one or two digits changed: what a model that half
                  retrieves writes, a negative it can almost but not quite tell from the gold
+    own mistake  (on request) the generator model's own wrong answer with C' at synthesised positions
+                 (align/mistakes.py; needs `--generator`), a random number where it answers right
 
 Questions and answers are synthesised: facts "The secret number of the <name> is <number>." (the wording of the
 needle probe in eval/probes.py, with names and numbers drawn here, from train-split text only) are inserted at
@@ -42,6 +44,7 @@ from typing import Any, Callable, Literal, Sequence
 import datasets
 from tqdm.auto import tqdm
 
+from align.mistakes import own_mistake
 from align.scoring import get_chunk_scorer
 from core.errors import UserError
 from pretrain.corpus import CorpusConfig
@@ -51,7 +54,7 @@ ADJECTIVES = ("ashen", "bold", "coral", "dapper", "ember", "frosty", "golden", "
 NOUNS = ("alpaca", "bison", "cobra", "dingo", "egret", "ferret", "gibbon", "hyena", "impala", "jaguar", "kiwi",
          "llama", "magpie", "narwhal", "ocelot", "panda", "quokka", "rhino", "salmon", "toucan", "vulture", "yak")
 RESPONSE_COLUMNS = ("responses", "response_kinds", "response_sources")
-RULE_REJECTED = ("partial", "irrelevant", "near_miss")
+RULE_REJECTED = ("partial", "irrelevant", "near_miss", "own_mistake")
 
 
 @dataclasses.dataclass
@@ -104,7 +107,10 @@ class PreferenceDataConfig:
     """"rule": offline responses from the facts (see module docstring); "generator": sample with a model."""
     rule_rejected: list[str] = dataclasses.field(default_factory=lambda: ["partial", "irrelevant"])
     """The dis-preferred rule responses of a row, in order (`responses: rule`): "partial" (rejected 1 above),
-    "irrelevant" (rejected 2), "near_miss". Their number is the M a preference loss trains with (`num_rejected`)."""
+    "irrelevant" (rejected 2), "near_miss", "own_mistake" (the generator's wrong answer at synthesised positions).
+    Their number is the M a preference loss trains with (`num_rejected`)."""
+    mistake_window: int = 65536
+    """Positions the `own_mistake` answers are asked at: the window LOGO will train for (`position.window`)."""
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     question_template: str = "\nQuestion: What is the secret number of the {name}?\nAnswer:"
     """Appended after the context (the eval needle probe's wording, so aligned models answer it)."""
@@ -125,10 +131,17 @@ class PreferenceDataConfig:
             raise UserError("distractors must be >= 0")
         if self.distractors + 1 > self.document_chunks:
             raise UserError("each fact needs its own chunk: distractors + 1 must not exceed document_chunks")
+        if self.mistake_window < 1:
+            raise UserError(f"mistake_window must be positive, got {self.mistake_window}")
         unknown = [r for r in self.rule_rejected if r not in RULE_REJECTED]
         if unknown or not self.rule_rejected or len(set(self.rule_rejected)) != len(self.rule_rejected):
             raise UserError(f"rule_rejected must list distinct kinds out of {', '.join(RULE_REJECTED)}, "
                             f"got {list(self.rule_rejected)}")
+
+    @property
+    def needs_generator(self) -> bool:
+        """Whether building needs a generator model: sampled responses, or the model's own mistakes."""
+        return self.responses == "generator" or "own_mistake" in self.rule_rejected
 
 
 # ---------------------------------------------------------------------------------------------------- chunks
@@ -255,7 +268,8 @@ def numbers_in(text: str) -> list[str]:
 def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list[str], ranking: list[int],
                    rng: random.Random, near_miss_rng: random.Random) -> tuple[list[str], list[str], list[str]]:
     """The preferred (gold) and the `rule_rejected` responses from the facts; with their kinds and sources. The near
-    miss draws from its own generator, so asking for it leaves every other draw of the row as it was."""
+    miss draws from its own generator, so asking for it leaves every other draw of the row as it was; an own mistake
+    is left as None here (it needs the row's final context: `build_row` asks the generator)."""
     target, others = facts[0], facts[1:]
     answer = config.answer_template.format(value=target.value)
     half = set(ranking[: config.half_chunks])
@@ -287,11 +301,16 @@ def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list
     if "near_miss" in config.rule_rejected:
         rejected["near_miss"] = (config.answer_template.format(value=corrupt_value(target.value, near_miss_rng)),
                                  "near_miss", "true value with one or two digits changed")
+    rejected["own_mistake"] = (None, "own_mistake", "")
     chosen = [rejected[kind] for kind in config.rule_rejected]
     responses = [answer, *(response for response, _, _ in chosen)]
     kinds = ["gold", *(kind for _, kind, _ in chosen)]
     sources = ["true value of the asked fact", *(source for _, _, source in chosen)]
     return responses, kinds, sources
+
+
+def model_name(model) -> str:
+    return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
 def generate_response(model, tokenizer, prompt: str, settings: GenerationConfig, seed: int) -> str:
@@ -391,15 +410,23 @@ def build_row(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Seque
     else:
         responses, kinds, sources = generated_responses(config, question, chunks, ranking, answer, generator,
                                                         tokenizer, seed=rng.randrange(2**31))
-        generator_name = str(getattr(generator, "name_or_path", "") or type(generator).__name__)
-    if any(r.strip() == responses[0].strip() for r in responses[1:]):
+        generator_name = model_name(generator)
+    if any(r is not None and r.strip() == responses[0].strip() for r in responses[1:]):
         return None, "a dis-preferred response equals the preferred one"
-    if any(not r.strip() for r in responses):
+    if any(r is not None and not r.strip() for r in responses):
         return None, "an empty response"
 
     top = set(ranking[: config.full_chunks])
     others = [i for i in range(len(chunks)) if i not in top]
     keep = sorted(top | set(rng.sample(others, k=config.context_chunks - len(top))))
+    if "own_mistake" in config.rule_rejected:
+        slot = 1 + config.rule_rejected.index("own_mistake")
+        stand_in = draw_value(random.Random(f"{config.seed}:own-mistake:{index}"), {target.value})
+        responses[slot], kinds[slot], sources[slot] = own_mistake(
+            generator, tokenizer, [chunks[i] for i in keep], question, answer, config.mistake_window,
+            config.chunk_size, config.context_chunks, config.generation.max_new_tokens,
+            seed=config.seed, index=index, fallback=config.answer_template.format(value=stand_in))
+        generator_name = f"rule + {model_name(generator)}"
     row = {
         "id": f"logo-{config.seed}-{index}",
         "chunks": [chunks[i] for i in keep],
@@ -423,8 +450,8 @@ def build_preference_rows(config: PreferenceDataConfig, texts: Sequence[str], do
     """`config.samples` rows (tries up to 4x as many samples); returns rows and skip counts by reason."""
     if not texts:
         raise UserError("no documents to build preference data from (the corpus split is empty)")
-    if config.responses == "generator" and generator is None:
-        raise UserError("responses: generator needs a generator model (--generator DIR)")
+    if config.needs_generator and generator is None:
+        raise UserError("responses: generator and rule_rejected: own_mistake need a generator model (--generator DIR)")
     scorer = get_chunk_scorer(config.scorer)
     count = token_counter(tokenizer)
     rows, reasons = [], {}

@@ -119,7 +119,14 @@ class EvidenceConfig:
     rule_rejected: list[str] = dataclasses.field(default_factory=lambda: ["partial", "irrelevant"])
     """The dis-preferred rule answers, M of them (align.data.PreferenceDataConfig.rule_rejected): "partial" (a
     distractor fact's value), "irrelevant" (from the lowest-scoring chunks), "near_miss" (the gold with one or two
-    digits changed). The instruction stage's rows keep the default (it trains the gold only)."""
+    digits changed), "own_mistake" (the model before LOGO's wrong answer with the row's context at positions
+    synthesised over the window, align/mistakes.py). The instruction stage's rows keep the default (it trains the
+    gold only)."""
+    distractors: int = 3
+    """Facts of other names beside the asked one in each preference row. The instructed tiny teacher (trained on
+    single-fact rows) answers 0.25% of 3-distractor rows even at plain positions (it blends the facts' digits), so
+    LOGO and SFT on such rows train a task it cannot do; on single-fact rows it answers 100% at plain positions and
+    62% at synthesised ones: what is left to learn there is the long positions."""
     sft_weight: float = 0.1
     """LOGO's lambda: weight of the preferred response's NLL beside the preference term (the paper: 0.1)."""
     response_temperature: float = 0.7
@@ -150,10 +157,27 @@ class EvidenceConfig:
             raise UserError("instruct.steps must be >= 0, instruct.samples and instruct.batch_size >= 1")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise UserError(f"train_seeds must be distinct and at least one, got {list(self.train_seeds)}")
+        if self.distractors < 0:
+            raise UserError(f"distractors must be >= 0, got {self.distractors}")
         if self.sft_weight < 0:
             raise UserError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.text_rows < 0 or (self.text_rows and (self.text_weight <= 0 or self.text_batch_size < 1)):
             raise UserError("text_rows must be >= 0; with text rows, text_weight > 0 and text_batch_size >= 1")
+
+    @property
+    def real_length(self) -> int:
+        """The real training length: context_chunks x chunk_size plus room for the question and the answer."""
+        return self.context_chunks * self.chunk_size + 64
+
+    @property
+    def window(self) -> int:
+        """The synthesised window LOGO and SFT train for."""
+        return self.window_factor * self.real_length
+
+    @property
+    def generated_data(self) -> bool:
+        """Whether the preference rows need the model before LOGO (sampled answers or its own mistakes)."""
+        return self.responses == "generator" or "own_mistake" in self.rule_rejected
 
     @property
     def num_rejected(self) -> int:
@@ -169,7 +193,10 @@ def data_overrides(config: EvidenceConfig) -> list[str]:
                  f"data.context_chunks={config.context_chunks}", f"data.document_chunks={config.document_chunks}",
                  f"data.full_chunks={min(6, config.context_chunks)}",
                  f"data.half_chunks={min(3, config.context_chunks)}", f"data.seed={config.seed}",
-                 f"data.rule_rejected={json.dumps(list(config.rule_rejected))}"]
+                 f"data.rule_rejected={json.dumps(list(config.rule_rejected))}",
+                 f"data.distractors={config.distractors}"]
+    if "own_mistake" in config.rule_rejected:
+        overrides += [f"data.mistake_window={config.window}", "data.generation.max_new_tokens=12"]
     if config.responses == "generator":
         # short factual answers: the released code's 16-512 new tokens would run past the number
         overrides += ["data.responses=generator", "data.generation.preferred=gold", "data.generation.min_new_tokens=1",
@@ -449,8 +476,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
     out_dir = Path(out_dir)
     teacher = teacher_path(config)
     tokenizer = load_tokenizer(teacher)
-    real_length = config.context_chunks * config.chunk_size + 64  # context + question/answer room
-    window = config.window_factor * real_length
+    real_length, window = config.real_length, config.window
     gate = gate_config(config, max_length=window)
     done = lambda stage: stop_after == stage  # noqa: E731
     # task data first, so a bad eval setting fails before any training (a run that stops at the instruction
@@ -474,7 +500,7 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
         if done("instruct"):
             return {"stopped_after": stop_after, **Manifest.read(base).metrics}
     build_rows(config, teacher, data_overrides(config), out_dir / "data",
-               generator=base if config.responses == "generator" else None)
+               generator=base if config.generated_data else None)
     if done("data"):
         return {"stopped_after": stop_after}
     if config.text_rows:
@@ -545,8 +571,8 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"Teacher: `{config.teacher or 'cached default tiny teacher'}`; \"before LOGO\" is {before}. Real training "
         f"context: at most {real_context} tokens ({config.context_chunks} chunks x {config.chunk_size}){measured}; "
         f"synthesised window: {window} positions (x{config.window_factor}). LOGO and SFT: {config.steps} steps, "
-        f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows (dis-preferred "
-        f"answers: {config.responses}"
+        f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows ({config.distractors} "
+        f"distractor facts beside the asked one; dis-preferred answers: {config.responses}"
         + (f", {' + '.join(config.rule_rejected)}" if config.responses == "rule" else "")
         + f") and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda {config.sft_weight}, "
         f"M {config.num_rejected}."

@@ -105,6 +105,25 @@ def test_rule_negatives_and_lambda_reach_the_data_and_the_logo_loss(workspace, t
         EvidenceConfig(sft_weight=-1)
 
 
+def test_own_mistakes_come_from_the_model_before_logo_at_the_training_window(workspace, tmp_path):
+    import dataclasses
+
+    from align.data import load_rows
+
+    config = dataclasses.replace(smoke_config(workspace, tmp_path), rule_rejected=["own_mistake", "irrelevant"],
+                                 distractors=0)
+    assert config.generated_data and config.window == 2 * (4 * 128 + 64)
+    run_evidence(config, tmp_path / "evidence", stop_after="data")
+    rows = load_rows(tmp_path / "evidence" / "data")
+    assert all(len(row["fact_chunks"]) == 1 for row in rows)  # no distractor facts
+    assert all(row["response_kinds"][1] in ("own_mistake", "hallucinated") for row in rows)
+    data = Manifest.read(tmp_path / "evidence" / "data").config
+    assert data["generator"] == str(workspace / "openba")  # no instruction stage: the teacher is the model before
+    assert (data["data"]["mistake_window"], data["data"]["distractors"]) == (config.window, 0)
+    with pytest.raises(Exception, match="distractors"):
+        EvidenceConfig(distractors=-1)
+
+
 def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
     import pytest
 
