@@ -126,7 +126,7 @@ def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | No
     if manifest.status != "complete":
         return None
     key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
-    if stored != key(config) and not _same_with_new_defaults(manifest.config, config, key):
+    if stored != key(config) and not _same_with_new_defaults(manifest.config, config, key, stored):
         return None
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
@@ -155,16 +155,36 @@ def stage_identity(config: Any) -> str:
     return config_hash(resolve(data))
 
 
-def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[Any], str]) -> bool:
-    """True when the stored config, read into today's config class (new fields at their defaults), is `config`."""
+def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[Any], str], stored_key: str) -> bool:
+    """True when `config` is the stored config plus fields added since, all at their defaults: today's config with
+    those fields dropped has the stored key. Keying the pruned config, not the stored one, keeps `stage_identity`'s
+    upstream check: the stored config's paths resolved today would name the stages as they are now, so a stage
+    rerun upstream at the same path would pass unseen."""
     if not dataclasses.is_dataclass(config) or not isinstance(stored, dict):
         return False
     from core.config import from_dict
 
     try:
-        return key(from_dict(type(config), stored)) == key(config)
+        with_defaults = to_dict(from_dict(type(config), stored))
     except UserError:  # a field was removed or changed type: not the same work
         return False
+
+    def prune(today: dict[str, Any], old: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any] | None:
+        kept = {}
+        for name, value in today.items():
+            if name not in old:
+                if defaults.get(name) != value:
+                    return None  # a new field set away from its default: new work
+            elif isinstance(value, dict) and isinstance(old[name], dict):
+                kept[name] = prune(value, old[name], defaults.get(name, {}))
+                if kept[name] is None:
+                    return None
+            else:
+                kept[name] = value
+        return kept
+
+    pruned = prune(to_dict(config), stored, with_defaults)
+    return pruned is not None and key(pruned) == stored_key
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:

@@ -253,6 +253,39 @@ def test_a_copied_run_directory_keeps_stages_whose_configs_name_its_other_stages
     assert len(calls) == 2 and (tmp_path / "b" / "train" / "trained.txt").read_text() == "2"
 
 
+@dataclasses.dataclass
+class GrownReadsCfg(ReadsCfg):
+    """ReadsCfg after a release added a field whose default keeps the old behaviour."""
+
+    extra: float = 0.0
+
+
+def test_a_grown_config_class_still_sees_an_upstream_stage_rebuilt_at_the_same_path(tmp_path):
+    """A training stage that ran before its config class grew a field is kept while its data is the same (also in a
+    copy of the run), and rerun once the data stage is rebuilt with another config at the same path."""
+    import shutil
+
+    calls = []
+
+    def train(_input, work_dir, cfg):
+        calls.append(cfg)
+        (work_dir / "trained.txt").write_text(Path(cfg.data, "value.txt").read_text())
+        return {}
+
+    def run(root, cfg_class, value=1):
+        run_stage(Stage("data", write_value, Cfg(value)), None, root / "data")
+        return run_stage(Stage("train", train, cfg_class(data=str(root / "data"))), None, root / "train")
+
+    run(tmp_path / "a", ReadsCfg)
+    run(tmp_path / "a", GrownReadsCfg)
+    assert len(calls) == 1  # the new field at its default: same work
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run(tmp_path / "b", GrownReadsCfg)
+    assert len(calls) == 1  # and in a copy
+    run(tmp_path / "a", GrownReadsCfg, value=2)
+    assert len(calls) == 2 and (tmp_path / "a" / "train" / "trained.txt").read_text() == "2"
+
+
 def test_a_manifest_from_before_identities_gains_one_so_its_copies_resume(tmp_path):
     import shutil
 
