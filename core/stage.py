@@ -126,7 +126,8 @@ def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | No
     if manifest.status != "complete":
         return None
     key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
-    if stored != key(config) and not _same_with_new_defaults(manifest.config, config, key, stored):
+    if stored != key(config) and not (_same_with_new_defaults(manifest.config, config, key)
+                                       and _read_stages_older(config, manifest)):
         return None
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
@@ -134,57 +135,66 @@ def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | No
     return manifest if identity(manifest.inputs) == identity(_describe_input(input_dir)) else None
 
 
+def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
+    """Each string in the config that names a stage directory (one with a manifest this code wrote), described."""
+    named: dict[str, dict[str, Any]] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value and value not in named and (Path(value) / MANIFEST).is_file():
+            try:
+                named[value] = _describe_input(value)
+            except UserError:  # not a manifest this code wrote: the path itself is the identity
+                pass
+
+    walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
+    return named
+
+
 def stage_identity(config: Any) -> str:
     """The config's hash with each string that names a stage directory (one with a manifest) replaced by that
     stage's config hash and finish time: the same work wherever the run directory lies, and new work when a stage
     it reads was rerun at the same path."""
+    named = _stages_named(config)
+
     def resolve(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: resolve(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [resolve(v) for v in value]
-        if isinstance(value, str) and value and (Path(value) / MANIFEST).is_file():
-            try:
-                described = _describe_input(value)
-            except UserError:  # not a manifest this code wrote: the path itself is the identity
-                return value
-            return {"stage": described.get("manifest_config_hash"), "finished": described.get("manifest_finished")}
+        if isinstance(value, str) and value in named:
+            return {"stage": named[value].get("manifest_config_hash"),
+                    "finished": named[value].get("manifest_finished")}
         return value
 
-    data = to_dict(config) if dataclasses.is_dataclass(config) else config
-    return config_hash(resolve(data))
+    return config_hash(resolve(to_dict(config) if dataclasses.is_dataclass(config) else config))
 
 
-def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[Any], str], stored_key: str) -> bool:
-    """True when `config` is the stored config plus fields added since, all at their defaults: today's config with
-    those fields dropped has the stored key. Keying the pruned config, not the stored one, keeps `stage_identity`'s
-    upstream check: the stored config's paths resolved today would name the stages as they are now, so a stage
-    rerun upstream at the same path would pass unseen."""
+def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[Any], str]) -> bool:
+    """True when the stored config, read into today's config class (new fields at their defaults), is `config`."""
     if not dataclasses.is_dataclass(config) or not isinstance(stored, dict):
         return False
     from core.config import from_dict
 
     try:
-        with_defaults = to_dict(from_dict(type(config), stored))
+        return key(from_dict(type(config), stored)) == key(config)
     except UserError:  # a field was removed or changed type: not the same work
         return False
 
-    def prune(today: dict[str, Any], old: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any] | None:
-        kept = {}
-        for name, value in today.items():
-            if name not in old:
-                if defaults.get(name) != value:
-                    return None  # a new field set away from its default: new work
-            elif isinstance(value, dict) and isinstance(old[name], dict):
-                kept[name] = prune(value, old[name], defaults.get(name, {}))
-                if kept[name] is None:
-                    return None
-            else:
-                kept[name] = value
-        return kept
 
-    pruned = prune(to_dict(config), stored, with_defaults)
-    return pruned is not None and key(pruned) == stored_key
+def _read_stages_older(config: Any, manifest: Manifest) -> bool:
+    """True when every stage directory the config names finished before this stage started. The new-defaults check
+    resolves the stored config's paths to the stages as they are today, so on its own it would keep a stage whose
+    data were rebuilt at the same path since."""
+    started = manifest.timings.get("started")
+    finished = [described.get("manifest_finished") for described in _stages_named(config).values()]
+    return started is not None and all(
+        f is not None and dt.datetime.fromisoformat(f) <= dt.datetime.fromisoformat(started) for f in finished)
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:
@@ -281,8 +291,8 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
         outputs=describe_outputs(partial),
         metrics=metrics,
         timings={
-            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
-            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(timespec="seconds"),
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(timespec="milliseconds"),
             "seconds": round(finished - started, 3),
             "resumed": resumes,
         },
