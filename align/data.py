@@ -141,7 +141,12 @@ class PreferenceDataConfig:
     @property
     def needs_generator(self) -> bool:
         """Whether building needs a generator model: sampled responses, or the model's own mistakes."""
-        return self.responses == "generator" or "own_mistake" in self.rule_rejected
+        return self.responses == "generator" or self.own_mistakes
+
+    @property
+    def own_mistakes(self) -> bool:
+        """Whether rows carry the generator's own mistakes (a `rule_rejected` kind)."""
+        return self.responses == "rule" and "own_mistake" in self.rule_rejected
 
 
 # ---------------------------------------------------------------------------------------------------- chunks
@@ -419,7 +424,7 @@ def build_row(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Seque
     top = set(ranking[: config.full_chunks])
     others = [i for i in range(len(chunks)) if i not in top]
     keep = sorted(top | set(rng.sample(others, k=config.context_chunks - len(top))))
-    if "own_mistake" in config.rule_rejected:
+    if config.own_mistakes:
         slot = 1 + config.rule_rejected.index("own_mistake")
         stand_in = draw_value(random.Random(f"{config.seed}:own-mistake:{index}"), {target.value})
         responses[slot], kinds[slot], sources[slot] = own_mistake(
