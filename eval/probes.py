@@ -70,27 +70,33 @@ def _fact_sentence(name: str, value: str) -> str:
     return f"The secret number of the {name} is {value}.\n"
 
 
-def needle_row(texts: Sequence[str], length: int, depth: float, rng: random.Random) -> dict:
-    """A haystack of corpus text with one secret-number sentence at `depth`, and the question about it."""
-    name, answer = _draw_fact(rng)
-    needle = _fact_sentence(name, answer)
+def _needle(texts: Sequence[str], length: int, depth: float, rng: random.Random) -> tuple[str, str, str, str]:
+    """(a haystack with the needle sentence at `depth`, the needle sentence, its name, its value)."""
+    name, value = _draw_fact(rng)
+    needle = _fact_sentence(name, value)
     context = haystack(texts, max(length - len(needle), 1), rng)
     at = _line_start_near(context, round(depth * len(context)))
-    context = context[:at] + needle + context[at:]
+    return context[:at] + needle + context[at:], needle, name, value
+
+
+def _asking(context: str, needle: str, name: str, value: str) -> dict:
+    """The row: the context and the question about `name`, whose answer is `value` in the `needle` sentence."""
     question = f"\nQuestion: What is the secret number of the {name}?\nAnswer:"
-    return {"prompt": context + question, "answer": answer, "fact_at": at, "context_chars": len(context)}
+    return {"prompt": context + question, "answer": value, "fact_at": context.index(needle),
+            "context_chars": len(context)}
+
+
+def needle_row(texts: Sequence[str], length: int, depth: float, rng: random.Random) -> dict:
+    """A haystack of corpus text with one secret-number sentence at `depth`, and the question about it."""
+    return _asking(*_needle(texts, length, depth, rng))
 
 
 def needles_row(texts: Sequence[str], length: int, depth: float, rng: random.Random,
                 distractors: int = DISTRACTORS) -> dict:
     """A needle row plus `distractors` secret-number sentences of other names (and other values) at random line
     starts; the question names the needle at `depth`."""
-    row = needle_row(texts, length, depth, rng)
-    prompt, at = row["prompt"], row["fact_at"]
-    asked = prompt[at:prompt.index("\n", at) + 1]
-    context, question = prompt[: row["context_chars"]], prompt[row["context_chars"]:]
-    names = {question.split("secret number of the ", 1)[1].split("?")[0]}
-    values = {row["answer"]}
+    context, needle, asked, answer = _needle(texts, length, depth, rng)
+    names, values = {asked}, {answer}
     for _ in range(distractors):
         name, value = _draw_fact(rng)
         while name in names or value in values:
@@ -98,18 +104,17 @@ def needles_row(texts: Sequence[str], length: int, depth: float, rng: random.Ran
         names.add(name), values.add(value)
         cut = _line_start_near(context, rng.randrange(len(context) + 1))
         context = context[:cut] + _fact_sentence(name, value) + context[cut:]
-    at = context.index(asked)
-    return {"prompt": context + question, "answer": row["answer"], "fact_at": at, "context_chars": len(context)}
+    return _asking(context, needle, asked, answer)
 
 
 def kv_row(length: int, depth: float, rng: random.Random) -> dict:
     """A JSON object of random hex key-value pairs about `length` characters long; asks for the pair at `depth`."""
     pair_chars = len('"0123abcd": "0123abcd",\n')
     count = max(2, (length - 4) // pair_chars)
-    keys: set[str] = set()
-    while len(keys) < count:  # distinct keys, or the question would have two answers
-        keys.add(f"{rng.getrandbits(32):08x}")
-    pairs = [(key, f"{rng.getrandbits(32):08x}") for key in sorted(keys, key=lambda _: rng.random())]
+    keys: dict[str, None] = {}  # distinct keys, or the question would have two answers; in draw order, since a
+    while len(keys) < count:    # set's order changes with the process' hash seed and the rows would too
+        keys.setdefault(f"{rng.getrandbits(32):08x}")
+    pairs = [(key, f"{rng.getrandbits(32):08x}") for key in keys]
     asked = min(count - 1, round(depth * (count - 1)))
     lines = [f'"{key}": "{value}"' for key, value in pairs]
     context = "{\n" + ",\n".join(lines) + "\n}\n"

@@ -89,6 +89,20 @@ def test_probe_rows_are_a_pure_function_of_their_seed():
     assert needle_row(texts, 300, 0.0, random.Random(2))["fact_at"] == 0
 
 
+def test_probe_rows_do_not_depend_on_the_process_hash_seed():
+    """Task data are rebuilt by other processes (a gate run alone, a resumed recipe): Python's per-process string
+    hashing must not reach the rows (kv keys once came out of a set in hash order)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json; from eval.probes import probe_rows; texts = ['alpha line\\n' * 30, 'beta line\\n' * 30]; "
+              "print(json.dumps([probe_rows(k, texts, 400, (0.0, 1.0), 2, 3) for k in ('needle', 'needles', 'kv')]))")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1 and json.loads(outputs.pop())
+
+
 def test_needles_hide_the_asked_fact_among_distractor_facts():
     import random
     import re
