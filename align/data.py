@@ -44,7 +44,6 @@ from typing import Any, Callable, Literal, Sequence
 import datasets
 from tqdm.auto import tqdm
 
-from align.mistakes import own_mistake
 from align.scoring import get_chunk_scorer
 from core.errors import UserError
 from pretrain.corpus import CorpusConfig
@@ -110,7 +109,9 @@ class PreferenceDataConfig:
     "irrelevant" (rejected 2), "near_miss", "own_mistake" (the generator's wrong answer at synthesised positions).
     Their number is the M a preference loss trains with (`num_rejected`)."""
     mistake_window: int = 65536
-    """Positions the `own_mistake` answers are asked at: the window LOGO will train for (`position.window`)."""
+    """Positions the `own_mistake` answers are asked at: the window LOGO will train for (`position.window`). Their
+    length is capped by `generation.max_new_tokens`: set it to about the answers' length (the released code's 512
+    is for long sampled answers)."""
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     question_template: str = "\nQuestion: What is the secret number of the {name}?\nAnswer:"
     """Appended after the context (the eval needle probe's wording, so aligned models answer it)."""
@@ -271,7 +272,7 @@ def numbers_in(text: str) -> list[str]:
 
 
 def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list[str], ranking: list[int],
-                   rng: random.Random, near_miss_rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+                   rng: random.Random, near_miss_rng: random.Random) -> tuple[list[str | None], list[str], list[str]]:
     """The preferred (gold) and the `rule_rejected` responses from the facts; with their kinds and sources. The near
     miss draws from its own generator, so asking for it leaves every other draw of the row as it was; an own mistake
     is left as None here (it needs the row's final context: `build_row` asks the generator)."""
@@ -315,6 +316,7 @@ def rule_responses(config: PreferenceDataConfig, facts: list[Fact], chunks: list
 
 
 def model_name(model) -> str:
+    """What a row's `generator` column names: the checkpoint path the model was loaded from, else its class."""
     return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
@@ -425,12 +427,17 @@ def build_row(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Seque
     others = [i for i in range(len(chunks)) if i not in top]
     keep = sorted(top | set(rng.sample(others, k=config.context_chunks - len(top))))
     if config.own_mistakes:
+        from align.mistakes import own_mistake
+        from align.positions import PositionConfig
+
         slot = 1 + config.rule_rejected.index("own_mistake")
         stand_in = draw_value(random.Random(f"{config.seed}:own-mistake:{index}"), {target.value})
+        positions = PositionConfig(window=config.mistake_window, chunk_size=config.chunk_size,
+                                   max_chunks=config.context_chunks)
         responses[slot], kinds[slot], sources[slot] = own_mistake(
-            generator, tokenizer, [chunks[i] for i in keep], question, answer, config.mistake_window,
-            config.chunk_size, config.context_chunks, config.generation.max_new_tokens,
-            seed=config.seed, index=index, fallback=config.answer_template.format(value=stand_in))
+            generator, tokenizer, [chunks[i] for i in keep], question, target.value, positions,
+            config.generation.max_new_tokens, seed=config.seed, index=index,
+            fallback=config.answer_template.format(value=stand_in))
         generator_name = f"rule + {model_name(generator)}"
     row = {
         "id": f"logo-{config.seed}-{index}",

@@ -12,7 +12,9 @@ directory: `--stop-after instruct` runs the instruction stage alone, e.g. on a G
               real training length, so that "before LOGO" is a model that answers and retrieves within the length it
               was trained at; LOGO is then measured on carrying that beyond it
     data/     preference rows from the corpus' train split, chunked in the teacher's tokens (align.build_data); with
-              `responses: generator` the dis-preferred answers are sampled from the model before LOGO (LOGO's recipe)
+              `responses: generator` the dis-preferred answers are sampled from the model before LOGO (LOGO's recipe),
+              with `own_mistake` in `rule_rejected` one of them is that model's own wrong answer at synthesised
+              positions (align/mistakes.py)
     text_data/  plain text rows for an optional text regulariser of both trainings alike (`text_rows` > 0)
     logo/     LOGO (loss `logo`, positions synthesised over `window_factor` x the real length)
     sft/      the same data, steps, positions and optimiser, loss `sft` (NLL of the preferred response only)

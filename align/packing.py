@@ -239,7 +239,8 @@ def _decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
     return shifted.masked_fill(shifted == -100, inner.config.pad_token_id or 0)
 
 
-def _encoder_kwargs(model, batch: dict) -> dict:
+def encoder_kwargs(model, batch: dict) -> dict:
+    """The encoder's inputs of a batch, with its (synthesised) position ids where the encoder takes them."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         encoder = unwrap(model).get_encoder()
@@ -295,10 +296,10 @@ def _seq2seq_logps(model, batch: dict, shared: bool) -> ResponseLogps:
     position ids (T5) repeat the encoder output per response instead. Separate: every pair on its own."""
     responses, response_mask = batch["response_ids"], batch["response_mask"]
     rows, count, length = responses.shape
-    encoder_kwargs = _encoder_kwargs(model, batch)
+    encoder_inputs = encoder_kwargs(model, batch)
     if shared and _forward_accepts(model, "decoder_position_ids"):
         layout = _decoder_packed_layout(model, batch)
-        encoded = unwrap(model).get_encoder()(**encoder_kwargs).last_hidden_state
+        encoded = unwrap(model).get_encoder()(**encoder_inputs).last_hidden_state
         mask = block_causal_mask(layout["segment"], mask_kind(model), _model_dtype(model))
         outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
                         attention_mask=batch["attention_mask"], decoder_input_ids=layout["decoder_input_ids"],
@@ -310,13 +311,13 @@ def _seq2seq_logps(model, batch: dict, shared: bool) -> ResponseLogps:
     labels = responses.reshape(rows * count, length).masked_fill(response_mask.reshape(rows * count, length) == 0, -100)
     decoder_input_ids = _decoder_inputs(model, labels)
     if shared:
-        encoded = unwrap(model).get_encoder()(**encoder_kwargs).last_hidden_state
+        encoded = unwrap(model).get_encoder()(**encoder_inputs).last_hidden_state
         hidden = encoded.repeat_interleave(count, dim=0)
         mask = batch["attention_mask"].repeat_interleave(count, dim=0)
         outputs = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                         decoder_input_ids=decoder_input_ids, use_cache=False)
     else:
-        repeated = {key: value.repeat_interleave(count, dim=0) for key, value in encoder_kwargs.items()}
+        repeated = {key: value.repeat_interleave(count, dim=0) for key, value in encoder_inputs.items()}
         outputs = model(**repeated, decoder_input_ids=decoder_input_ids, use_cache=False)
     values = _token_logps(outputs.logits, labels.clamp(min=0))
     valid = labels != -100

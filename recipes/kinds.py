@@ -109,6 +109,11 @@ class AlignStageConfig:
     data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
     logo: LogoConfig = dataclasses.field(default_factory=LogoConfig)
 
+    def __post_init__(self):
+        if self.data.own_mistakes and self.data.mistake_window != self.logo.position.window:
+            raise UserError(f"data.mistake_window ({self.data.mistake_window}) must be the window LOGO trains for "
+                            f"(logo.position.window = {self.logo.position.window})")
+
 
 def run_align(input_dir, work_dir, config, context):
     from align.build_data import BuildDataConfig, describe, load_texts
@@ -125,7 +130,7 @@ def run_align(input_dir, work_dir, config, context):
                                 else None, cache_dir=str(context.cache_dir / "corpus"), data=config.data)
         texts, doc_ids = load_texts(build)
         # LOGO samples responses with the model being aligned; "rule" responses need no model (the CPU default)
-        generator = load_model(input_dir).eval() if config.data.responses == "generator" else None
+        generator = load_model(input_dir).eval() if config.data.needs_generator else None
         rows, reasons = build_preference_rows(config.data, texts, doc_ids, tokenizer, generator)
         shutil.rmtree(data_dir, ignore_errors=True)
         save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data),

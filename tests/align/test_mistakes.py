@@ -1,57 +1,79 @@
-"""Own mistakes: the greedy answer at synthesised positions is what step-by-step decoding without a cache gives (both
-families), a wrong answer becomes the dis-preferred response and a right one a random stand-in, and the preference
-rows that ask for it keep every other response as the rules made it."""
+"""Own mistakes: the greedy answer at synthesised positions is what step-by-step decoding over the whole sequence
+gives (both families), EOS ends it, an answer whose first number is not the asked value becomes the dis-preferred
+response and a right or empty one the random stand-in, and rows that ask for it keep every other response."""
+
+import random
 
 import pytest
 import torch
 
-from align.data import build_preference_rows
+import align.mistakes
+from align.data import build_preference_rows, draw_value
 from align.mistakes import answer_at_positions, own_mistake
+from align.positions import PositionConfig, sample_generator, synthesize_positions
 from core.checkpoint import load_model, load_tokenizer
 from core.errors import UserError
 from tests.align.test_data import small_config
 
 
-def uncached_greedy(model, prompt: list[int], positions: torch.Tensor, steps: int) -> list[int]:
-    """The reference: the whole sequence through the model for every new token."""
+def uncached_greedy(model, prompt: list[int], positions: torch.Tensor, steps: int, eos_id=None) -> list[int]:
+    """The reference: the whole sequence through the model for every new token, with full causal attention."""
     new = []
     with torch.no_grad():
         for _ in range(steps):
             if model.config.is_encoder_decoder:
                 logits = model(input_ids=torch.tensor([prompt]), position_ids=positions[None],
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id, *new]])).logits
             else:
                 ids = torch.tensor([prompt + new])
                 continued = torch.cat([positions, positions[-1] + torch.arange(1, len(new) + 1)])
-                logits = model(input_ids=ids, position_ids=continued[None]).logits
+                logits = model(input_ids=ids, position_ids=continued[None], attention_mask=torch.ones_like(ids)).logits
+            if int(logits[0, -1].argmax()) == eos_id:
+                break
             new.append(int(logits[0, -1].argmax()))
     return new
 
 
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_greedy_answer_at_synthesised_positions_matches_uncached_decoding(workspace, family):
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    tokenizer.eos_token_id = None  # a random model may say EOS at once; here every step counts
     model = load_model(workspace / family).eval()
     prompt = list(range(5, 45))
-    positions = torch.cat([torch.arange(0, 20), torch.arange(300, 320)])  # a jump, as synthesis makes
-    answer = answer_at_positions(model, prompt, positions, max_new_tokens=6, eos_id=None)
-    assert answer == uncached_greedy(model, prompt, positions, 6)
-    plain = answer_at_positions(model, prompt, torch.arange(40), max_new_tokens=6, eos_id=None)
-    assert plain == uncached_greedy(model, prompt, torch.arange(40), 6)
+    jumped = torch.cat([torch.arange(0, 20), torch.arange(300, 320)])  # a jump, as synthesis makes
+    for positions in (jumped, torch.arange(40)):
+        expected = uncached_greedy(model, prompt, positions, 6)
+        if tokenizer.convert_tokens_to_ids("\u010a") in expected:  # a byte-level line break ends the answer early
+            expected = expected[: expected.index(tokenizer.convert_tokens_to_ids("\u010a")) + 1]
+        assert answer_at_positions(model, tokenizer, prompt, positions, max_new_tokens=6) == expected
 
 
-def test_a_wrong_answer_is_the_mistake_and_a_right_one_falls_back(workspace):
+def test_eos_ends_the_answer(workspace):
     tokenizer = load_tokenizer(workspace / "tokenizer")
     model = load_model(workspace / "llama").eval()
-    chunks, question = ["alpha beta gamma\n", "delta epsilon\n"], "\nQuestion: what?\nAnswer:"
-    settings = dict(window=512, chunk_size=32, max_chunks=4, max_new_tokens=4, seed=0, index=3)
-    said, kind, source = own_mistake(model, tokenizer, chunks, question, " 123456", fallback=" 999", **settings)
-    assert kind == "own_mistake" and said.strip() and said != " 123456" and "synthesised" in source
-    # asked again with its own answer as the gold: it is right, so the stand-in is used
-    again = own_mistake(model, tokenizer, chunks, question, said, fallback=" 999", **settings)
-    assert again[:2] == (" 999", "hallucinated")
-    # other positions (another row index) are another draw; the answer is the model's argmax under them
-    other = own_mistake(model, tokenizer, chunks, question, " 123456", fallback=" 999", **{**settings, "index": 4})
-    assert other[1] in ("own_mistake", "hallucinated")
+    prompt, positions = list(range(5, 25)), torch.arange(20)
+    first = uncached_greedy(model, prompt, positions, 1)[0]
+    tokenizer.eos_token_id = first
+    assert answer_at_positions(model, tokenizer, prompt, positions, max_new_tokens=4) == []
+
+
+@pytest.mark.parametrize("said, kind, response", [
+    (" 123457", "own_mistake", " 123457"),         # one digit off: the mistake
+    (" 123456.", "hallucinated", " 999"),          # right, with a full stop: not a mistake
+    (" 123456 is it", "hallucinated", " 999"),
+    (" no idea\nmore", "own_mistake", " no idea"),  # ignores the question; cut at the line break
+    ("", "hallucinated", " 999"),                   # says nothing: nothing to push down
+])
+def test_the_first_number_decides_whether_the_answer_is_a_mistake(workspace, monkeypatch, said, kind, response):
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    model = load_model(workspace / "llama").eval()
+    monkeypatch.setattr(align.mistakes, "answer_at_positions",
+                        lambda *args, **kwargs: tokenizer(said, add_special_tokens=False)["input_ids"])
+    positions = PositionConfig(window=512, chunk_size=32, max_chunks=4)
+    got = own_mistake(model, tokenizer, ["alpha beta\n", "gamma\n"], "\nQuestion: what?\nAnswer:", "123456",
+                      positions, max_new_tokens=8, seed=0, index=3, fallback=" 999")
+    assert got[:2] == (response, kind)
 
 
 def test_rows_with_own_mistakes_keep_the_other_responses(workspace):
@@ -64,15 +86,22 @@ def test_rows_with_own_mistakes_keep_the_other_responses(workspace):
     config.generation.max_new_tokens = 4
     rows, _ = build_preference_rows(config, corpus["text"], corpus["doc_id"], tokenizer, model)
     plain, _ = build_preference_rows(small_config(samples=3), corpus["text"], corpus["doc_id"], tokenizer)
+    window = PositionConfig(window=2048, chunk_size=config.chunk_size, max_chunks=config.context_chunks)
     for row, reference in zip(rows, plain):
         assert row["chunks"] == reference["chunks"] and row["responses"][2] == reference["responses"][2]
-        index = int(row["id"].rsplit("-", 1)[1])
-        expected = own_mistake(model, tokenizer, row["chunks"], row["question"], row["answer"], 2048,
-                               config.chunk_size, config.context_chunks, 4, config.seed, index, fallback="?")
-        if expected[1] == "own_mistake":
-            assert (row["responses"][1], row["response_kinds"][1]) == expected[:2]
+        index, value = int(row["id"].rsplit("-", 1)[1]), row["answer"].strip()
+        chunks = tokenizer(row["chunks"], add_special_tokens=False)["input_ids"]
+        question = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+        positions, _ = synthesize_positions([len(c) for c in chunks], len(question) + 5, window,
+                                            sample_generator(config.seed, index))
+        prompt = [t for c in chunks for t in c] + question
+        said = tokenizer.decode(uncached_greedy(model, prompt, positions[: len(prompt)], 4, tokenizer.eos_token_id),
+                                skip_special_tokens=True).split("\n", 1)[0]
+        if row["response_kinds"][1] == "own_mistake":
+            assert row["responses"][1] == said and said.strip()
         else:
-            assert row["response_kinds"][1] == "hallucinated" and row["responses"][1] != row["answer"]
+            stand_in = draw_value(random.Random(f"{config.seed}:own-mistake:{index}"), {value})
+            assert row["responses"][1] == f" {stand_in}" and not said.strip()
         assert row["generator"].startswith("rule + ")
     with pytest.raises(UserError, match="generator"):
         build_preference_rows(config, corpus["text"], corpus["doc_id"], tokenizer)

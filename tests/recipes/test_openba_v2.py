@@ -161,6 +161,9 @@ def test_bad_recipes_fail_before_any_stage_runs(tmp_path):
         from recipes.openba_v2 import check_recipe
 
         check_recipe(load_recipe(MINI, ["stages.layers.args.scorr=x"]), Context(tmp_path, tmp_path))
+    with pytest.raises(UserError, match="mistake_window"):  # own mistakes asked at another window than LOGO's
+        check_recipe(load_recipe(MINI, ['stages.logo.args.data.rule_rejected=["own_mistake"]']),
+                     Context(tmp_path, tmp_path))
 
 
 def test_dry_run_plans_the_15b_recipe_without_weights(capsys):
