@@ -110,7 +110,9 @@ def is_complete(output_dir: str | Path, config: Any, input_dir: str | Path | Non
     compares the upstream manifest's identity, not its path, and so does the config comparison for paths in the
     config that name stage directories (`stage_identity`), so a run directory can be moved or copied. A config
     field added after the stage ran does not invalidate it when the field keeps its default (new fields default to
-    the old behaviour), so a finished training stage is not retrained because its config class grew.
+    the old behaviour), so a finished training stage is not retrained because its config class grew; that check,
+    and manifests written before identities, also ask that every stage the config names finished before this one
+    started (`_read_stages_older`).
     """
     return _complete_manifest(Path(output_dir), config, input_dir) is not None
 
@@ -126,13 +128,22 @@ def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | No
     if manifest.status != "complete":
         return None
     key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
-    if stored != key(config) and not (_same_with_new_defaults(manifest.config, config, key)
-                                       and _read_stages_older(config, manifest)):
+    exact = stored == key(config)
+    if not exact and not _same_with_new_defaults(manifest.config, config, key):
         return None
+    if (not exact or not manifest.identity) and not _read_stages_older(config, manifest):
+        return None
+
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
 
     return manifest if identity(manifest.inputs) == identity(_describe_input(input_dir)) else None
+
+
+def _names_a_path(value: str) -> bool:
+    """Only strings written as paths name stages: a bare word ("logo", a loss name) is a setting, even where the
+    working directory happens to hold a stage of that name."""
+    return os.sep in value or (os.altsep is not None and os.altsep in value)
 
 
 def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
@@ -146,7 +157,8 @@ def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
         elif isinstance(value, (list, tuple)):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and value and value not in named and (Path(value) / MANIFEST).is_file():
+        elif isinstance(value, str) and _names_a_path(value) and value not in named \
+                and (Path(value) / MANIFEST).is_file():
             try:
                 named[value] = _describe_input(value)
             except UserError:  # not a manifest this code wrote: the path itself is the identity
@@ -189,12 +201,13 @@ def _same_with_new_defaults(stored: dict[str, Any], config: Any, key: Callable[[
 
 def _read_stages_older(config: Any, manifest: Manifest) -> bool:
     """True when every stage directory the config names finished before this stage started. The new-defaults check
-    resolves the stored config's paths to the stages as they are today, so on its own it would keep a stage whose
-    data were rebuilt at the same path since."""
+    and manifests from before identities compare the stored config's paths as they resolve today, so on their own
+    they would keep a stage whose data were rebuilt at the same path since. Directories named by their content
+    (corpus and tokenizer caches: manifests without timings) cannot change under their name and are not asked."""
     started = manifest.timings.get("started")
     finished = [described.get("manifest_finished") for described in _stages_named(config).values()]
     return started is not None and all(
-        f is not None and dt.datetime.fromisoformat(f) <= dt.datetime.fromisoformat(started) for f in finished)
+        dt.datetime.fromisoformat(f) <= dt.datetime.fromisoformat(started) for f in finished if f is not None)
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:

@@ -228,6 +228,7 @@ def test_two_processes_running_the_same_stage_build_it_once(tmp_path):
 class ReadsCfg:
     data: str = ""
     scale: int = 1
+    loss: str = ""
 
 
 def test_a_copied_run_directory_keeps_stages_whose_configs_name_its_other_stages(tmp_path):
@@ -284,6 +285,28 @@ def test_a_grown_config_class_still_sees_an_upstream_stage_rebuilt_at_the_same_p
     assert len(calls) == 1  # and in a copy
     run(tmp_path / "a", GrownReadsCfg, value=2)
     assert len(calls) == 2 and (tmp_path / "a" / "train" / "trained.txt").read_text() == "2"
+
+
+def test_content_named_caches_and_bare_words_do_not_make_a_grown_config_rerun(tmp_path, monkeypatch):
+    """A config naming a corpus cache (a manifest without timings, written after the stage may have started) keeps
+    the stage when its class grows; a bare word that matches a stage directory in the working directory is a
+    setting, not that stage."""
+    calls = []
+
+    def train(_input, work_dir, cfg):
+        calls.append(cfg)
+        return {}
+
+    corpus = tmp_path / "cache" / "corpus-abc"
+    corpus.mkdir(parents=True)
+    Manifest(stage="corpus", config_hash="abc", config={}).write(corpus)
+    monkeypatch.chdir(tmp_path)
+    run_stage(Stage("own", write_value, Cfg(1)), None, tmp_path / "own")  # a stage named like a setting
+    run_stage(Stage("train", train, ReadsCfg(data=str(corpus), loss="own")), None, tmp_path / "train")
+    Manifest(stage="corpus", config_hash="abc", config={}).write(corpus)  # rewritten later: no timings
+    run_stage(Stage("own", write_value, Cfg(2)), None, tmp_path / "own")  # the stage "own" rebuilt later
+    run_stage(Stage("train", train, GrownReadsCfg(data=str(corpus), loss="own")), None, tmp_path / "train")
+    assert len(calls) == 1
 
 
 def test_a_manifest_from_before_identities_gains_one_so_its_copies_resume(tmp_path):
