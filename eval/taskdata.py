@@ -43,7 +43,8 @@ from core.stage import Stage, run_stage
 from eval.probes import PROBE_KINDS, probe_rows
 from pretrain.corpus import CorpusConfig, load_or_build_corpus, seeded_hash, split_lines
 
-TASKSET_FORMAT = 1  # bump when rows are made differently, so old task sets are not mistaken for new ones
+TASKSET_FORMAT = 2  # bump when rows are made differently, so old task sets are not mistaken for new ones (2: kv
+# rows no longer depend on the process hash seed)
 TASKSET_FILE = "taskset.json"
 TEMPLATES = Path(__file__).parent / "tasks"
 PPL_TASK, MC_TASK = "corpus_ppl", "corpus_mc"
