@@ -128,7 +128,9 @@ class EvidenceConfig:
     """Facts of other names beside the asked one in each preference row. The instructed tiny teacher (trained on
     single-fact rows) answers 0.25% of 3-distractor rows even at plain positions (it blends the facts' digits), so
     LOGO and SFT on such rows train a task it cannot do; on single-fact rows it answers 100% at plain positions and
-    62% at synthesised ones: what is left to learn there is the long positions."""
+    62% at synthesised ones: what is left to learn there is the long positions. Measured over 10 seeds (session 6):
+    SFT on single-fact rows reaches needle exact 0.94/0.91/0.79/0.63 at ~291-1616 tokens against 0.65/0.52/0.39/0.25
+    on 3-distractor rows; LOGO with own mistakes 0.94/0.79/0.61/0.43, behind SFT beyond the training length."""
     sft_weight: float = 0.1
     """LOGO's lambda: weight of the preferred response's NLL beside the preference term (the paper: 0.1)."""
     response_temperature: float = 0.7
