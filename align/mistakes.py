@@ -44,7 +44,6 @@ def answer_at_positions(model, tokenizer, prompt_ids: Sequence[int], positions: 
     prompt = {"input_ids": torch.tensor([list(prompt_ids)], device=device),
               "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
               "position_ids": positions.view(1, -1).to(device)}
-    new: list[int] = []
     if model.config.is_encoder_decoder:
         start = model.config.decoder_start_token_id
         if start is None:
@@ -52,30 +51,32 @@ def answer_at_positions(model, tokenizer, prompt_ids: Sequence[int], positions: 
         if start is None:
             raise UserError("the generator has no decoder_start_token_id; set it in its config")
         encoded = BaseModelOutput(last_hidden_state=model.get_encoder()(**encoder_kwargs(model, prompt))[0])
-        for _ in range(max_new_tokens):
+
+        def next_logits(new: list[int]) -> torch.Tensor:
             decoder_ids = torch.tensor([[start, *new]], device=device)
-            token = int(model(encoder_outputs=encoded, attention_mask=prompt["attention_mask"],
-                              decoder_input_ids=decoder_ids).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
-            if _stops(tokenizer, new):
-                break
-        return new
-    output = model(**prompt, use_cache=True)
-    mask, position = prompt["attention_mask"], int(positions[-1])
+            return model(encoder_outputs=encoded, attention_mask=prompt["attention_mask"],
+                         decoder_input_ids=decoder_ids).logits[0, -1]
+    else:
+        cached = {"output": model(**prompt, use_cache=True)}
+
+        def next_logits(new: list[int]) -> torch.Tensor:
+            if new:  # one call per answer token: feed the last one, its position continuing the prompt's
+                length = len(prompt_ids) + len(new)
+                cached["output"] = model(
+                    input_ids=torch.tensor([new[-1:]], device=device),
+                    attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+                    position_ids=torch.tensor([[int(positions[-1]) + len(new)]], device=device),
+                    past_key_values=cached["output"].past_key_values, use_cache=True)
+            return cached["output"].logits[0, -1]
+
+    new: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(output.logits[0, -1].argmax())
+        token = int(next_logits(new).argmax())
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
         if _stops(tokenizer, new):
             break
-        position += 1
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        output = model(input_ids=torch.tensor([[token]], device=device), attention_mask=mask,
-                       position_ids=torch.tensor([[position]], device=device),
-                       past_key_values=output.past_key_values, use_cache=True)
     return new
 
 
