@@ -5,7 +5,7 @@ Llama-shaped model (a bit larger than the test models, so matrix products domina
 and 50% of kv groups are pruned; original and pruned forward passes alternate, and the median of each is compared.
 Target (issue 3): speed-up >= 0.8 x parameter ratio.
 
-    python benchmarks/pruned_speedup.py [--repeats 7] [--batch 4] [--seq 256] [--threads 1]
+    python benchmarks/pruned_speedup.py [--repeats 7] [--batch 4] [--seq 256] [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -63,15 +63,20 @@ def random_scores(model) -> dict[str, torch.Tensor]:
 def inputs_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    inputs = {"input_ids": ids}
     if model.config.is_encoder_decoder:
-        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB, (batch, seq // 2), generator=generator)}
-    return {"input_ids": ids}
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, seq // 2), generator=generator)
+    return {k: v.to(model.device) for k, v in inputs.items()}
 
 
 def timed(model, inputs) -> float:
+    """Wall time of one forward pass; on CUDA, the kernels' time too (queued work is waited for)."""
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
         model(**inputs, use_cache=False)
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -81,6 +86,7 @@ def measure(name: str, build, args) -> list:
     pruned = build().eval()
     pruned.load_state_dict(original.state_dict())
     prune_neurons(pruned, random_scores(pruned), ffn_ratio=0.5, head_ratio=0.5)
+    original, pruned = original.to(args.device, args.dtype), pruned.to(args.device, args.dtype)
     inputs = inputs_for(original, args.batch, args.seq)
     for model in (original, pruned):  # warm-up: allocator and kernel choice
         timed(model, inputs)
@@ -102,13 +108,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     # one thread by default: on a shared CPU, multi-threaded kernels wait on busy cores and the timings swing
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (fp32 otherwise)")
     args = parser.parse_args()
+    args.dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [measure("openba (2/6 layers, h512, 20 heads)", openba_model, args),
             measure("llama (6 layers, h512, 16q/8kv heads)", llama_model, args)]
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} threads")
     print(f"50% FFN channels + 50% kv groups pruned; batch {args.batch} x {args.seq} tokens, median of "
-          f"{args.repeats} alternating runs, {torch.get_num_threads()} threads")
+          f"{args.repeats} alternating runs, {where}, {args.dtype}")
     print(format_table(rows, ["model", "params", "pruned", "param ratio", "ms before", "ms after", "speed-up",
                               "speed-up / param ratio", ">= 0.8"]))
 
