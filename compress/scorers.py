@@ -57,7 +57,8 @@ class UnitContext:
     """What a head or channel scorer sees for one module (an attention or an MLP of block `layer`).
 
     `view` is the adapter's AttentionView / MLPView: it names the projections, so weights and gradients can be read.
-    `stats` are per input column of the output projection (length num_heads*head_dim or the FFN width).
+    `stats` are per input column of the output projection (length num_heads*head_dim or the FFN width). Stats and
+    `output_weight()` are float32 on the CPU, wherever the model runs, so a scorer can mix them freely.
     """
 
     unit: str
@@ -81,7 +82,7 @@ class UnitContext:
     def output_weight(self) -> torch.Tensor:
         """Weight of the output projection, [out, in]: its input columns are the units' features."""
         name = self.view.o if self.unit == "heads" else self.view.down
-        return self.view.linear(name).weight.detach().float()
+        return self.view.linear(name).weight.detach().float().cpu()
 
     def per_unit(self, columns: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         """Collapse a per-column tensor to one value per unit (a head owns head_dim columns, a channel one)."""
@@ -259,14 +260,15 @@ for _unit in ("heads", "channels"):
 
 
 def _saliency(linear: torch.nn.Linear, dim: int) -> torch.Tensor:
-    """|w * grad| summed to one value per output row (dim 0, bias included) or input column (dim 1)."""
+    """|w * grad| summed to one value per output row (dim 0, bias included) or input column (dim 1), on the CPU
+    (reduced where the model is, so only the sums cross to the host)."""
     weight, grad = linear.weight, linear.weight.grad
     if grad is None:
         raise UserError("the Taylor scorer found no gradient: the calibration loss did not reach this module")
     saliency = (weight.detach().float() * grad.float()).abs().sum(1 - dim)
     if dim == 0 and linear.bias is not None and linear.bias.grad is not None:
         saliency = saliency + (linear.bias.detach().float() * linear.bias.grad.float()).abs()
-    return saliency
+    return saliency.cpu()
 
 
 def taylor_heads(ctx: UnitContext) -> torch.Tensor:

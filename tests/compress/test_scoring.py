@@ -138,6 +138,24 @@ def test_scores_have_the_shape_of_every_unit_and_are_finite(family):
         assert scores.meta["num_tokens"] == calib.num_tokens and scores.meta["scorers"] == scorers
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "openba"])
+def test_every_scorer_gives_the_cpu_scores_on_a_cuda_model(family):
+    """Scorers mix per-column stats with weights and gradients; on a GPU model these must meet on one device."""
+    model = build_tiny(family)
+    calib = calib_for(model)
+    gpu_model = build_tiny(family).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    for unit in ("layers", "heads", "channels"):
+        for name in available_scorers(unit):
+            on_cpu = score_model(model, calib, {unit: name}, progress=False)
+            on_gpu = score_model(gpu_model, calib, {unit: name}, progress=False)
+            assert on_gpu.tensors.keys() == on_cpu.tensors.keys()
+            for key, value in on_cpu.tensors.items():
+                torch.testing.assert_close(on_gpu.tensors[key], value, rtol=1e-3, atol=1e-5, msg=f"{name}: {key}")
+
 def test_block_influence_matches_a_hand_computation_that_skips_padding():
     model = build_tiny("llama")
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
