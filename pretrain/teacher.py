@@ -119,13 +119,11 @@ class ValidationLoss:
         self.batches = batches
 
     def __call__(self, model, step: int) -> dict[str, float]:
-        from pretrain.objectives import token_mean_loss
+        from pretrain.objectives.losses import on_model_device, token_mean_loss
 
-        device = next(model.parameters()).device
         sums: dict[str, list[float]] = {}
         for batch in self.batches:
-            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            loss, metrics = token_mean_loss(model, on_device)
+            loss, metrics = token_mean_loss(model, on_model_device(model, batch))
             tokens = metrics["target_tokens"]
             for key in ("all", batch["objective"]):
                 entry = sums.setdefault(key, [0.0, 0])

@@ -1,13 +1,18 @@
-"""Isolation between tests: a single-process DeepSpeed run joins a one-member process group and sets the launcher
-variables (MASTER_PORT, RANK, ...); left behind, they would send later subprocesses (the lm_eval CLI, recipe runs)
-to a port this process still holds."""
+"""Isolation between tests.
+
+- A single-process DeepSpeed run joins a one-member process group and sets the launcher variables (MASTER_PORT,
+  RANK, ...); left behind, they would send later subprocesses (the lm_eval CLI, recipe runs) to a port this process
+  still holds.
+- The default suite states CPU behaviour (float32 references, hand-made batches on the CPU), so on a GPU machine its
+  tests do not see CUDA in this process; tests marked `gpu` do, and check the CUDA paths themselves.
+"""
 
 import os
 
 import pytest
 import torch
 
-LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+from tests.child_env import LAUNCHER_VARIABLES
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +26,9 @@ def no_leftover_process_group():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def cuda_only_for_gpu_tests(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

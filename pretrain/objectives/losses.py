@@ -33,6 +33,12 @@ def shifted_labels(model, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def on_model_device(model, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch with its tensors on the model's device (fixed validation batches are kept on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def token_mean_loss(model, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-averaged cross-entropy over all target tokens of the batch (packed or not), in float32.
 
@@ -58,7 +64,7 @@ def per_objective_validation_loss(model, batches_by_objective: Mapping[str, Sequ
         for name, batches in batches_by_objective.items():
             total, tokens = 0.0, 0
             for batch in batches:
-                loss, metrics = loss_fn(model, batch)
+                loss, metrics = loss_fn(model, on_model_device(model, batch))
                 n = metrics.get("target_tokens", 1)
                 total += float(loss) * n
                 tokens += n

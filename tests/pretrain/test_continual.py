@@ -1,6 +1,7 @@
 """The continual-pretraining stage: recovery lowers the validation loss, the scratch baseline re-initialises, and
 under several processes each one trains on its own shard of the documents."""
 
+import json
 from pathlib import Path
 
 import datasets
@@ -59,6 +60,22 @@ def test_recovery_lowers_validation_loss_and_scratch_reinitialises(tmp_path):
     name = next(k for k in original if k.endswith("qkv.weight"))
     assert original[name].shape == scratch[name].shape and not torch.allclose(original[name], scratch[name])
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recovery_on_cuda_evaluates_on_the_gpu_what_the_cpu_measures(tmp_path, monkeypatch):
+    """The validation batches are built on the CPU; evaluation must bring them to the model's device."""
+    corpus = _corpus(tmp_path)
+    model_dir = _model(tmp_path, corpus)
+    short = _config(corpus, train={"steps": 1, "lr": 1e-9, "min_lr": 0.0, "micro_batch_size": 4, "eval_every": 1})
+    for name in ("gpu", "recovered", "cpu"):
+        (tmp_path / name).mkdir()
+    before = continual_stage(model_dir, tmp_path / "gpu", short)["val_loss"]
+    assert json.loads((tmp_path / "gpu" / "train_info.json").read_text())["device"].startswith("cuda")
+    assert continual_stage(model_dir, tmp_path / "recovered", _config(corpus))["val_loss"] < before - 0.1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert continual_stage(model_dir, tmp_path / "cpu", short)["val_loss"] == pytest.approx(before, rel=2e-2)
 
 def test_each_process_trains_on_its_own_shard(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path)

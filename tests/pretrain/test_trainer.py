@@ -273,6 +273,28 @@ def test_save_model_writes_a_checkpoint_that_reloads_with_equal_logits(tmp_path)
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_bf16_is_automatic_close_to_the_cpu_run_and_the_saved_model_is_the_trained_one(tmp_path, monkeypatch):
+    from core.checkpoint import load_model
+
+    model = tiny_openba()
+    trainer = Trainer(model, quick_config(steps=3), seq2seq_batches(3))
+    on_gpu = trainer.train(tmp_path / "gpu")
+    info = json.loads((tmp_path / "gpu" / "train_info.json").read_text())
+    assert info["device"].startswith("cuda") and info["bf16"] is True
+    trainer.save_model(tmp_path / "model")
+    batch = seq2seq_batches(1, seed=9)[0]
+    reloaded, trained = load_model(tmp_path / "model").eval(), model.cpu().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = Trainer(tiny_openba(), quick_config(steps=3), seq2seq_batches(3)).train(tmp_path / "cpu")
+    assert json.loads((tmp_path / "cpu" / "train_info.json").read_text())["bf16"] is False
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=2e-2)
+
 def test_train_config_loads_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("steps: 100\nschedule: wsd\nbetas: [0.9, 0.99]\ndeepspeed: 3\n")
