@@ -1,7 +1,6 @@
 """The same checkpoint gives the same numbers in process and through the lm_eval command line."""
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from core.checkpoint import load_model, load_tokenizer
 from eval.harness import evaluate, load_results
+from tests.child_env import child_env
 from tests.eval.conftest import LIMIT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +18,7 @@ TASKS = ["corpus_ppl", "corpus_mc", "probe_needle"]
 
 
 def _cli(command: list[str], out: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.child_env import child_env  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -52,11 +54,7 @@ def launch(work_dir: Path, engine: str, processes: int = 1, stop_at: int = 0,
 
 def run_launched(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a (launcher) command from the repository root in this environment minus any launcher variables."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run(command, cwd=ROOT, env={k: v for k, v in env.items() if v is not None},
+    done = subprocess.run(command, cwd=ROOT, env=child_env(**(env or {})),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done

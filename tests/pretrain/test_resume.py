@@ -15,6 +15,7 @@ from core.errors import UserError
 from pretrain.trainer import Trainer, TrainConfig, checkpoint_dirs, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.child_env import child_env  # noqa: E402
 from tests.pretrain.test_trainer import VOCAB, seq2seq_batches, tiny_openba  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,8 +150,7 @@ def test_a_data_state_that_needs_unpickling_is_refused_on_resume(tmp_path):
 
 def run_worker(work_dir: Path, kill_at: int | None) -> subprocess.CompletedProcess:
     command = [sys.executable, __file__, str(work_dir)] + ([str(kill_at)] if kill_at else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
