@@ -212,9 +212,10 @@ def test_bpe_merges_only_reference_kept_tokens_and_every_kept_token_is_producibl
                                                          add_special_tokens=False)["input_ids"]) == [token]
 
 
-def test_sentencepiece_pruning_reports_how_much_text_keeps_its_segmentation(pruned_openba):
+def test_sentencepiece_pruning_reports_how_much_text_keeps_its_segmentation(pruned_openba, corpus):
     check = pruned_openba[1].metrics["check"]
-    assert check["documents"] == 2 and check["decode_matches_original"] == 1.0
+    # every held-out document (how many depends on the Python version whose library texts make the corpus)
+    assert check["documents"] == len(corpus["validation"]) > 0 and check["decode_matches_original"] == 1.0
     assert 0.5 < check["same_tokens"] < 1.0 and check["token_growth"] > 1.0  # pieces were removed, text still fits
 
 
