@@ -29,21 +29,22 @@ from core.table import format_table, human_count  # noqa: E402
 VOCAB = 8192
 
 
-def openba_model():
+def openba_model(scale: int):
     from transformers import AutoModelForSeq2SeqLM
 
     from core.openba import openba_config
 
-    config = openba_config("openba-tiny", vocab_size=VOCAB, hidden_size=512, kv_channels=32, num_heads=20,
-                           ffn_hidden_size=1376, num_layers=2, num_decoder_layers=6)
+    config = openba_config("openba-tiny", vocab_size=VOCAB, hidden_size=512 * scale, kv_channels=32 * scale,
+                           num_heads=20, ffn_hidden_size=1376 * scale, num_layers=2, num_decoder_layers=6)
     return AutoModelForSeq2SeqLM.from_config(config)
 
 
-def llama_model():
+def llama_model(scale: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
-                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512 * scale, intermediate_size=1408 * scale,
+                         num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=8,
+                         max_position_embeddings=1024)
     return LlamaForCausalLM(config)
 
 
@@ -82,8 +83,8 @@ def timed(model, inputs) -> float:
 
 def measure(name: str, build, args) -> list:
     torch.manual_seed(0)
-    original = build().eval()
-    pruned = build().eval()
+    original = build(args.scale).eval()
+    pruned = build(args.scale).eval()
     pruned.load_state_dict(original.state_dict())
     prune_neurons(pruned, random_scores(pruned), ffn_ratio=0.5, head_ratio=0.5)
     original, pruned = original.to(args.device, args.dtype), pruned.to(args.device, args.dtype)
@@ -109,13 +110,16 @@ def main() -> None:
     # one thread by default: on a shared CPU, multi-threaded kernels wait on busy cores and the timings swing
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--scale", type=int, default=1, help="widths x scale (hidden, head size, FFN); a GPU needs "
+                        "wide matrices before their products, not kernel launches, set the time")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (fp32 otherwise)")
     args = parser.parse_args()
     args.dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure("openba (2/6 layers, h512, 20 heads)", openba_model, args),
-            measure("llama (6 layers, h512, 16q/8kv heads)", llama_model, args)]
+    hidden = 512 * args.scale
+    rows = [measure(f"openba (2/6 layers, h{hidden}, 20 heads)", openba_model, args),
+            measure(f"llama (6 layers, h{hidden}, 16q/8kv heads)", llama_model, args)]
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"CPU, {torch.get_num_threads()} threads")
     print(f"50% FFN channels + 50% kv groups pruned; batch {args.batch} x {args.seq} tokens, median of "
