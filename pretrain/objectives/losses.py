@@ -35,8 +35,9 @@ def shifted_labels(model, labels: torch.Tensor) -> torch.Tensor:
 
 def on_model_device(model, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The batch with its tensors on the model's device (fixed validation batches are kept on the CPU)."""
-    device = next(model.parameters()).device
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    from pretrain.trainer import tensors_of
+
+    return {**batch, **tensors_of(dict(batch), next(model.parameters()).device)}
 
 
 def token_mean_loss(model, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
