@@ -5,7 +5,8 @@ Llama-shaped model (a bit larger than the test models, so matrix products domina
 and 50% of kv groups are pruned; original and pruned forward passes alternate, and the median of each is compared.
 Target (issue 3): speed-up >= 0.8 x parameter ratio.
 
-    python benchmarks/pruned_speedup.py [--repeats 7] [--batch 4] [--seq 256] [--threads 1] [--device cuda]
+    python benchmarks/pruned_speedup.py [--repeats 7] [--batch 4] [--seq 256] [--threads 1]
+    python benchmarks/pruned_speedup.py --device cuda --bf16 --batch 16 --seq 1024 --scale 4   # a GPU
 """
 
 from __future__ import annotations

@@ -138,7 +138,6 @@ def test_scores_have_the_shape_of_every_unit_and_are_finite(family):
         assert scores.meta["num_tokens"] == calib.num_tokens and scores.meta["scorers"] == scorers
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["llama", "openba"])
@@ -155,6 +154,7 @@ def test_every_scorer_gives_the_cpu_scores_on_a_cuda_model(family):
             assert on_gpu.tensors.keys() == on_cpu.tensors.keys()
             for key, value in on_cpu.tensors.items():
                 torch.testing.assert_close(on_gpu.tensors[key], value, rtol=1e-3, atol=1e-5, msg=f"{name}: {key}")
+
 
 def test_block_influence_matches_a_hand_computation_that_skips_padding():
     model = build_tiny("llama")

@@ -61,7 +61,6 @@ def test_recovery_lowers_validation_loss_and_scratch_reinitialises(tmp_path):
     assert original[name].shape == scratch[name].shape and not torch.allclose(original[name], scratch[name])
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_recovery_on_cuda_evaluates_on_the_gpu_what_the_cpu_measures(tmp_path, monkeypatch):
@@ -76,6 +75,7 @@ def test_recovery_on_cuda_evaluates_on_the_gpu_what_the_cpu_measures(tmp_path, m
     assert continual_stage(model_dir, tmp_path / "recovered", _config(corpus))["val_loss"] < before - 0.1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert continual_stage(model_dir, tmp_path / "cpu", short)["val_loss"] == pytest.approx(before, rel=2e-2)
+
 
 def test_each_process_trains_on_its_own_shard(tmp_path, monkeypatch):
     corpus = _corpus(tmp_path)

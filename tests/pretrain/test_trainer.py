@@ -273,7 +273,6 @@ def test_save_model_writes_a_checkpoint_that_reloads_with_equal_logits(tmp_path)
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_bf16_is_automatic_close_to_the_cpu_run_and_the_saved_model_is_the_trained_one(tmp_path, monkeypatch):
@@ -294,6 +293,7 @@ def test_on_cuda_bf16_is_automatic_close_to_the_cpu_run_and_the_saved_model_is_t
     on_cpu = Trainer(tiny_openba(), quick_config(steps=3), seq2seq_batches(3)).train(tmp_path / "cpu")
     assert json.loads((tmp_path / "cpu" / "train_info.json").read_text())["bf16"] is False
     assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=2e-2)
+
 
 def test_train_config_loads_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "train.yaml"
