@@ -177,6 +177,30 @@ def _uniform_shape_after(adapter: Adapter, targets: NeuronTargets):
                                head_dim=view.head_dim)
 
 
+def cuts_channels(adapter: Adapter, targets: NeuronTargets) -> bool:
+    """True when `targets` remove FFN channels somewhere (a ratio of 1 or a width equal to every layer's does not)."""
+    return targets.prunes_ffn() and any(_kept_ffn(adapter.mlp(b).width, targets) < adapter.mlp(b).width
+                                        for _, _, b in adapter.all_blocks())
+
+
+def cuts_heads(adapter: Adapter, targets: NeuronTargets) -> bool:
+    """True when `targets` remove kv groups somewhere."""
+    return targets.prunes_heads() and any(_kept_groups(v.num_kv_heads, v.group_size, targets) < v.num_kv_heads
+                                          for _, _, b in adapter.all_blocks() for v in adapter.attentions(b))
+
+
+def units_to_score(adapter: Adapter, targets: NeuronTargets, target_params: int | None) -> list[str]:
+    """The units whose scores the plan reads: those a target cuts, and with a budget those it solves for. A unit
+    left as it is needs no scores, so a scorer written for one unit serves a prune of that unit alone."""
+    budget = target_params is not None
+    units = []
+    if cuts_channels(adapter, targets) or (budget and not targets.prunes_ffn()):
+        units.append("channels")
+    if adapter.supports_head_pruning and (cuts_heads(adapter, targets) or (budget and not targets.prunes_heads())):
+        units.append("heads")
+    return units
+
+
 def _kept_ffn(width: int, targets: NeuronTargets) -> int:
     if targets.ffn_width is not None:
         return round_width(targets.ffn_width, targets.round_to, width)
@@ -218,6 +242,8 @@ def plan_neurons(adapter: Adapter, scores, targets: NeuronTargets) -> NeuronPlan
 
 
 def _plan_channels(adapter: Adapter, scores, targets: NeuronTargets, plan: NeuronPlan) -> None:
+    if not cuts_channels(adapter, targets):
+        return  # nothing to rank: a scorer that cannot score channels still serves a prune of the other units
     for stack in adapter.stacks:
         layers = [(i, adapter.mlp(b).width) for i, b in enumerate(adapter.blocks(stack))]
         values = {i: _scores_for(scores, f"channels.{stack}.{i}", w, f"{stack} layer {i}'s FFN") for i, w in layers}
@@ -244,6 +270,8 @@ def _group_scores(adapter: Adapter, scores, stack: str, layer: int, view) -> tor
 
 
 def _plan_heads(adapter: Adapter, scores, targets: NeuronTargets, plan: NeuronPlan) -> None:
+    if not cuts_heads(adapter, targets):
+        return
     for stack in adapter.stacks:
         views = [(i, a, view) for i, block in enumerate(adapter.blocks(stack))
                  for a, view in enumerate(adapter.attentions(block))]
@@ -569,6 +597,23 @@ def summary_rows(metrics: dict) -> list[list]:
     return rows
 
 
+def scorer_for(unit: str, name: str, config: NeuronPruneConfig):
+    """The scorer `name` for a unit this prune cuts; a scorer written for the other unit says which flag asked."""
+    from compress.scorers import ScorerUnitError, get_scorer
+
+    try:
+        return get_scorer(unit, name)
+    except ScorerUnitError as err:
+        flags, keep_all, solved = (("--ffn-width/--ffn-ratio", "--ffn-ratio 1", "the FFN width") if unit == "channels"
+                                   else ("--heads/--head-ratio", "--head-ratio 1", "the head count"))
+        cut = config.targets().prunes_ffn() if unit == "channels" else config.targets().prunes_heads()
+        if cut:
+            raise UserError(f"{err}, but {flags} prunes {unit}: give a --scorer that scores {unit} too, or prune "
+                            f"{unit} in a separate run") from None
+        raise UserError(f"{err}, but --target-params solves {solved}: add {keep_all} to leave {unit} as they are, "
+                        f"or give a --scorer that scores {unit} too") from None
+
+
 def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progress: bool = True):
     """Load, score and plan, checking every request before anything is written; returns `write(work_dir)`,
     which applies the plan and saves the checkpoint, scores and plots there and returns the metrics."""
@@ -578,7 +623,6 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
     from compress.layer import load_inputs, stack_parameters
     from compress.plots import plot_scores
     from core.checkpoint import write_checkpoint
-    from compress.scorers import get_scorer
     from compress.scoring import score_model
     from core.checkpoint import count_parameters
 
@@ -590,15 +634,14 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
     model, tokenizer = load_inputs(str(model_dir), config.tokenizer)
     adapter = get_adapter(model)
     check_targets(adapter, targets)  # shape errors before the (long) scoring pass
-    units = ["channels"] + (["heads"] if adapter.supports_head_pruning else [])
-    scorers = {unit: config.scorer for unit in units}
+    scorers = {unit: config.scorer for unit in units_to_score(adapter, targets, config.target_params)}
     needs_hidden = targets.prunes_hidden()
 
     hidden = None
     if config.scores is not None:
         scores, hidden = load_scores(config.scores)
     else:
-        needs_data = any(get_scorer(unit, name).needs for unit, name in scorers.items())
+        needs_data = any([scorer_for(unit, config.scorer, config).needs for unit in scorers])  # resolve them all
         if (needs_data or (needs_hidden and config.resolved_hidden_scorer() == "activation")) and config.calib is None:
             raise UserError(f"the {config.scorer} scorer needs calibration data: give --calib DATA "
                             "(or --scores DIR, or --scorer random)")

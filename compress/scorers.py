@@ -8,8 +8,9 @@ needs, so the calibration pass collects only those (and runs a backward pass onl
         return ctx.stats["act_norm"]        # one score per FFN channel
 
 A user scorer can also be named in a config by dotted path, `pkg.module:function` (a registered Scorer or a plain
-function; a plain function may carry `needs = (...)` as an attribute). Layer scorers are called once per stack with
-a `LayerContext`; head and channel scorers once per attention / MLP module with a `UnitContext`.
+function; a plain function may carry `needs = (...)` and `units = (...)` as attributes, else it is offered every
+unit). Layer scorers are called once per stack with a `LayerContext`; head and channel scorers once per attention /
+MLP module with a `UnitContext`. A command asks a scorer only for the units it prunes.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class Scorer:
 REGISTRY: dict[tuple[str, str], Scorer] = {}
 
 
+class ScorerUnitError(UserError):
+    """A scorer asked for a unit it does not score (a command may add which of its flags asked for that unit)."""
+
+
 def register_scorer(unit: str, name: str, needs: tuple[str, ...] | list[str] = (), description: str = ""):
     """Decorator: register `fn(ctx) -> scores` as scorer `name` for `unit`; later registrations replace earlier."""
     if unit not in SCORER_UNITS:
@@ -167,10 +172,18 @@ def load_scorer(unit: str, path: str) -> Scorer:
         raise UserError(f"module '{module_name}' has no '{attr}' (scorer path '{path}')")
     if isinstance(target, Scorer):
         if target.unit != unit:
-            raise UserError(f"scorer '{path}' scores {target.unit}, not {unit}")
+            raise ScorerUnitError(f"scorer '{path}' scores {target.unit} only, not {unit}")
         return target
     if not callable(target):
         raise UserError(f"scorer '{path}' is not a function")
+    units = getattr(target, "units", None)
+    if units is not None:
+        units = (units,) if isinstance(units, str) else tuple(units)
+        unknown = [u for u in units if u not in SCORER_UNITS]
+        if unknown:
+            raise UserError(f"scorer '{path}' declares unknown units {unknown}; units are {', '.join(SCORER_UNITS)}")
+        if unit not in units:
+            raise ScorerUnitError(f"scorer '{path}' scores {', '.join(units)} only, not {unit}")
     needs = tuple(getattr(target, "needs", ()))
     _check_needs(unit, path, needs)
     return Scorer(unit, path, target, needs, (target.__doc__ or "").strip().split("\n")[0])
@@ -306,8 +319,11 @@ def check_scores(values: Any, expected: int, what: str, scorer: Scorer) -> torch
     except (TypeError, ValueError, RuntimeError):
         raise UserError(f"{scorer.unit} scorer '{scorer.name}' returned {type(values).__name__}, not a tensor") from None
     if values.numel() != expected:
+        hint = ""
+        if ":" in scorer.name and scorer.unit != "layers":  # a user's function, perhaps written for the other unit
+            hint = " (a function that scores only some units says so with `fn.units = (\"channels\",)`)"
         raise UserError(f"{scorer.unit} scorer '{scorer.name}' returned {values.numel()} scores for {what}, "
-                        f"which has {expected}")
+                        f"which has {expected}{hint}")
     if torch.isnan(values).any():
         raise UserError(f"{scorer.unit} scorer '{scorer.name}' gave NaN scores for {what}: check the model for NaNs")
     return values
