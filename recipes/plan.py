@@ -23,10 +23,17 @@ TRAINING_KINDS = ("teacher", "train", "align")
 
 
 def base_config(recipe: RecipeConfig):
-    """The starting model's config: from `preset`, a config.json, or the input checkpoint's config."""
+    """The starting model's config: the input checkpoint's when it exists (a converted release, say), else `preset`
+    or a config.json file. A raw public OpenBA release is refused with the command that converts it."""
     import core.openba  # noqa: F401  (registers OpenBA)
     from transformers import AutoConfig
 
+    from core.openba.convert import raise_if_release
+
+    model = Path(recipe.model) if recipe.model else None
+    if model is not None and (model / "config.json").is_file():
+        raise_if_release(model, json.loads((model / "config.json").read_text()))
+        return AutoConfig.from_pretrained(str(model))
     source = recipe.preset or recipe.model
     if source is None:
         raise UserError("a dry run needs `preset` (e.g. openba-15b) or `model` in the recipe config")
@@ -35,9 +42,8 @@ def base_config(recipe: RecipeConfig):
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
         data = json.loads(path.read_text())
+        raise_if_release(path, data)
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    if (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path))
     raise UserError(f"cannot find a model config at {source}")
 
 
