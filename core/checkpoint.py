@@ -94,9 +94,26 @@ def is_encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
+def ship_model_code(directory: str | Path, config) -> None:
+    """Make the checkpoint in `directory` load where this project is not installed, for the one family whose code
+    transformers lacks: OpenBA gets `auto_map` in config.json and its model code beside the weights
+    (`trust_remote_code=True`). Other families need nothing. For writers that save a config and weights without
+    the model's `save_pretrained` (which does this itself), such as the release converter."""
+    if getattr(config, "model_type", None) != "openba":
+        return
+    from core.openba.modeling_openba import AUTO_MAP, copy_model_code
+
+    config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(str(directory))
+    copy_model_code(directory)
+
+
 def write_checkpoint(model, tokenizer, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Write model (safetensors) and tokenizer into an existing directory: a stage's work directory, which the stage
-    contract publishes atomically. Anywhere else use `save_checkpoint`."""
+    contract publishes atomically. Anywhere else use `save_checkpoint`.
+
+    What it writes loads anywhere: the transformers families as plain checkpoints, OpenBA with `auto_map` and its
+    model code beside the weights (OpenBA's `save_pretrained` adds them, so direct saves are portable too)."""
     directory = Path(directory)
     model.save_pretrained(str(directory), safe_serialization=True)
     if tokenizer is not None:

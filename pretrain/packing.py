@@ -9,7 +9,7 @@ not cross them and positions restart per example, so each example sees exactly w
   `cu_seqlens` for `flash_attn_varlen_func` (batch size 1 only: use `flatten_rows`). Padding at a row's end is one
   more "example" with its own restarting positions and no loss.
 - encoder-decoder (OpenBA): `encoder_segment_ids` / `decoder_segment_ids` (1, 2, ... per example, 0 = padding);
-  the model builds the masks from them (core/openba/modeling.py), `position_ids` / `decoder_position_ids` restart
+  the model builds the masks from them (core/openba/modeling_openba.py), `position_ids` / `decoder_position_ids` restart
   per example and `decoder_input_ids` are shifted right per example (the first token of each sees the start token,
   not the previous example's end).
 
@@ -126,7 +126,7 @@ def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions restarting at 0 wherever the segment id changes (the rule OpenBA applies to its segment ids)."""
-    from core.openba.modeling import segment_positions
+    from core.openba.modeling_openba import segment_positions
 
     return segment_positions(segment_ids)
 

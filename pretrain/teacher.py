@@ -188,7 +188,7 @@ def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dic
     """Build corpus, tokenizer, model and data; train (resuming from work_dir/checkpoints); save the checkpoint."""
     from core.checkpoint import write_checkpoint
     from core.openba import openba_config
-    from core.openba.modeling import OpenBAForConditionalGeneration
+    from core.openba.modeling_openba import OpenBAForConditionalGeneration
     from pretrain.data import TokenizedDocuments
     from pretrain.objectives import ObjectiveBatches, SpecialIds, token_mean_loss, ul2_mixture
 

@@ -6,8 +6,8 @@ config says `"model_type": "openba"`, with no `trust_remote_code`.
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from .configuration import OpenBAConfig, megatron_swiglu_width
-from .modeling import OpenBAForConditionalGeneration, OpenBAModel, OpenBAPreTrainedModel
+from .configuration_openba import OpenBAConfig, megatron_swiglu_width
+from .modeling_openba import OpenBAForConditionalGeneration, OpenBAModel, OpenBAPreTrainedModel
 from .presets import PRESETS, count_parameters, openba_config
 
 AutoConfig.register("openba", OpenBAConfig, exist_ok=True)

@@ -16,7 +16,7 @@
 
 import torch
 
-from .configuration import OpenBAConfig
+from .configuration_openba import OpenBAConfig
 
 PRESETS: dict[str, dict] = {
     "openba-15b": {
@@ -57,7 +57,7 @@ def openba_config(name: str, **overrides) -> OpenBAConfig:
 
 def count_parameters(config: OpenBAConfig) -> int:
     """Parameters of `OpenBAForConditionalGeneration(config)`, counted on the meta device (no memory, no time)."""
-    from .modeling import OpenBAForConditionalGeneration
+    from .modeling_openba import OpenBAForConditionalGeneration
 
     with torch.device("meta"):
         model = OpenBAForConditionalGeneration(config)

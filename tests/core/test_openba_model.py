@@ -253,7 +253,7 @@ def test_return_dict_false_gives_a_tuple_starting_with_the_loss():
 
 def test_loss_accepts_non_contiguous_labels():
     from core.openba import openba_config
-    from core.openba.modeling import OpenBAForConditionalGeneration
+    from core.openba.modeling_openba import OpenBAForConditionalGeneration
 
     torch.manual_seed(0)
     model = OpenBAForConditionalGeneration(openba_config("openba-tiny", vocab_size=64, hidden_size=32,

@@ -11,7 +11,7 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.config import from_dict
 from core.openba import openba_config
-from core.openba.modeling import OpenBAForConditionalGeneration
+from core.openba.modeling_openba import OpenBAForConditionalGeneration
 from pretrain.continual import ContinualConfig, continual_stage, process_shard
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.data import DataConfig

@@ -5,7 +5,7 @@ Each block is pre-LN with `nn.LayerNorm` (with bias); each stack ends with a fin
 the LM head have biases. The input embedding is shared by both stacks and not tied to the LM head.
 
 Parameter names and fused layouts mirror the public HF port (github.com/OpenNLG/OpenBA, `OpenBA/modeling_openba.py`)
-so its checkpoints load (with `ffn_hidden_size=11008`, see configuration.py):
+so its checkpoints load (with `ffn_hidden_size=11008`, see configuration_openba.py):
 
     shared_embedding                               input embedding of both stacks
     {encoder,decoder}.block.N.input_layernorm      LN before self-attention
@@ -34,7 +34,15 @@ segment, cross-attention reaches only the encoder tokens of the same segment, an
 unless given. The masks are transformers' own builders with an `and_mask_function`; positions are never handed to
 the builders (see `OpenBAStack.forward`). With `config.segment_attention` "auto" and flash-attn installed, CUDA
 half-precision tensors take `flash_attn_varlen_func` over the non-padding tokens instead (`SegmentLayout`).
+
+This file and configuration_openba.py are copied beside the weights of every saved checkpoint (`save_pretrained`),
+so stock transformers and lm-eval load it with `trust_remote_code=True` where this project is not installed. Hence
+they import nothing but the standard library, torch, transformers and each other; optional packages only inside a
+`try` (transformers refuses remote code whose other imports are missing).
 """
+
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +61,24 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration import OpenBAConfig
+from .configuration_openba import OpenBAConfig
+
+# What a saved checkpoint names for transformers' Auto classes, and the files `save_pretrained` copies beside the
+# weights (this one and its config): together they let stock transformers load the checkpoint with
+# `trust_remote_code=True` where this project is not installed. Where it is, the registered classes win.
+AUTO_MAP = {
+    "AutoConfig": "configuration_openba.OpenBAConfig",
+    "AutoModel": "modeling_openba.OpenBAModel",
+    "AutoModelForSeq2SeqLM": "modeling_openba.OpenBAForConditionalGeneration",
+}
+MODEL_CODE_FILES = ("configuration_openba.py", "modeling_openba.py")
+
+
+def copy_model_code(directory) -> None:
+    """Copy the files `AUTO_MAP` names into `directory`, byte for byte: the code that runs here is the code that
+    ships (also from a copy loaded as remote code, whose two files sit side by side too)."""
+    for name in MODEL_CODE_FILES:
+        shutil.copyfile(Path(__file__).with_name(name), Path(directory) / name)
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -75,15 +100,23 @@ def same_segment(query_segments: torch.Tensor, key_segments: torch.Tensor):
     return allowed
 
 
+def load_flash_varlen():
+    """flash-attn's `flash_attn_varlen_func`, or None where it is not installed.
+
+    Imported here, inside `try`, and nowhere else: transformers refuses to load remote code whose imports outside
+    a `try` are missing, and this file ships beside the weights to machines without flash-attn."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
 def flash_varlen_available(tensor: torch.Tensor) -> bool:
     """flash_attn_varlen_func applies: flash-attn importable, CUDA tensors in half precision."""
     if not tensor.is_cuda or tensor.dtype not in (torch.float16, torch.bfloat16):
         return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return load_flash_varlen() is not None
 
 
 class SegmentLayout:
@@ -104,7 +137,7 @@ class SegmentLayout:
 
 def flash_varlen_attention(query, key, value, query_layout, key_layout, causal, dropout, scaling):
     """(batch, seq, heads, dim) tensors -> attention output of the query's shape, zero at padding tokens."""
-    from flash_attn import flash_attn_varlen_func
+    flash_attn_varlen_func = load_flash_varlen()
 
     def gather(states, layout):
         return states.reshape(-1, *states.shape[2:]).index_select(0, layout.index)
@@ -428,6 +461,15 @@ class OpenBAPreTrainedModel(PreTrainedModel):
         "encoder.embed_tokens.weight": "shared_embedding.weight",
         "decoder.embed_tokens.weight": "shared_embedding.weight",
     }
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """transformers' save, plus `auto_map` in config.json and the model code beside the weights, so that every
+        copy of an OpenBA checkpoint loads on its own (see `AUTO_MAP`). Any incoming `auto_map` (e.g. the public
+        release's, naming its own code) is replaced: the code that ships is this code."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            copy_model_code(save_directory)
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: decoder_start_token_id, then the labels minus the last, -100 -> pad."""
