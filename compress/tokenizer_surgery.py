@@ -24,6 +24,13 @@ What happens to text that used a removed token (the "segmentation contract"):
 - WordLevel / WordPiece: removed words become `unk` (WordPiece: the longest kept pieces; single characters and
   their `##` continuations are required so words still split).
 
+SentencePiece tokenizers whose extra ids live outside the proto (T5, Flan-T5, mT5, OpenBA): the proto holds the N
+pieces and `<extra_id_N>` (and `<R>`/`<S>`/`<X>`) are added tokens at ids N and above -- only in tokenizer.json's
+added tokens (OpenBA), or also at the end of its Unigram vocabulary (the hub's T5 layout). Both are accepted when the
+proto's pieces are tokenizer.json's first ids in order. Those tokens are always kept; as `keep` is sorted, the kept
+pieces again come first, so the pruned proto is a prefix of the pruned tokenizer.json and the extra ids stay above
+it, in their old order (`<extra_id_0>` still the highest where it was).
+
 The SentencePiece proto is edited at the protobuf wire level (the `protobuf` package is not a dependency here). Only a
 unigram proto is rewritten; a SentencePiece BPE proto beside a BPE tokenizer.json (Llama-2) is left out of the output.
 """
@@ -148,21 +155,23 @@ def sentencepiece_pieces(proto: bytes) -> list[Piece]:
 def prune_sentencepiece(proto: bytes, keep: list[int]) -> bytes:
     """The model proto with only pieces `keep` (sorted old ids), the trainer's vocab size and special ids updated.
 
-    The self-test samples are dropped: SentencePiece re-encodes them on load and fails if a removed piece was used.
+    Kept ids at or above the proto's piece count are tokens that live outside it (T5's and OpenBA's `<extra_id_N>`,
+    added on top of the pieces); SentencePiece never sees them. Their ids stay above every kept piece because `keep`
+    is sorted, so the pruned proto is again the first ids of the pruned tokenizer. The self-test samples are
+    dropped: SentencePiece re-encodes them on load and fails if a removed piece was used.
     """
     fields = parse_fields(proto)
     pieces = [value for number, _, value in fields if number == PIECES]
-    old_to_new = {old: new for new, old in enumerate(keep)}
-    if keep and keep[-1] >= len(pieces):
-        raise UserError(f"keep list names id {keep[-1]} but the SentencePiece model has {len(pieces)} pieces")
+    inside = [old for old in keep if old < len(pieces)]
+    old_to_new = {old: new for new, old in enumerate(inside)}
     out, written = [], False
     for number, wire, value in fields:
         if number == PIECES:
             if not written:  # all pieces go where the first one was, in kept order
-                out += [(PIECES, 2, pieces[old]) for old in keep]
+                out += [(PIECES, 2, pieces[old]) for old in inside]
                 written = True
         elif number == TRAINER_SPEC:
-            out.append((number, wire, _prune_trainer_spec(value, len(keep), old_to_new)))
+            out.append((number, wire, _prune_trainer_spec(value, len(inside), old_to_new)))
         elif number != SELF_TEST_DATA:
             out.append((number, wire, value))
     return encode_fields(out)
@@ -189,6 +198,7 @@ class TokenizerFiles:
     sentencepiece: bytes | None = None
     sentencepiece_name: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
+    special_tokens_map: dict = dataclasses.field(default_factory=dict)
     dropped: list[str] = dataclasses.field(default_factory=list)  # files the pruned tokenizer goes without
 
     @property
@@ -253,7 +263,9 @@ def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
                         f"(supported: {', '.join(SUPPORTED_MODELS)})")
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    files = TokenizerFiles(directory, tokenizer_json, config=config)
+    map_path = directory / "special_tokens_map.json"
+    special_tokens_map = json.loads(map_path.read_text(encoding="utf-8")) if map_path.is_file() else {}
+    files = TokenizerFiles(directory, tokenizer_json, config=config, special_tokens_map=special_tokens_map)
     for name in SENTENCEPIECE_FILES:
         if not (directory / name).is_file():
             continue
@@ -269,13 +281,24 @@ def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
 
 
 def _check_sentencepiece_matches(files: TokenizerFiles) -> None:
+    """The proto's pieces must be tokenizer.json's first ids, in the same order. Vocabulary entries after them are
+    accepted only as added tokens at the same ids: the hub layout of T5/Flan-T5, whose tokenizer.json lists the 100
+    extra ids in its Unigram vocabulary although spiece.model does not hold them."""
     pieces = sentencepiece_pieces(files.sentencepiece)
-    vocab = files.model_vocab()
-    mismatched = [i for i, p in enumerate(pieces) if vocab.get(p.text) != i]
-    if files.model_type != "Unigram" or len(pieces) != len(vocab) or mismatched:
+    vocab = [piece for piece, _ in files.model["vocab"]] if files.model_type == "Unigram" else []
+    if files.model_type != "Unigram" or len(vocab) < len(pieces) or \
+            any(vocab[i] != p.text for i, p in enumerate(pieces)):
         raise UserError(
             f"{files.directory}: {files.sentencepiece_name} and tokenizer.json do not hold the same pieces in the same "
             f"order ({len(pieces)} vs {len(vocab)} pieces); remove the stale one"
+        )
+    added = files.added_tokens()
+    beyond = [t for i, t in enumerate(vocab[len(pieces):], len(pieces)) if added.get(t) != i]
+    if beyond:
+        raise UserError(
+            f"{files.directory}: tokenizer.json's vocabulary has {len(vocab) - len(pieces)} entries after the "
+            f"{len(pieces)} pieces of {files.sentencepiece_name}, and {len(beyond)} of them are not added tokens "
+            f"(e.g. {beyond[0]!r}); remove the stale {files.sentencepiece_name} or rebuild tokenizer.json from it"
         )
 
 
@@ -296,12 +319,13 @@ def required_tokens(files: TokenizerFiles, extra_tokens: Iterable[str] = (), kee
         reasons.setdefault(reason, set()).update(i for i in ids if i is not None)
 
     specials = set(files.added_tokens().values())
-    for key in ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
-        token = _token_text(files.config.get(key))
-        if token in index:
-            specials.add(index[token])
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        specials.update(index[t] for t in map(_token_text, _as_list(files.config.get(key))) if t in index)
+    for named in (files.config, files.special_tokens_map):  # special_tokens_map.json is copied: what it names stays
+        for key in ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+            token = _token_text(named.get(key))
+            if token in index:
+                specials.add(index[token])
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            specials.update(index[t] for t in map(_token_text, _as_list(named.get(key))) if t in index)
     unk = files.model.get("unk_token")
     if files.model_type == "Unigram" and files.model.get("unk_id") is not None:
         specials.add(files.model["unk_id"])
@@ -500,6 +524,10 @@ def prune_tokenizer_json(tokenizer_json: dict, keep: list[int]) -> dict:
 def write_pruned_tokenizer(files: TokenizerFiles, keep: list[int], out_dir: str | Path) -> list[str]:
     """Write the pruned tokenizer files into `out_dir` (copying the rest); return the names of the files written."""
     keep = sorted(set(int(i) for i in keep))
+    tokens = files.tokens()
+    unknown = [i for i in keep if not 0 <= i < len(tokens) or tokens[i] is None]
+    if unknown:
+        raise UserError(f"keep list names id {unknown[0]}, which is no token of the tokenizer ({len(tokens)} ids)")
     old_to_new = {old: new for new, old in enumerate(keep)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

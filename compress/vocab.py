@@ -713,7 +713,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--keep", type=int, help="tokenizer ids to keep, required tokens included")
     target.add_argument("--coverage", type=float, help="keep the fewest tokens covering this share of the corpus")
     parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--pad-to", type=int, help="pad vocabulary rows to a multiple of this (default 128)")
+    parser.add_argument("--pad-to", type=int, metavar="N",
+                        help="pad vocabulary rows to a multiple of N (default 128). Padding rows are zero. Where the "
+                             "LM head has a bias (OpenBA) they get the bias padding_logit_bias (-1e4): probability 0. Where it has none (T5, "
+                             "Llama, Qwen2, Mistral, GPT-NeoX) they get logit 0, so they take probability mass in the "
+                             "softmax unless suppressed (generation suppresses them, scoring does not): exact "
+                             "log-likelihoods need --pad-to 1")
     parser.add_argument("--tokenizer", help="tokenizer directory if not the model directory")
     parser.add_argument("--keep-token", action="append", default=None, metavar="TOKEN", help="always keep TOKEN")
     parser.add_argument("--config", help="YAML file with VocabConfig fields")

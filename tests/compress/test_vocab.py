@@ -504,6 +504,14 @@ def test_cli_help_shows_an_example(capsys):
     assert "example: python -m compress.vocab" in capsys.readouterr().out
 
 
+def test_cli_help_says_what_padding_costs_a_head_without_bias(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    assert "they get logit 0, so they take probability mass in the softmax unless suppressed" in text
+    assert "exact log-likelihoods need --pad-to 1" in text and "(-1e4): probability 0" in text
+
+
 @pytest.mark.slow
 def test_pruned_decoder_only_checkpoint_runs_in_lm_eval(pruned_llamas, workdir):
     from lm_eval import simple_evaluate
