@@ -195,11 +195,14 @@ def test_stock_transformers_loads_generates_and_gives_the_project_models_logits(
         import json, sys
         import torch
         from safetensors.torch import save_file
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
         directory, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
         config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
         model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(directory, trust_remote_code=True)
+        # without trust_remote_code, transformers offers to run the config's code (here: stdin closed, it declines
+        # at once) and then reads tokenizer_config.json alone
         tokenizer = AutoTokenizer.from_pretrained(directory)
         trusted = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
         batch = tokenizer(texts, return_tensors="pt", padding=True)
@@ -211,7 +214,8 @@ def test_stock_transformers_loads_generates_and_gives_the_project_models_logits(
         save_file({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                    "decoder_input_ids": decoder_input_ids, "logits": logits, "generated": generated}, out)
         classes = {"config": type(config).__module__, "model": type(model).__module__,
-                   "model_class": type(model).__name__, "decoder_ffn_sizes": model.config.decoder_ffn_sizes}
+                   "model_class": type(model).__name__, "base_class": type(base).__name__,
+                   "decoder_ffn_sizes": model.config.decoder_ffn_sizes}
         assert_nothing_of_the_project_ran()
         with open(out + ".json", "w") as handle:
             json.dump(classes, handle)
@@ -220,7 +224,7 @@ def test_stock_transformers_loads_generates_and_gives_the_project_models_logits(
     classes = json.loads((tmp_path / "child.safetensors.json").read_text())
     assert classes["config"].startswith("transformers_modules.")  # loaded from the code beside the weights
     assert classes["model"].startswith("transformers_modules.")
-    assert classes["model_class"] == "OpenBAForConditionalGeneration"
+    assert classes["model_class"] == "OpenBAForConditionalGeneration" and classes["base_class"] == "OpenBAModel"
     assert classes["decoder_ffn_sizes"] == [96, 128, 32]
 
     model = AutoModelForSeq2SeqLM.from_pretrained(directory).eval()  # the project's class (see the test above)
