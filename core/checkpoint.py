@@ -36,6 +36,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    from core.openba.convert import raise_if_release
+
+    raise_if_release(path, config)
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise UserError(f"unsupported architecture '{model_type}' in {config_file}")
@@ -82,6 +85,13 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"tokenizer path does not exist or is not a directory: {path}")
+    if (path / "config.json").is_file():
+        from core.openba.convert import raise_if_release
+
+        try:
+            raise_if_release(path, json.loads((path / "config.json").read_text()))
+        except json.JSONDecodeError:
+            pass  # the model loader reports a broken config; the tokenizer may still load
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{path} holds no tokenizer (tokenizer.json / tokenizer.model)")
     try:

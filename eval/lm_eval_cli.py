@@ -4,12 +4,11 @@
         --tasks corpus_ppl,corpus_mc --batch_size 4 --output_path runs/s1-lm-eval
 
 Plain `lm_eval --model hf --model_args pretrained=DIR` works for every family transformers ships (Llama, Qwen2,
-Mistral, GPT-NeoX, T5). It cannot load an OpenBA checkpoint: transformers learns the "openba" model type only when
-`core.openba` is imported, and loading it otherwise would need trust_remote_code (which this project never uses).
-lm-eval 0.4.x has no plugin hook (its model registry is a static table, not entry points), and transformers 5 has
-no entry-point registry for model types either, so the only way without remote code is to import `core.openba` in
-the process that runs lm-eval -- which is all this wrapper does, plus two things the in-process harness
-(eval/harness.py) does too, so that both give the same numbers:
+Mistral, GPT-NeoX, T5), and for OpenBA outputs with `trust_remote_code=True,backend=seq2seq`: every OpenBA
+checkpoint carries its model code and `auto_map` (core/openba/modeling_openba.py). This wrapper is the way without
+remote code: it imports `core.openba` (which registers the "openba" model type) in the process that runs lm-eval
+(lm-eval 0.4.x has no plugin hook, transformers 5 no entry-point registry for model types), plus two things the
+in-process harness (eval/harness.py) does too, so that both give the same numbers:
 
 - it names "openba" as an encoder-decoder in the table lm-eval reads to pick its backend (otherwise lm-eval falls
   back to the causal backend for a model type it does not know, unless `backend=seq2seq` is in --model_args);

@@ -4,7 +4,8 @@ Defaults are the released OpenBA-15B (arXiv 2309.10706; github.com/OpenNLG/OpenB
 change of meaning: here `ffn_hidden_size` is the SwiGLU width itself (11008 for 15B). The public config stores
 Megatron's 16384 and the public model code turns it into int(2/3 * 16384) rounded up to a multiple of 256 = 11008
 (`megatron_swiglu_width`). A width that is stated, not derived, is what structured pruning needs: a pruned layer
-says how many channels it keeps. To load a public checkpoint, pass `ffn_hidden_size=11008`.
+says how many channels it keeps. A public release is converted first (`python -m core.openba.convert`), which
+states the width in the config.
 
 Optional per-layer shapes (`encoder_ffn_sizes`, `decoder_ffn_sizes`, `encoder_head_counts`,
 `decoder_head_counts`) let a pruner leave layers of different widths; `None` means every layer has

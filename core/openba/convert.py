@@ -395,8 +395,10 @@ def prepare_conversion(src: str | Path, config: ConvertConfig):
     model_config.vocab_size = vocab_size
 
     def write(out: Path, progress: bool = True) -> dict[str, Any]:
+        from core.checkpoint import ship_model_code
+
         model_config.save_pretrained(str(out))
-        # TODO(portable): ship the model code beside the weights
+        ship_model_code(out, model_config)  # auto_map + model code: loads with stock transformers too
         weights = write_weights(release, out, dtype, max_bytes, new_rows, progress)
         save_release_tokenizer(tokenizer, release.spiece, out)
         return {

@@ -279,3 +279,35 @@ def test_every_command_pointed_at_a_raw_release_names_the_converter(module, args
     assert len(err) == 1 and "python -m core.openba.convert --src" in err[0], err
     assert sorted(p.name for p in release[0].iterdir()) == before
     assert not (tmp_path / "out").exists()
+
+
+def test_stock_transformers_without_the_project_loads_the_converted_release(converted, release, tmp_path):
+    """A converted release loads where this project is not installed, with the public model's logits."""
+    from safetensors.torch import load_file
+
+    from tests.core.test_portable_checkpoint import run_without_project
+
+    src, state = release
+    text = "<S> def add(a, b): return a + b <extra_id_0>"
+    run_without_project("""
+        import sys
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        directory, text, out = sys.argv[1:4]
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+        batch = tokenizer([text], return_tensors="pt")
+        decoder_input_ids = torch.tensor([[0, 5, 9, 17]])
+        with torch.no_grad():
+            logits = model(**batch, decoder_input_ids=decoder_input_ids).logits
+        assert_nothing_of_the_project_ran()
+        save_file({"input_ids": batch["input_ids"], "decoder_input_ids": decoder_input_ids, "logits": logits}, out)
+    """, tmp_path, str(converted), text, str(tmp_path / "child.safetensors"))
+    child = load_file(str(tmp_path / "child.safetensors"))
+    spiece = (src / "spiece.model").read_bytes()
+    assert child["input_ids"][0].tolist() == public_encode(spiece, text)
+    config = json.loads((src / "config.json").read_text())
+    reference = public_forward(state, config, child["input_ids"], child["decoder_input_ids"])
+    torch.testing.assert_close(child["logits"], reference, atol=2e-4, rtol=1e-4)
