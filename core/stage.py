@@ -3,7 +3,8 @@
 A stage writes into `<out>.partial` and renames it to `<out>` only when it has finished, so a killed run never
 leaves a directory that looks complete. Under a launcher every process runs the stage; the first one alone sets up
 and publishes the directory (see `_barrier`). A training stage keeps its periodic checkpoints inside the partial
-directory; rerunning with the same config resumes from them, while a changed config starts the stage afresh.
+directory; rerunning with the same config resumes from them, while a changed config starts the stage afresh. A
+checkpoint a stage publishes carries a model card written from its manifest (`core.model_card`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable
 from core.config import config_hash, to_dict
 from core.errors import UserError
 from core.launch import launch
+from core.model_card import command_line, count_checkpoint_parameters, write_model_card
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"  # inside a partial directory: the config (hash, identity) the partial work belongs to
@@ -46,6 +48,11 @@ class Manifest:
     identity: str = ""
     """Hash of the config with every path to a stage directory replaced by that stage's identity (`stage_identity`):
     equal across copies of a run directory; empty in manifests written before it existed."""
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """`before` (the input checkpoint) and `after` (the output), counted from the safetensors headers for every
+    stage alike; None where a side is not a safetensors model (no input, data outputs)."""
+    command: str = ""
+    """The command line that ran the stage (the model card shows it)."""
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -289,6 +296,7 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
     _barrier()
 
     started = time.time()
+    parameters_before = count_checkpoint_parameters(input_dir) if main else None
     metrics = stage.run(Path(input_dir) if input_dir is not None else None, partial, stage.config) or {}
     finished = time.time()
     _barrier()  # every process has finished writing into the partial directory
@@ -301,7 +309,6 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
         config_hash=digest,
         config=to_dict(stage.config) if dataclasses.is_dataclass(stage.config) else dict(stage.config),
         inputs=_describe_input(input_dir),
-        outputs=describe_outputs(partial),
         metrics=metrics,
         timings={
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -311,8 +318,12 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
         },
         versions=library_versions(),
         identity=identity,
+        parameters={"before": parameters_before, "after": count_checkpoint_parameters(partial)},
+        command=command_line(),
     )
     pending.unlink()
+    write_model_card(partial, manifest, input_dir)
+    manifest.outputs = describe_outputs(partial)
     manifest.write(partial)
     publish(partial, output_dir)
     _barrier()
