@@ -39,9 +39,11 @@ from pretrain.objectives import (
     batches_per_objective,
     mix_denoising_mixture,
     per_objective_validation_loss,
+    student_to_teacher_ids,
     token_mean_loss,
     ul2_mixture,
 )
+from pretrain.objectives.distillation import output_vocab_size
 from pretrain.trainer import TrainConfig, Trainer
 
 
@@ -79,6 +81,13 @@ class ContinualConfig:
     """Pack several examples per row with document-aware masks (no cross-example attention, positions restart)."""
     init: Literal["checkpoint", "scratch"] = "checkpoint"
     """"scratch" re-initialises the weights (same shape and tokenizer): the from-scratch baseline."""
+    add_sentinels: bool = False
+    """UL2 objectives ("ul2", "mix") on a tokenizer without UL2 tokens (a stock Llama, Qwen2, Mistral, GPT-NeoX
+    tokenizer; T5's lacks only <R>/<S>/<X>): add the missing sentinels <extra_id_N> and mode tokens as special
+    tokens and grow the embeddings and LM head by their rows, each the mean of the existing tokens' rows. Off: such
+    a tokenizer is refused before training. Causal and prefix LM need no special tokens."""
+    sentinels: int = 100
+    """Sentinels `add_sentinels` adds to a tokenizer that has none (T5/UL2: 100; spans per example are capped by it)."""
     teacher: str | None = None
     """Teacher checkpoint for distillation (the recipe fills in the unpruned model when `distill` is set)."""
     distill: DistillationConfig | None = None
@@ -89,23 +98,67 @@ class ContinualConfig:
     seed: int = 0
 
 
+UL2_OBJECTIVES = ("ul2", "mix")
+
+
 def build_mixture(config: ContinualConfig, tokenizer) -> ObjectiveMixture:
+    """The objectives to sample; only the UL2 ones look up sentinels and mode tokens."""
+    if config.objective == "causal":
+        return ObjectiveMixture([CausalLM()])
+    if config.objective == "prefix":
+        return ObjectiveMixture([PrefixLM(eos=tokenizer.eos_token_id)])
     ids = SpecialIds.from_tokenizer(tokenizer)
     if config.objective == "ul2":
         return ul2_mixture(ids, config.dul2.initial_proportions)
-    if config.objective == "mix":
-        return mix_denoising_mixture(ids)
-    if config.objective == "causal":
-        return ObjectiveMixture([CausalLM()])
-    return ObjectiveMixture([PrefixLM(eos=ids.eos)])
+    return mix_denoising_mixture(ids)
 
 
-def vocab_map(student_tokenizer, teacher_tokenizer) -> dict[int, int] | None:
-    """Student id -> teacher id by token string (after vocabulary pruning the ids differ); None when equal."""
-    student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student == teacher:
+def check_special_tokens(config: ContinualConfig, tokenizer) -> list[str]:
+    """The UL2 tokens this run will add to the tokenizer (none for causal / prefix LM); UserError when the objective
+    needs tokens the tokenizer lacks and `add_sentinels` is off."""
+    from pretrain.tokenizer import missing_ul2_tokens
+
+    if config.objective not in UL2_OBJECTIVES:
+        return []
+    missing = missing_ul2_tokens(tokenizer, config.sentinels)
+    if missing and not config.add_sentinels:
+        shown = ", ".join(missing) if len(missing) <= 3 else f"{missing[0]} ... {missing[-1]}"
+        raise UserError(f"objective {config.objective} needs UL2 sentinels and mode tokens the tokenizer lacks "
+                        f"({len(missing)}: {shown}); add them with --set add_sentinels=true (mean-initialised "
+                        f"embedding rows) or train with --set objective=causal (or prefix)")
+    return missing
+
+
+def add_special_tokens(model, tokenizer, config: ContinualConfig) -> dict[str, Any] | None:
+    """Add the UL2 tokens the objective needs (`check_special_tokens`) to the tokenizer and give each a row in the
+    input embedding and the LM head (and its bias) equal to the mean of the existing tokens' rows: a new token starts
+    as an average token instead of a random one. Padding rows beyond the tokenizer are reused before the matrices
+    grow. Returns what was added, for the manifest; None when nothing was."""
+    from pretrain.tokenizer import add_ul2_tokens
+
+    if not check_special_tokens(config, tokenizer):
         return None
-    return {sid: teacher[token] for token, sid in student.items() if token in teacher}
+    existing = len(tokenizer)
+    added = add_ul2_tokens(tokenizer, config.sentinels)
+    ids = tokenizer.convert_tokens_to_ids(added)
+    rows_before = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows_before:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        new = torch.tensor(ids)
+        matrices = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not matrices[0]:
+            matrices.append(head.weight)
+        if head is not None and getattr(head, "bias", None) is not None:
+            matrices.append(head.bias)
+        for matrix in matrices:
+            matrix[new] = matrix[:existing].mean(0).to(matrix.dtype)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.suppress_tokens:  # padding rows a vocabulary pruner suppressed
+        generation.suppress_tokens = [t for t in generation.suppress_tokens if t not in set(ids)] or None
+    return {"tokens": added, "ids": [min(ids), max(ids)], "rows_before": rows_before,
+            "rows_after": model.get_input_embeddings().num_embeddings, "init": "mean of the existing tokens' rows"}
 
 
 def process_shard(config: DataConfig):
@@ -140,6 +193,7 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
     from core.checkpoint import count_parameters, is_encoder_decoder, load_model, load_tokenizer, write_checkpoint
 
     model, tokenizer = load_student(Path(input_dir), config)
+    added_tokens = add_special_tokens(model, tokenizer, config)
     encoder_decoder = is_encoder_decoder(model)
     long_context = apply_long_context(model, config.long_context) if config.long_context != LongContextConfig() else {}
     mixture = build_mixture(config, tokenizer)
@@ -160,8 +214,9 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
         if config.teacher is None:
             raise UserError("distill is set but no teacher checkpoint is given (teacher: DIR)")
         teacher = load_model(config.teacher)
-        loss_fn = DistillationLoss(teacher, config.distill, student=model,
-                                   vocab_map=vocab_map(tokenizer, load_tokenizer(config.teacher)))
+        student_to_teacher = student_to_teacher_ids(tokenizer, load_tokenizer(config.teacher),
+                                                    output_vocab_size(model), output_vocab_size(teacher))
+        loss_fn = DistillationLoss(teacher, config.distill, student=model, student_to_teacher=student_to_teacher)
 
     if config.objective == "ul2" and config.dynamic_ul2:
         eval_fn = DynamicUL2(mixture, validation, config.dul2)
@@ -193,6 +248,7 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
         "init": config.init,
         "distilled_from": config.teacher if config.distill is not None else None,
         "long_context": long_context,
+        "added_tokens": added_tokens,
     }
 
 
@@ -219,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclasses.replace(config, teacher=args.teacher, distill=config.distill or DistillationConfig())
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
+    from core.checkpoint import load_tokenizer
+
+    check_special_tokens(config, load_tokenizer(args.model))  # before the stage's directory exists
     stage = Stage("continual", lambda i, w, c: continual_stage(i, w, c), config, resumable=True)
     metrics = run_stage(stage, Path(args.model), args.out).metrics
     rows = [("validation loss", metrics["val_loss"]), ("final train loss", metrics["train_loss"]),

@@ -261,11 +261,15 @@ def load_tokenizer(path: str | os.PathLike):
     return core.checkpoint.load_tokenizer(path)
 
 
+HOW_TO_ADD = ("pretrain.continual adds them with --set add_sentinels=true; pretrain.tokenizer trains a tokenizer "
+              "that has them")
+
+
 def sentinel_ids(tokenizer) -> list[int]:
     """Ids of <extra_id_0>, <extra_id_1>, ... in index order (T5 fills spans with sentinel 0 first)."""
     indexed = sorted((int(m.group(1)), t) for t in tokenizer.get_vocab() if (m := SENTINEL_PATTERN.fullmatch(t)))
     if not indexed:
-        raise UserError("the tokenizer has no <extra_id_N> sentinels; train it with pretrain.tokenizer")
+        raise UserError(f"the tokenizer has no <extra_id_N> sentinels ({HOW_TO_ADD})")
     return tokenizer.convert_tokens_to_ids([t for _, t in indexed])
 
 
@@ -274,8 +278,27 @@ def mode_token_ids(tokenizer) -> dict[str, int]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in MODE_TOKENS.values() if t not in vocab]
     if missing:
-        raise UserError(f"the tokenizer lacks the UL2 mode tokens {missing}; train it with pretrain.tokenizer")
+        raise UserError(f"the tokenizer lacks the UL2 mode tokens {missing} ({HOW_TO_ADD})")
     return {mode: vocab[token] for mode, token in MODE_TOKENS.items()}
+
+
+def missing_ul2_tokens(tokenizer, sentinels: int = 100) -> list[str]:
+    """The UL2 tokens a stock tokenizer lacks: `sentinels` sentinels when it has none (a tokenizer with its own,
+    such as T5's 100, keeps them), and whichever of <R>/<S>/<X> it does not hold."""
+    vocab = tokenizer.get_vocab()
+    has_sentinels = any(SENTINEL_PATTERN.fullmatch(token) for token in vocab)
+    wanted = ([] if has_sentinels else [SENTINEL.format(i) for i in range(sentinels)]) + list(MODE_TOKENS.values())
+    return [token for token in wanted if token not in vocab]
+
+
+def add_ul2_tokens(tokenizer, sentinels: int = 100) -> list[str]:
+    """Add the missing UL2 tokens to `tokenizer` (in place) as special tokens: matched whole before the model's own
+    pre-tokenizer runs, never split, skipped when decoding with skip_special_tokens. Returns the tokens added; their
+    ids follow the tokenizer's last id, in the order of `missing_ul2_tokens`."""
+    missing = missing_ul2_tokens(tokenizer, sentinels)
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing
 
 
 def check_tokenizer(path: str | os.PathLike, texts: Iterable[str]) -> dict:

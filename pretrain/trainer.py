@@ -20,7 +20,8 @@ Contracts for callers (the objectives, data and LOGO code):
                 A fresh `iter(data)` after exhaustion starts a new epoch.
     loss_fn     `loss_fn(model, batch) -> (mean loss Tensor, metrics dict[str, float])`; default
                 `model(**tensors).loss`. Optional attributes: `check(model)` (raise UserError on bad setup),
-                `teacher` (a model whose vocabulary must equal the student's unless `vocab_map` is set).
+                `teacher` (a model whose vocabulary must equal the student's unless the loss has a
+                `student_to_teacher` id map).
     weight_fn   `weight_fn(batch) -> float` the micro-batch's share of the step (default: its target tokens,
                 labels != -100, shifted for causal models; or its row count when there are no labels).
     eval_fn     `eval_fn(model, step) -> metrics dict`, every `eval_every` steps and at the end, model in eval mode
@@ -674,7 +675,7 @@ class Trainer:
         if callable(check):
             check()
         teacher = getattr(self.loss_fn, "teacher", None)
-        if teacher is not None and getattr(self.loss_fn, "vocab_map", None) is None:
+        if teacher is not None and getattr(self.loss_fn, "student_to_teacher", None) is None:
             check_same_vocabulary(teacher, self.model)
 
     def check_batch(self, batch: dict[str, Any]) -> None:
@@ -924,4 +925,5 @@ def check_same_vocabulary(teacher, student) -> None:
 
     if size(teacher) != size(student):
         raise UserError(f"the teacher's vocabulary ({size(teacher)} tokens) differs from the student's "
-                        f"({size(student)}); distil from a teacher with the student's tokenizer or give a vocab_map")
+                        f"({size(student)}); distil from a teacher with the student's tokenizer or give a "
+                        "student_to_teacher id map")

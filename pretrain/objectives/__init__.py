@@ -32,9 +32,10 @@ from pretrain.objectives.denoising import (
 from pretrain.objectives.distillation import (
     DistillationConfig,
     DistillationLoss,
+    check_student_to_teacher,
     distillation_kl,
     gather_teacher_logits,
-    teacher_index,
+    student_to_teacher_ids,
 )
 from pretrain.objectives.language_modeling import CausalLM, PrefixLM
 from pretrain.objectives.losses import model_inputs, per_objective_validation_loss, shifted_labels, token_mean_loss

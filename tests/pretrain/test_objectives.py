@@ -25,6 +25,7 @@ from pretrain.objectives import (
     SpanCorruption,
     SpecialIds,
     SuffixDenoising,
+    check_student_to_teacher,
     distillation_kl,
     dynamic_ul2_update,
     gather_teacher_logits,
@@ -32,7 +33,7 @@ from pretrain.objectives import (
     noise_counts,
     random_spans_noise_mask,
     spans_to_example,
-    teacher_index,
+    student_to_teacher_ids,
     to_features,
     token_mean_loss,
     ul2_denoisers,
@@ -301,24 +302,45 @@ def test_distillation_rejects_a_teacher_with_another_vocabulary_unless_mapped():
     student, teacher = tiny_llama(vocab=48), tiny_llama(vocab=64)
     with pytest.raises(UserError, match="vocabulary"):
         DistillationLoss(teacher, student=student)
-    with pytest.raises(UserError, match="outside"):
-        DistillationLoss(teacher, student=student, vocab_map={70: 0})
-    vocab_map = {old: new for new, old in enumerate(range(16, 64))}  # keep the last 48 ids, renumbered
-    loss_fn = DistillationLoss(teacher, student=student, vocab_map=vocab_map)
+    with pytest.raises(UserError, match="student id 3 to 70, outside"):
+        DistillationLoss(teacher, student=student, student_to_teacher=torch.tensor([0, 1, 2, 70] + [-1] * 44))
+    with pytest.raises(UserError, match="one entry per student id"):
+        DistillationLoss(teacher, student=student, student_to_teacher=torch.arange(47))
+    student_to_teacher = torch.arange(16, 64)  # the student kept the teacher's last 48 ids, renumbered
+    loss_fn = DistillationLoss(teacher, DistillationConfig(temperature=1.0, kd_weight=1.0), student=student,
+                               student_to_teacher=student_to_teacher)
     ids = torch.randint(0, 48, (1, 6), generator=torch.Generator().manual_seed(0))
-    loss, metrics = loss_fn(student, {"input_ids": ids, "labels": ids})
-    assert torch.isfinite(loss) and metrics["kd_loss"] > 0
+    with torch.no_grad():
+        loss, metrics = loss_fn(student, {"input_ids": ids, "labels": ids})
+        # the teacher reads the same text in its own ids; its distribution renormalised over the kept ids
+        teacher_logp = teacher(input_ids=ids + 16).logits[0, :5, 16:].log_softmax(-1)
+        student_logp = student(input_ids=ids).logits[0, :5].log_softmax(-1)
+    expected = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and metrics["kd_loss"] > 0
 
 
-def test_vocab_map_gathers_teacher_logits_at_the_old_ids():
+def test_student_to_teacher_gathers_teacher_logits_at_the_student_ids():
+    class Vocab:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def get_vocab(self):
+            return {t: i for i, t in enumerate(self.tokens)}
+
+    teacher, student = Vocab(["a", "b", "c", "d", "e"]), Vocab(["a", "e", "c"])
+    index = student_to_teacher_ids(student, teacher, student_rows=4, teacher_rows=5)  # row 3: padding
+    assert index.tolist() == [0, 4, 2, -1]
+    assert student_to_teacher_ids(teacher, teacher, 5, 5) is None
+    assert student_to_teacher_ids(teacher, teacher, 6, 5).tolist() == [0, 1, 2, 3, 4, -1]
     logits = torch.tensor([[10.0, 11.0, 12.0, 13.0, 14.0]])
-    index = teacher_index(5, 4, {4: 0, 1: 1, 2: 2})
-    assert index.tolist() == [4, 1, 2, -1]
     gathered = gather_teacher_logits(logits, index)
-    assert gathered[0, :3].tolist() == [14.0, 11.0, 12.0] and gathered[0, 3] == float("-inf")
-    kl = distillation_kl(torch.zeros(1, 1, 4), gathered[None], torch.ones(1, 1, dtype=torch.bool), 1.0)
-    assert torch.isfinite(kl)
-    assert teacher_index(4, 4, None) is None
+    assert gathered[0, :3].tolist() == [10.0, 14.0, 12.0] and gathered[0, 3] == float("-inf")
+    # the padding row is left out of both distributions: its student logit changes nothing
+    shared, mask = index >= 0, torch.ones(1, 1, dtype=torch.bool)
+    kl = [distillation_kl(torch.tensor([[[1.0, 2.0, 0.5, padding]]]), gathered[None], mask, 1.0, shared)
+          for padding in (0.0, 30.0)]
+    assert torch.isfinite(kl[0]) and kl[0].item() == pytest.approx(kl[1].item(), rel=1e-6)
+    assert check_student_to_teacher(None, 4, 4) is None
 
 
 def test_distillation_config_rejects_bad_values():

@@ -373,8 +373,8 @@ def test_sequence_longer_than_the_model_supports_fails_before_anything_is_writte
 
 def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path):
     class Distil:
-        def __init__(self, teacher, vocab_map=None):
-            self.teacher, self.vocab_map = teacher, vocab_map
+        def __init__(self, teacher, student_to_teacher=None):
+            self.teacher, self.student_to_teacher = teacher, student_to_teacher
 
         def __call__(self, model, batch):
             return model(**batch).loss, {}
@@ -383,7 +383,7 @@ def test_teacher_with_another_vocabulary_is_rejected_before_training(tmp_path):
     with pytest.raises(UserError, match=r"teacher's vocabulary \(128 tokens\) differs from the student's \(64\)"):
         Trainer(tiny_openba(), quick_config(), seq2seq_batches(1), loss_fn=Distil(teacher)).train(tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    mapped = Distil(teacher, vocab_map=list(range(VOCAB)))
+    mapped = Distil(teacher, student_to_teacher=torch.arange(VOCAB))
     Trainer(tiny_openba(), quick_config(steps=1), seq2seq_batches(1), loss_fn=mapped).train(tmp_path / "b")
 
     from pretrain.objectives import DistillationLoss  # the project's distillation objective, through its check()
