@@ -154,6 +154,13 @@ def wrap_lora(model, settings: LoraSettings):
         raise UserError(f"LoRA: {str(err).splitlines()[0]}") from None
 
 
+def encoder_takes_positions(model) -> bool:
+    """Whether the encoder reads position ids: synthesised positions need it (T5's relative buckets do not)."""
+    import inspect
+
+    return "position_ids" in inspect.signature(model.get_encoder().forward).parameters
+
+
 def extend_to_window(model, config: LogoConfig, batches: PreferenceBatches) -> dict[str, Any]:
     """Make the model accept the synthesised positions: supported length -> window, and the RoPE base if set."""
     from pretrain.long_context import LongContextConfig, apply_long_context, supported_lengths
@@ -181,6 +188,9 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     model = load_model(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if encoder_decoder and config.position.synthesize and not encoder_takes_positions(model):
+        raise UserError(f"{type(model).__name__} takes no encoder position ids (relative position buckets), so "
+                        "positions cannot be synthesised for it; set position.synthesize=false")
     process = launch()
     shard = {"rank": process.rank, "world": process.world_size}
     batches = PreferenceBatches(rows, tokenizer, config.position, config.batches, config.loss.responses_used,

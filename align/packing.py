@@ -244,11 +244,18 @@ def encoder_kwargs(model, batch: dict) -> dict:
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         encoder = unwrap(model).get_encoder()
-        if "position_ids" not in inspect.signature(encoder.forward).parameters:
+        if "position_ids" in inspect.signature(encoder.forward).parameters:
+            kwargs["position_ids"] = batch["position_ids"]
+        elif not _plain_positions(batch["position_ids"], batch["attention_mask"]):
             raise UserError(f"{type(unwrap(model)).__name__} takes no encoder position ids (relative position "
                             "buckets), so positions cannot be synthesised for it; set position.synthesize=false")
-        kwargs["position_ids"] = batch["position_ids"]
     return kwargs
+
+
+def _plain_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Positions 0..k-1 on each row's tokens: what an encoder without position ids uses anyway."""
+    plain = torch.arange(position_ids.shape[1], device=position_ids.device) * attention_mask
+    return torch.equal(position_ids * attention_mask, plain)
 
 
 def _decoder_packed_layout(model, batch: dict) -> dict[str, torch.Tensor]:

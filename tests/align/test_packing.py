@@ -109,8 +109,11 @@ def test_t5_without_decoder_positions_shares_the_encoder_by_repeating_its_output
     with torch.no_grad():
         torch.testing.assert_close(response_logps(model, batch).sum_logp,
                                    response_logps(model, batch, shared=False).sum_logp, atol=1e-5, rtol=0)
+        # plain positions 0..k-1 are what T5 uses anyway (LOGO's position.synthesize=false)
+        torch.testing.assert_close(response_logps(model, preference_batch()).sum_logp,
+                                   response_logps(model, batch).sum_logp, atol=0, rtol=0)
     with pytest.raises(UserError, match="cannot be synthesised"):
-        response_logps(model, preference_batch())
+        response_logps(model, preference_batch(gap=True))
 
 
 @pytest.mark.parametrize("family", ["llama", "openba"])
