@@ -191,7 +191,8 @@ def card_text(manifest, input_dir, model_config: dict[str, Any], directory: Path
         lines += ["Lineage (newest first): this model", *(f"- from `{name}`" for name in meta["lineage"]), ""]
 
     lines += ["## What the stage did", "", *[f"- {line}" for line in describe(kind, config, manifest.metrics)], ""]
-    lines += ["## Parameters", "", "| | parameters |", "| --- | --- |", f"| before | {_count(before)} |",
+    before_cell = _count(before) if input_dir is not None else "none (no input checkpoint)"
+    lines += ["## Parameters", "", "| | parameters |", "| --- | --- |", f"| before | {before_cell} |",
               f"| after | {_count(after)} |"]
     if before and after:
         lines.append(f"| kept | {after / before:.1%} |")
@@ -271,8 +272,9 @@ def _neuron_prune(config, metrics):
 
 
 def _vocab_prune(config, metrics):
+    padding = f", {metrics['padding_rows']} of them padding" if metrics.get("padding_rows") else ""
     return [f"vocabulary {metrics['tokens_before']} -> {metrics['tokens_after']} tokens "
-            f"({metrics['rows_before']} -> {metrics['rows_after']} embedding rows)",
+            f"({metrics['rows_before']} -> {metrics['rows_after']} embedding rows{padding})",
             f"kept tokens cover {metrics['corpus_coverage']:.2%} of the counting corpus ({metrics.get('corpus')})"
             if metrics.get("corpus_coverage") is not None else ""]
 
@@ -291,6 +293,7 @@ def _train(config, metrics):
 def _align(config, metrics):
     logo = config.get("logo", config)
     loss = logo.get("loss") if isinstance(logo, dict) else None
+    loss = loss.get("loss") if isinstance(loss, dict) else loss  # LossConfig: its `loss` field names the method
     return [f"preference alignment (LOGO){f', loss `{loss}`' if loss else ''} on {metrics.get('rows', '?')} "
             f"preference rows, {metrics.get('step', metrics.get('steps', '?'))} steps",
             f"trainable parameters {_count(metrics.get('trainable_parameters'))}"

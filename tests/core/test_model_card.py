@@ -83,7 +83,8 @@ def test_a_recipe_stage_card_shows_its_gate_and_replaces_the_card_it_copied(tmp_
     source = tmp_path / "source"
     save_with_tokenizer(build_tiny("llama"), source)
     (source / "README.md").write_text(HUB_CARD)
-    gate_table = "**Gate `offline`: passed**\n\n| task | metric | value |\n| --- | --- | --- |\n| probe | acc | 0.75 |\n"
+    gate_table = ("**Gate `offline`: passed**\n\n| task | metric | value |\n| --- | --- | --- |\n"
+                  "| probe | acc | 0.75 |\n")
 
     def copy_and_gate(input_dir, work_dir, _config):
         for item in input_dir.iterdir():  # as the recipe's teacher kind copies a cached checkpoint
