@@ -3,11 +3,16 @@
     python -m pretrain.continual --model runs/s1 --out runs/s1_recovered
     python -m pretrain.continual --model runs/s4 --out runs/s5 --set objective=mix --set train.steps=2000
     python -m pretrain.continual --model runs/s1 --out runs/r1 --teacher runs/teacher --set distill.kd_weight=0.5
+    python -m pretrain.continual --model my-llama-pruned --out runs/r --set objective=causal --set data.paths=[DIR]
+    python -m pretrain.continual --model my-llama-pruned --out runs/r --set objective=ul2 --set add_sentinels=true
 
 OpenBA-V2 recovers each pruning step with UL2 denoising (D-UL2 in stages S1-S4: proportions re-weighted by
 per-denoiser validation loss; O-UL2 mix-denoising in S5). Distillation from the unpruned teacher is our addition (a
 recovery objective the paper did not use), and so is the long-context option (ProLong: RoPE base, longer training
-sequences). The same stage with `init: scratch` trains a freshly initialised model of the checkpoint's shape: the
+sequences). Stock checkpoints (Llama, Qwen2, Mistral, GPT-NeoX, T5) train with their own tokenizer: causal and
+prefix LM need no special tokens, UL2 adds its sentinels and mode tokens when asked (`add_sentinels`). A
+vocabulary-pruned student distils from its unpruned teacher through a student -> teacher id map read from the two
+tokenizers. The same stage with `init: scratch` trains a freshly initialised model of the checkpoint's shape: the
 "same size, same tokens, from scratch" baseline that recovery must beat.
 """
 
@@ -84,8 +89,9 @@ class ContinualConfig:
     add_sentinels: bool = False
     """UL2 objectives ("ul2", "mix") on a tokenizer without UL2 tokens (a stock Llama, Qwen2, Mistral, GPT-NeoX
     tokenizer; T5's lacks only <R>/<S>/<X>): add the missing sentinels <extra_id_N> and mode tokens as special
-    tokens and grow the embeddings and LM head by their rows, each the mean of the existing tokens' rows. Off: such
-    a tokenizer is refused before training. Causal and prefix LM need no special tokens."""
+    tokens, each with an embedding and LM-head row (padding rows first, then the matrices grow) set to the mean of
+    the existing tokens' rows; the manifest's `added_tokens` says what was added. Off: such a tokenizer is refused
+    before training. Causal and prefix LM need no special tokens."""
     sentinels: int = 100
     """Sentinels `add_sentinels` adds to a tokenizer that has none (T5/UL2: 100; spans per example are capped by it)."""
     teacher: str | None = None

@@ -101,10 +101,10 @@ def t5_tokenizer(texts: list[str], directory: Path) -> PreTrainedTokenizerFast:
 
 
 def _decoder_only(config_cls, model_cls, rows: int, tokenizer, **extra):
-    config = config_cls(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
-    return model_cls(config)
+    fields = dict(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model_cls(config_cls(**{**fields, **extra}))
 
 
 def stock_checkpoint(family: str, directory: Path, texts: list[str], seed: int = 0, **model_overrides) -> Path:
@@ -136,10 +136,10 @@ def stock_checkpoint(family: str, directory: Path, texts: list[str], seed: int =
     elif family == "gpt_neox":
         model = _decoder_only(GPTNeoXConfig, GPTNeoXForCausalLM, size, tokenizer, **model_overrides)
     else:  # t5 ships 32128 rows for 32100 ids
-        model = T5ForConditionalGeneration(T5Config(
-            vocab_size=size + 28, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-            **model_overrides))
+        fields = dict(vocab_size=size + 28, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1)
+        model = T5ForConditionalGeneration(T5Config(**{**fields, **model_overrides}))
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return directory
