@@ -66,16 +66,39 @@ def check_weights(path: str | Path) -> list[Path]:
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", **kwargs: Any):
     """Load a checkpoint directory with the Auto class that fits it (seq2seq or causal), from safetensors."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError  # config validation in transformers 5
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = read_model_config(path)
     check_weights(path)
     auto = AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+        # mismatched shapes are let through here only to be reported below by name, with both shapes
+        model, info = auto.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True,
+                                           output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, StrictDataclassClassValidationError) as err:
         raise UserError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+    check_loading_info(path, info)
     return model.to(device)
+
+
+def check_loading_info(path: str | Path, info: dict[str, Any]) -> None:
+    """Weights that disagree with config.json are an error, never randomly initialised or silently dropped."""
+    problems = []
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the config implies are missing from the weights "
+                        f"({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the weights are not in the model the config describes "
+                        f"({', '.join(unexpected[:3])})")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    if mismatched:
+        shown = ", ".join(f"{item[0]} {list(item[1])} vs config {list(item[2])}" if isinstance(item, (tuple, list))
+                          and len(item) == 3 else str(item) for item in mismatched[:3])
+        problems.append(f"{len(mismatched)} tensor(s) have another shape than the config implies ({shown})")
+    if problems:
+        raise UserError(f"the weights in {path} do not match its config.json: {'; '.join(problems)}")
 
 
 def load_tokenizer(path: str | Path):
