@@ -12,10 +12,22 @@ def main_guard(main):
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        argv = args[0] if args else kwargs.get("argv")
+        global invoked_command
+        previous = invoked_command
+        if argv is not None:  # called as a function (a script, a test): record the command it stands for
+            invoked_command = ["python", "-m", main.__module__, *map(str, argv)]
         try:
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        finally:
+            invoked_command = previous
 
     return wrapped
+
+
+invoked_command: list[str] | None = None
+"""The command a `main(argv)` call stands for, while it runs (manifests and model cards record it); None when the
+process's own command line is the command."""

@@ -107,10 +107,13 @@ def lineage_of(input_dir: str | Path | None) -> list[str]:
 
 
 def command_line() -> str:
-    """The command that started this process, as typed (a launcher's workers name their own command and rank)."""
+    """The command that ran the stage: the `main(argv)` call in progress (`core.errors.invoked_command`), else the
+    command that started this process, as typed (a launcher's workers name their own command and rank)."""
     from core.launch import launch
 
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    import core.errors
+
+    argv = core.errors.invoked_command or getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     command = shlex.join(argv)
     job = launch()
     if job.distributed:

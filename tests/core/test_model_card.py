@@ -121,3 +121,15 @@ def test_a_stage_that_writes_data_gets_no_card_and_a_card_of_the_stage_own_is_ke
     assert "base_model" not in meta and "from scratch (no input checkpoint)" in body
     assert "## Notes written by the stage\n\nTrained on the night shift." in body
     assert json.loads((tmp_path / "teacher" / "manifest.json").read_text())["outputs"]["README.md"] > 0
+
+
+def test_a_command_called_as_a_function_records_the_command_it_stands_for(tmp_path):
+    from compress.layer import main as layer_main
+
+    model_dir, out = tmp_path / "llama", tmp_path / "layered"
+    save_with_tokenizer(build_tiny("llama"), model_dir)
+    argv = ["--model", str(model_dir), "--drop", "decoder=1", "--out", str(out), "--no-progress"]
+    layer_main(argv)
+    expected = shlex.join(["python", "-m", "compress.layer", *argv])
+    assert Manifest.read(out).command == expected
+    assert f"```bash\n{expected}\n```" in card_of(out)[1]
