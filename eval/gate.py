@@ -227,6 +227,16 @@ def _direction(rule: MetricRule, results: EvalResult) -> bool:
     return bool(known)
 
 
+BOUND_RELATIVE_TOLERANCE = 1e-9
+"""A value this close to its bound (relative to their size) is at the bound: a bound computed from a baseline
+(0.275 - 0.05 = 0.22500000000000003) must not fail a value of 0.225 by floating-point noise. Metrics carry no
+meaning at 1e-9 relative, so no real regression hides inside it."""
+
+
+def bound_tolerance(value: float, bound: float) -> float:
+    return BOUND_RELATIVE_TOLERANCE * max(1.0, abs(value), abs(bound)) if math.isfinite(value) else 0.0
+
+
 def check_rules(rules: list[MetricRule], results: EvalResult, baseline: EvalResult | None = None,
                 require_baseline: bool = False) -> list[GateRow]:
     """Every bound of every rule against `results` (and `baseline` for drops): one row each."""
@@ -260,7 +270,7 @@ def check_rules(rules: list[MetricRule], results: EvalResult, baseline: EvalResu
                 row.bound = base - sign * allowed
                 row.margin = sign * (value - row.bound)
                 row.note = f"{limit:g}" if check == "max_drop" else f"{limit:.1%}"
-            row.ok = math.isfinite(value) and row.margin >= 0
+            row.ok = math.isfinite(value) and row.margin >= -bound_tolerance(value, row.bound)
             rows.append(row)
     return rows
 

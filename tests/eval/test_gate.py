@@ -34,6 +34,17 @@ def test_absolute_bounds_and_drops_each_get_a_row():
     assert math.isclose(rows[2].bound, 0.45) and math.isclose(rows[2].margin, -0.05)
 
 
+def test_a_value_exactly_at_a_computed_bound_passes_despite_floating_point_noise():
+    rule = MetricRule("t", "m", max_drop=0.05)
+    at_bound = check_rules([rule], _results(0.225, True), _results(0.275, True))[0]
+    assert at_bound.bound != 0.225 and at_bound.margin < 0  # 0.275 - 0.05 is 0.22500000000000003 in binary
+    assert at_bound.ok
+    below = check_rules([rule], _results(0.2249999, True), _results(0.275, True))[0]
+    assert not below.ok  # a real shortfall, however small in practical terms, still fails
+    lower_better = check_rules([MetricRule("t", "m", max_rel_drop=0.1)], _results(1.1, False), _results(1.0, False))[0]
+    assert lower_better.ok  # 1.0 * 1.1 = 1.1000000000000001
+
+
 def test_nan_never_passes():
     rows = check_rules([MetricRule("t", "m", max=100.0)], _results(float("nan"), False))
     assert not rows[0].ok
