@@ -159,6 +159,8 @@ class DistillationLoss:
             self.check(model)
         inputs = model_inputs(model, batch)  # decoder inputs shifted in the student's ids, then mapped
         logits = model(**inputs).logits
+        if next(self.teacher.parameters()).device != logits.device:  # the trainer places only the student
+            self.teacher.to(logits.device)
         with torch.no_grad():
             teacher_logits = self.teacher(**self.teacher_inputs(inputs)).logits.to(logits.device)
         teacher_logits = gather_teacher_logits(teacher_logits, self.student_to_teacher)

@@ -167,3 +167,26 @@ def test_continual_with_teacher_reports_the_hand_computed_kl_on_a_pruned_student
 
     gathered = gather_teacher_logits(teacher_row[None], index)[0]
     assert torch.equal(gathered[sample], teacher_row[[mapping[i] for i in sample]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_distillation_of_a_pruned_student_on_cuda_reports_the_cpu_kl(teachers, pruned):
+    """The trainer moves only the student; the objective brings the teacher and the id map to the student's device."""
+    teacher_dir, student_dir = teachers["llama"], pruned["llama"]
+    tokenizer = load_tokenizer(student_dir)
+    ids = torch.tensor([tokenizer("def main(argv):\n    return sorted(argv)\n", add_special_tokens=False)["input_ids"]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    reported = {}
+    for device in ("cpu", "cuda"):
+        teacher, student = load_model(teacher_dir).eval(), load_model(student_dir).eval().to(device)
+        noise = 0.05 * torch.randn(student.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            student.lm_head.weight.add_(noise.to(device))
+        index = student_to_teacher_ids(tokenizer, load_tokenizer(teacher_dir), output_vocab_size(student),
+                                       output_vocab_size(teacher))
+        loss = DistillationLoss(teacher, DistillationConfig(kd_weight=1.0), student=student, student_to_teacher=index)
+        with torch.no_grad():
+            reported[device] = loss(student, {k: v.to(device) for k, v in batch.items()})[1]["kd_loss"]
+        assert next(loss.teacher.parameters()).device.type == device
+    assert reported["cuda"] == pytest.approx(reported["cpu"], rel=1e-2, abs=1e-5)

@@ -49,9 +49,10 @@ def test_causal_and_prefix_lm_train_a_stock_checkpoint_with_its_own_tokenizer(fa
 @pytest.mark.parametrize("family, missing", [("llama", 103), ("t5", 3)])
 def test_ul2_on_a_tokenizer_without_its_tokens_is_refused_in_one_line_naming_the_flag(family, missing, stock_dirs,
                                                                                        stock_corpus, tmp_path, capsys):
-    out = tmp_path / "out"
+    source, out = stock_dirs(family), tmp_path / "out"
+    capsys.readouterr()  # building the fixture prints progress bars
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(stock_dirs(family)), "--out", str(out), *short_run(stock_corpus, "objective=ul2")])
+        main(["--model", str(source), "--out", str(out), *short_run(stock_corpus, "objective=ul2")])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--set add_sentinels=true" in error and f"({missing}: " in error
