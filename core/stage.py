@@ -99,8 +99,9 @@ def describe_outputs(directory: Path) -> dict[str, int]:
 
 
 def publish(partial: Path, output_dir: Path) -> None:
-    """Swap a finished partial directory into place; an older output is removed only after the swap."""
-    old = output_dir.with_name(output_dir.name + ".old")
+    """Swap a finished partial directory into place; an older output (this stage's own, see
+    `check_output_location`) is removed only after the swap."""
+    old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")  # a name no user folder has
     if old.exists():
         shutil.rmtree(old)
     if output_dir.exists():
@@ -246,17 +247,78 @@ class Stage:
     """Name of the earlier stage whose output this one reads (a baseline branching off); None: the previous one."""
 
 
+def check_output_location(output_dir: str | Path, stage_name: str, inputs: list[str | Path | None] = ()) -> None:
+    """The `--out` policy, checked before anything is written: the output is never an input or inside one (nor a
+    folder holding one), never an existing file, and an existing folder is used only when it is empty or holds this
+    stage's own output (its manifest names the stage and lists every file in it): the stage never deletes a file it
+    did not write. The location must be writable. (The partial directory is checked under the lock: `_own_partial`.)"""
+    output = Path(output_dir).absolute()
+    resolved = output.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if resolved == source or source in resolved.parents:
+            raise UserError(f"the output {output_dir} is the input {item} or lies inside it: the input is never "
+                            "written to; choose another --out")
+        if resolved in source.parents:
+            raise UserError(f"the output {output_dir} holds the input {item}: publishing would replace it; choose "
+                            "another --out")
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise UserError(f"the output {output_dir} exists and is not a directory; choose another --out")
+    if output.is_dir():
+        _check_own_output(output, stage_name)
+    existing = output.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output {output_dir}: {existing} is not a writable directory")
+
+
+def _check_own_output(output: Path, stage_name: str) -> None:
+    """An existing output folder is empty, or this stage's published output with nothing added by hand."""
+    present = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    if not present:
+        return
+    if not (output / MANIFEST).is_file():
+        raise UserError(f"the output {output} already holds files this stage did not write "
+                        f"({', '.join(present[:3])}{', ...' if len(present) > 3 else ''}); choose an empty or new "
+                        "directory")
+    try:
+        manifest = Manifest.read(output)
+    except UserError:
+        raise UserError(f"the output {output} holds an unreadable {MANIFEST}; choose an empty or new directory") from None
+    if manifest.stage != stage_name:
+        raise UserError(f"the output {output} holds the output of stage '{manifest.stage}', not '{stage_name}'; "
+                        "choose another directory")
+    written = set(manifest.outputs) | {MANIFEST}
+    foreign = [name for name in present if name not in written]
+    if foreign:
+        raise UserError(f"the output {output} holds files stage '{stage_name}' did not write "
+                        f"({', '.join(foreign[:3])}); move them or choose another directory")
+
+
 def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, force: bool = False) -> Manifest:
-    """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically."""
+    """Run one stage under the contract: skip if done, resume or restart its partial work, publish atomically.
+    `force` reruns a finished stage (its own output only: see `check_output_location`)."""
     output_dir = Path(output_dir)
     if not force and (done := completed(output_dir, stage.config, input_dir)):
         return done
     if input_dir is not None and not Path(input_dir).exists():
         raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
+    check_output_location(output_dir, stage.name, [input_dir])
     with _exclusive(output_dir):
         if not force and (done := completed(output_dir, stage.config, input_dir)):  # the process we waited for did it
             return done
+        _own_partial(output_dir)
         return _run_unlocked(stage, input_dir, output_dir)
+
+
+def _own_partial(output_dir: Path) -> None:
+    """A `<out>.partial` folder is removed or resumed only when this contract made it (it holds PENDING)."""
+    partial = partial_dir(output_dir)
+    if partial.exists() and not (partial / PENDING).is_file():
+        raise UserError(f"{partial} exists but is not a partial output of this framework (no {PENDING}); move it")
 
 
 def completed(output_dir: str | Path, config: Any, input_dir: str | Path | None = None) -> Manifest | None:
@@ -343,7 +405,11 @@ def _exclusive(output_dir: Path):
         yield
         return
     lock = output_dir.with_name(output_dir.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        open(lock, "a").close()
+    except OSError as err:
+        raise UserError(f"cannot write the output {output_dir}: {err.strerror} ({err.filename})") from None
     told = False
     while True:
         handle = open(lock, "a")
