@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from core.config import config_hash, to_dict
 from core.errors import UserError
-from core.launch import launch
+from core.launch import init_process_group, launch
 from core.model_card import command_line, count_checkpoint_parameters, write_model_card
 
 MANIFEST = "manifest.json"
@@ -437,15 +437,12 @@ def _exclusive(output_dir: Path):
 def _barrier() -> None:
     """Under a launcher (torchrun, deepspeed, accelerate: WORLD_SIZE > 1) every process runs the stage, and only the
     first one sets up, writes the manifest and publishes; the others meet it here. The process group the trainer
-    uses is opened now if it is not yet (nccl on CUDA, gloo on CPU). One process: nothing to wait for."""
+    uses is joined now if it is not yet (`core.launch.init_process_group`). One process: nothing to wait for."""
     if not launch().distributed:
         return
     import torch
 
-    if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(launch().local_rank)
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_process_group()
     torch.distributed.barrier()
 
 
