@@ -10,5 +10,5 @@ Files, one idea each:
     data.py       preference-data construction from long documents (offline facts by default)
     build_data.py CLI: python -m align.build_data
     logo.py       the training stage and CLI: python -m align.logo
-    evidence.py   before-LOGO / LOGO / SFT comparison on long-context probes
+    text_rows.py  plain-text continuation rows (the text regulariser's data)
 """

@@ -1,34 +1,49 @@
-"""The evidence run end to end on a tiny random OpenBA (smoke settings): data, LOGO and SFT with the same steps,
-three gated evaluations, and a Markdown report whose table rows are the three models."""
+"""The LOGO evidence recipe end to end on a tiny random OpenBA (smoke settings): data, LOGO and SFT with the same
+steps, three gated evaluations, a Markdown report whose rows are the three models; and its stage configs, built
+field by field from the experiment's settings."""
 
+import dataclasses
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from align.evidence import MODELS, EvidenceConfig, main, run_evidence
+from core.errors import UserError
 from core.stage import Manifest
 from pretrain.corpus import CorpusConfig
+from recipes.logo_evidence import EvidenceConfig, InstructConfig, main, run_evidence
+from recipes.logo_evidence_report import MODELS
+from tests.align.conftest import byte_tokenizer, tiny_checkpoint
 
 
-def smoke_config(workspace, tmp_path) -> EvidenceConfig:
-    return EvidenceConfig(teacher=str(workspace / "openba"), cache_dir=str(tmp_path / "cache"),
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny random OpenBA over a byte vocabulary: the model the experiment aligns."""
+    root = tmp_path_factory.mktemp("evidence")
+    tiny_checkpoint("openba", root / "openba", byte_tokenizer(root / "tokenizer"))
+    return root / "openba"
+
+
+def smoke_config(teacher, tmp_path) -> EvidenceConfig:
+    return EvidenceConfig(teacher=str(teacher), cache_dir=str(tmp_path / "cache"),
                           corpus=CorpusConfig(max_documents=40, validation_size=4), samples=4, chunk_size=128,
                           context_chunks=4, document_chunks=6, window_factor=2, steps=1, batch_size=2,
                           probe_lengths=(300, 900), probe_depths=(0.5,), probe_samples=1, ppl_documents=2)
 
 
-def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(workspace, tmp_path):
-    import dataclasses
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
-    config = dataclasses.replace(smoke_config(workspace, tmp_path), probe_kinds=("needle", "needles"))
+
+def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(teacher, tmp_path):
+    config = dataclasses.replace(smoke_config(teacher, tmp_path), probe_kinds=("needle", "needles"))
     result = run_evidence(config, tmp_path / "evidence")
     report = (tmp_path / "evidence" / "report" / "report.md").read_text()
     for name in MODELS:
         assert f"| {name} |" in report
     assert "needle @900 chars" in report and "needles @900 chars" in report and "byte perplexity" in report
-    import re
-
     tokens = {kind: float(re.search(rf"\| {kind} @900 chars \(~(\d+) tok\)", report).group(1))
               for kind in ("needle", "needles")}
     assert tokens["needles"] > tokens["needle"]  # each kind's own length: the distractor facts add text
@@ -42,12 +57,12 @@ def test_evidence_compares_before_logo_and_sft_in_a_markdown_table(workspace, tm
     before_ppl = evidence["gates"][MODELS[0]]["results"]["metrics"]["corpus_ppl"]["byte_perplexity"]
     assert evidence["table"]["rows"][0][-3] == round(before_ppl, 4)
     assert result["table"]["headers"][0] == "model"
+    assert "| data |" in report and "| logo |" in report and "| sft |" in report  # the stage table
 
 
-def test_several_training_seeds_give_a_row_each_and_their_means(workspace, tmp_path):
-    import dataclasses
-
-    config = dataclasses.replace(smoke_config(workspace, tmp_path), train_seeds=(0, 2))
+@pytest.mark.slow
+def test_several_training_seeds_give_a_row_each_and_their_means(teacher, tmp_path):
+    config = dataclasses.replace(smoke_config(teacher, tmp_path), train_seeds=(0, 2))
     result = run_evidence(config, tmp_path / "evidence")
     labels = [row[0] for row in result["table"]["rows"]]
     assert labels == ["before LOGO", "LOGO, seed 0", "LOGO, seed 2", "SFT (same steps), seed 0",
@@ -68,7 +83,7 @@ def test_several_training_seeds_give_a_row_each_and_their_means(workspace, tmp_p
 
 
 def test_paired_differences_are_logo_minus_sft_per_seed_with_their_spread():
-    from align.evidence import paired_differences
+    from recipes.logo_evidence_report import paired_differences
 
     config = EvidenceConfig(probe_kinds=("needle",), probe_lengths=(1000, 2000), train_seeds=(0, 1, 2))
     headers = ["model", "needle @1000 chars (~290 tok)", "needle @2000 chars (~550 tok)", "needle mean", "byte ppl"]
@@ -83,66 +98,116 @@ def test_paired_differences_are_logo_minus_sft_per_seed_with_their_spread():
     assert paired[3][1] == "+0.033 +- 0.067" and paired[4][1:] == ["2/3 seeds", "1/3 seeds"]
 
 
-def test_rule_negatives_and_lambda_reach_the_data_and_the_logo_loss(workspace, tmp_path):
-    import dataclasses
+def test_trainings_are_built_field_by_field_and_differ_only_in_the_loss(tmp_path):
+    from recipes.logo_evidence import comparison_training, instruct_training
 
-    from align.data import load_rows
-    from align.evidence import instruct_data_overrides
+    config = EvidenceConfig(steps=30, lr=4e-4, batch_size=3, chunk_size=32, context_chunks=5, window_factor=3,
+                            beta=10.0, gamma=3.0, sft_weight=1.0, rule_rejected=["near_miss"], seed=7, lora=True,
+                            text_rows=10, text_weight=0.5, text_batch_size=2,
+                            logo_overrides=["train.grad_accum_steps=2", "position.sparse_fraction=0.2"])
+    logo = comparison_training(config, tmp_path / "data", "logo", 2, tmp_path / "text")
+    assert logo.data == str(tmp_path / "data") and logo.lora.enabled
+    assert (logo.loss.loss, logo.loss.beta, logo.loss.gamma, logo.loss.sft_weight, logo.loss.num_rejected) == \
+        ("logo", 10.0, 3.0, 1.0, 1)
+    assert (logo.position.window, logo.position.chunk_size, logo.position.max_chunks, logo.position.synthesize) == \
+        (3 * (5 * 32 + 64), 32, 5, True)
+    assert (logo.train.steps, logo.train.lr, logo.train.min_lr, logo.train.warmup_steps, logo.train.save_every) == \
+        (30, 4e-4, pytest.approx(4e-5), 3, 10)
+    assert (logo.train.seed, logo.batches.seed, logo.batches.batch_size) == (9, 9, 3)
+    assert (logo.text.data, logo.text.weight, logo.text.batch_size) == (str(tmp_path / "text"), 0.5, 2)
+    # the user's settings come last
+    assert (logo.train.grad_accum_steps, logo.position.sparse_fraction) == (2, 0.2)
+    sft = comparison_training(config, tmp_path / "data", "sft", 2, tmp_path / "text")
+    assert dataclasses.replace(sft, loss=logo.loss) == logo
+    instruct = instruct_training(dataclasses.replace(config, instruct=InstructConfig(steps=40, lr=1e-3)),
+                                 tmp_path / "rows")
+    assert (instruct.loss.loss, instruct.position.synthesize, instruct.position.window) == ("sft", False, 5 * 32 + 64)
+    assert (instruct.train.steps, instruct.train.warmup_steps, instruct.train.seed) == (40, 2, 8)
+    with pytest.raises(UserError, match=r"logo_overrides: unknown config key 'train.stpes'"):
+        comparison_training(dataclasses.replace(config, logo_overrides=["train.stpes=3"]), tmp_path, "logo", 0, None)
+
+
+def test_the_reported_config_plans_its_stages_from_the_instructed_model(teacher, tmp_path):
+    """recipes/configs/logo_evidence.yaml: every stage's config is built before anything runs, and nothing runs."""
+    from core.checkpoint import load_tokenizer
     from core.config import load_config
+    from recipes.logo_evidence import plan
 
-    config = dataclasses.replace(smoke_config(workspace, tmp_path), rule_rejected=["near_miss"], sft_weight=1.0)
+    config = load_config(EvidenceConfig, Path(__file__).parents[2] / "recipes/configs/logo_evidence.yaml",
+                         [f"teacher={teacher}"])
+    steps, before, trained = plan(config, tmp_path / "ev", teacher, load_tokenizer(teacher))
+    seeds = [f"-seed{s}" for s in range(1, 10)]
+    assert [step.name for step in steps] == ["instruct_data", "instruct", "data", "text_data", "logo",
+                                             *(f"logo{s}" for s in seeds), "sft", *(f"sft{s}" for s in seeds)]
+    assert before == tmp_path / "ev" / "instruct" and len(trained) == 20
+    instruct = steps[1].run.args[2]  # run_logo(teacher, out, config): the instruction stage's LogoConfig
+    assert (instruct.train.steps, instruct.train.log_every) == (6000, 200)  # the config's instruct.overrides
+    assert instruct.data == str(tmp_path / "ev" / "instruct_data")
+    data = steps[2].run.args[0]  # build(BuildDataConfig, out)
+    assert data.generator == str(before) and data.data.rule_rejected == ["own_mistake", "irrelevant"]
+    assert data.data.mistake_window == config.window == 4 * (8 * 64 + 64)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_rule_negatives_and_lambda_reach_the_data_and_the_logo_loss(teacher, tmp_path):
+    from align.data import load_rows
+    from recipes.logo_evidence import instruction_data
+
+    config = dataclasses.replace(smoke_config(teacher, tmp_path), rule_rejected=["near_miss"], sft_weight=1.0)
     run_evidence(config, tmp_path / "evidence", stop_after="logo")
     rows = load_rows(tmp_path / "evidence" / "data")
     assert [row["response_kinds"] for row in rows] == [["gold", "near_miss"]] * len(rows)
     loss = Manifest.read(tmp_path / "evidence" / "logo").config["loss"]
     assert (loss["num_rejected"], loss["sft_weight"]) == (1, 1.0)
+    assert not (tmp_path / "evidence" / "sft").exists() and not (tmp_path / "evidence" / "report").exists()
     # the instruction stage trains gold answers only: its rows keep the default negatives (and its identity)
-    from align.build_data import BuildDataConfig
-
-    instruct = load_config(BuildDataConfig, None, instruct_data_overrides(config))
-    assert instruct.data.rule_rejected == ["partial", "irrelevant"]
-    with pytest.raises(Exception, match="sft_weight"):
+    assert instruction_data(config).rule_rejected == ["partial", "irrelevant"]
+    with pytest.raises(UserError, match="sft_weight"):
         EvidenceConfig(sft_weight=-1)
 
 
-def test_own_mistakes_come_from_the_model_before_logo_at_the_training_window(workspace, tmp_path):
-    import dataclasses
-
+def test_own_mistakes_come_from_the_model_before_logo_at_the_training_window(teacher, tmp_path):
     from align.data import load_rows
 
-    config = dataclasses.replace(smoke_config(workspace, tmp_path), rule_rejected=["own_mistake", "irrelevant"],
+    config = dataclasses.replace(smoke_config(teacher, tmp_path), rule_rejected=["own_mistake", "irrelevant"],
                                  distractors=0)
     assert config.generated_data and config.window == 2 * (4 * 128 + 64)
-    run_evidence(config, tmp_path / "evidence", stop_after="data")
+    stopped = run_evidence(config, tmp_path / "evidence", stop_after="data")
+    assert stopped["stopped_after"] == "data" and stopped["rows"] == 4
     rows = load_rows(tmp_path / "evidence" / "data")
     assert all(len(row["fact_chunks"]) == 1 for row in rows)  # no distractor facts
     assert all(row["response_kinds"][1] in ("own_mistake", "hallucinated") for row in rows)
     data = Manifest.read(tmp_path / "evidence" / "data").config
-    assert data["generator"] == str(workspace / "openba")  # no instruction stage: the teacher is the model before
+    assert data["generator"] == str(teacher)  # no instruction stage: the teacher is the model before LOGO
     assert (data["data"]["mistake_window"], data["data"]["distractors"]) == (config.window, 0)
-    with pytest.raises(Exception, match="distractors"):
+    with pytest.raises(UserError, match="distractors"):
         EvidenceConfig(distractors=-1)
 
 
-def test_evidence_refuses_a_missing_teacher(tmp_path, capsys):
-    import pytest
+def test_bad_runs_are_one_line_errors_that_write_nothing(teacher, tmp_path, capsys):
+    before = tree(teacher.parent)
+    cases = [
+        (["--out", str(tmp_path / "ev"), "--teacher", str(tmp_path / "nowhere")], "teacher checkpoint not found"),
+        (["--out", str(teacher / "ev"), "--teacher", str(teacher)], "lies inside it"),
+        (["--out", str(tmp_path / "ev"), "--teacher", str(teacher), "--stop-after", "instruct"],
+         "--stop-after instruct names no stage of this config"),
+        (["--out", str(tmp_path / "ev"), "--teacher", str(teacher), "--set", "logo_overrides=[train.nope=1]"],
+         "logo_overrides: unknown config key 'train.nope'"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--set", f"cache_dir={tmp_path / 'cache'}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+        assert not (tmp_path / "ev").exists()
+        assert tree(teacher.parent) == before
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "ev"), "--teacher", str(tmp_path / "nowhere")])
-    assert exit_info.value.code == 2
-    assert "teacher checkpoint not found" in capsys.readouterr().err
-    assert not (tmp_path / "ev").exists()
 
-
-def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, tmp_path, monkeypatch):
+def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(teacher, tmp_path, monkeypatch):
     """The GPU workflow: `--stop-after instruct` in one checkout, the run directory copied into another (under
     another name), where the rest resumes without retraining the instructed model."""
-    import dataclasses
-    import shutil
-
-    from align.evidence import InstructConfig
-
-    config = dataclasses.replace(smoke_config(workspace, tmp_path), responses="generator",
+    config = dataclasses.replace(smoke_config(teacher, tmp_path), responses="generator",
                                  instruct=InstructConfig(steps=2, samples=3, batch_size=2, lm_samples=2, lm_tokens=8),
                                  text_rows=3, text_tokens=8, text_batch_size=2, text_weight=0.5)
     (tmp_path / "gpu").mkdir()
@@ -171,7 +236,8 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     assert data.config["generator"] == "runs/copied/instruct" and data.config["data"]["responses"] == "generator"
     # the same text regulariser in both trainings, on rows drawn apart from the instruction stage's text rows
     sft = Manifest.read("runs/copied/sft")
-    assert logo.config["text"] == sft.config["text"] == {"data": "runs/copied/text_data", "weight": 0.5, "batch_size": 2}
+    regulariser_settings = {"data": "runs/copied/text_data", "weight": 0.5, "batch_size": 2}
+    assert logo.config["text"] == sft.config["text"] == regulariser_settings
     assert logo.metrics["text_rows"] == sft.metrics["text_rows"] == 3
     regulariser = load_rows("runs/copied/text_data")
     assert {row["answer"] for row in regulariser}.isdisjoint(row["answer"] for row in text)
@@ -180,24 +246,3 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(workspace, 
     assert "The teacher itself, before its instruction stage, scores" in report
     assert "Against the teacher: LOGO " in report and ", SFT (same steps) " in report
     assert "Both trainings add the same text regulariser (not LOGO's): 0.5 x the NLL of 2 plain-text rows" in report
-
-
-def test_answer_scores_count_value_tokens_only(workspace):
-    import torch
-
-    from align.evidence import answer_scores
-    from core.checkpoint import load_model, load_tokenizer
-
-    model, tokenizer = load_model(workspace / "openba"), load_tokenizer(workspace / "openba")
-    rows = [{"prompt": "The secret number of the teal yak is 4821.\nQuestion: What is it?\nAnswer:",
-             "answer": "4821", "length": 50}]
-    scores = answer_scores(model, tokenizer, rows)[50]
-    prompt = tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
-    answer = tokenizer(" 4821", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([answer])).logits[0]
-    expected_nll = float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer)))
-    value = [i for i, t in enumerate(answer) if tokenizer.decode([t]).strip() and t != tokenizer.eos_token_id]
-    hits = sum(int(logits[i].argmax()) == answer[i] for i in value)
-    assert abs(scores["nll"] - expected_nll) < 1e-5
-    assert scores["value_accuracy"] == hits / len(value) and 0 < len(value) < len(answer)
