@@ -76,7 +76,7 @@ class TextRegulariser:
 
     data: str = ""
     """Rows in align.data format: the first response is the text to model, the context chunks its prompt (plain
-    positions, never synthesised). `python -m align.evidence` cuts them from the corpus (`text_rows`)."""
+    positions, never synthesised): align/text_rows.py cuts them from a corpus (`python -m recipes.logo_evidence`)."""
     weight: float = 0.0
     batch_size: int = 8
     """Text rows per micro-batch, drawn in a seeded order of their own that cycles."""
