@@ -35,7 +35,7 @@ from core.table import format_table, human_count
 from align.batches import BatchConfig, PreferenceBatches, WithTextBatches
 from align.losses import LOGO_PRESETS, LossConfig
 from align.positions import PositionConfig
-from pretrain.trainer import TrainConfig
+from pretrain.trainer import TrainConfig, unwrap
 
 
 @dataclasses.dataclass
@@ -127,7 +127,7 @@ class Prepared:
 
 def lora_targets(model) -> list[str]:
     """Full names of every attention projection (and output projection) the family adapter knows."""
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     names = {id(module): name for name, module in model.named_modules()}
@@ -230,8 +230,7 @@ def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None
     """Merge LoRA (saving the adapter too) and write the checkpoint's files at the top of the stage directory."""
     from core.checkpoint import write_checkpoint
 
-    module = trainer.engine.module
-    module = getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
+    module = unwrap(trainer.engine.module)
     with trainer.engine.gathered():
         if trainer.runtime.is_main:
             if lora:

@@ -17,6 +17,7 @@ import torch
 from align.losses import LossConfig, ResponseLogps, preference_loss, preferred_nll
 from align.packing import mask_kind, response_logps, unwrap
 from core.errors import UserError
+from pretrain.trainer.engines import unwrap as unwrap_engine
 
 
 def rows(batch: dict) -> float:
@@ -24,8 +25,7 @@ def rows(batch: dict) -> float:
 
 
 def _peft_model(model):
-    if type(model).__name__ == "DeepSpeedEngine":
-        model = model.module
+    model = unwrap_engine(model)
     return model if hasattr(model, "disable_adapter") else None
 
 

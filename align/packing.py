@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from align.losses import ResponseLogps
 from core.errors import UserError
+from pretrain.trainer.engines import unwrap as unwrap_engine
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "position_ids")
 RESPONSE_KEYS = ("response_ids", "response_mask")
@@ -41,8 +42,7 @@ RESPONSE_KEYS = ("response_ids", "response_mask")
 
 def unwrap(model):
     """The transformers model under a DeepSpeed engine or a peft wrapper (for its config and methods)."""
-    if type(model).__name__ == "DeepSpeedEngine":
-        model = model.module
+    model = unwrap_engine(model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model

@@ -323,7 +323,8 @@ def test_bad_train_config_is_a_user_error(overrides, message):
 def test_deepspeed_config_comes_from_the_train_config_or_a_shipped_file(tmp_path):
     from pathlib import Path
 
-    from pretrain.trainer import Runtime, deepspeed_config
+    from pretrain.trainer.deepspeed_config import deepspeed_config
+    from pretrain.trainer.process import Runtime
 
     runtime = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     built = deepspeed_config(TrainConfig(deepspeed=2, offload_optimizer=True, micro_batch_size=4,
@@ -341,6 +342,18 @@ def test_deepspeed_config_comes_from_the_train_config_or_a_shipped_file(tmp_path
     with_optimizer.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(UserError, match="sets 'optimizer'"):
         deepspeed_config(TrainConfig(deepspeed=str(with_optimizer)), runtime)
+
+
+def test_unwrap_finds_the_model_inside_either_engine(tmp_path):
+    from pretrain.trainer import unwrap
+
+    for stage in (None, 2):
+        model = tiny_openba()
+        trainer = Trainer(model, quick_config(steps=1, deepspeed=stage), seq2seq_batches(1))
+        trainer.train(tmp_path / str(stage))
+        wrapped = trainer.engine.module  # what the loss is called on: DeepSpeed's engine under ZeRO
+        assert (type(wrapped).__name__ == "DeepSpeedEngine") == (stage is not None)
+        assert unwrap(wrapped) is model and unwrap(model) is model
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -443,7 +456,7 @@ def test_default_loss_keeps_packed_documents_apart():
 
 
 def test_processes_sharing_a_cpu_split_its_cores_unless_threads_are_set():
-    from pretrain.trainer import cpu_threads_per_process
+    from pretrain.trainer.process import cpu_threads_per_process
 
     assert cpu_threads_per_process(16, 2, threads_set=False) == 8
     assert cpu_threads_per_process(2, 4, threads_set=False) == 1
