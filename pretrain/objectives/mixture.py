@@ -16,13 +16,18 @@ from pretrain.objectives.denoising import DUL2_INITIAL_PROPORTIONS, DUL2_TARGET_
 from pretrain.objectives.losses import per_objective_validation_loss, token_mean_loss
 
 
-def check_weights(weights: Sequence[float], count: int, what: str = "objective weights") -> list[float]:
-    """Normalised weights; UserError unless there is one finite, non-negative weight per objective summing > 0."""
+def _valid_weights(weights: Sequence[float], count: int, what: str) -> list[float]:
     weights = [float(w) for w in weights]
     if len(weights) != count:
         raise UserError(f"{what}: {len(weights)} weights for {count} objectives")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"{what} must be non-negative and sum to a positive number, got {weights}")
+    return weights
+
+
+def check_weights(weights: Sequence[float], count: int, what: str = "objective weights") -> list[float]:
+    """Normalised weights; UserError unless there is one finite, non-negative weight per objective summing > 0."""
+    weights = _valid_weights(weights, count, what)
     total = sum(weights)
     return [w / total for w in weights]
 
@@ -53,7 +58,13 @@ class ObjectiveMixture:
         return {"weights": list(self.weights)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_weights(state["weights"])
+        """The saved weights exactly as saved: they were normalised once already, and dividing by their sum again
+        can move them by a rounding error (their float sum is not always exactly 1), after which every sampled
+        objective and D-UL2 update of a resumed run would differ from the run that saved them."""
+        weights = _valid_weights(state["weights"], len(self.objectives), "saved objective weights")
+        if abs(sum(weights) - 1.0) > 1e-9:
+            raise UserError(f"saved objective weights must sum to 1, got {weights} (sum {sum(weights)})")
+        self.weights = weights
 
 
 def ul2_mixture(ids: SpecialIds, weights: Sequence[float] = DUL2_INITIAL_PROPORTIONS,

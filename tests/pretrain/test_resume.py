@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from core.errors import UserError
+from pretrain.objectives import check_weights
 from pretrain.trainer import Trainer, TrainConfig, checkpoint_dirs, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -145,37 +146,124 @@ def test_a_data_state_that_needs_unpickling_is_refused_on_resume(tmp_path):
         Trainer(tiny_openba(), resume_config(steps=2, warmup_steps=0), NumpyState()).train(tmp_path)
 
 
+# ------------------------------------------------------------------------------------------------ D-UL2
+
+
+def ul2_initial_weights() -> list[float]:
+    from pretrain.objectives import DUL2_INITIAL_PROPORTIONS
+
+    return check_weights(DUL2_INITIAL_PROPORTIONS, len(DUL2_INITIAL_PROPORTIONS))
+
+
+def dul2_trainer(kill_at: int | None = None, kill=None, proportions=None):
+    """UL2's seven denoisers on a tiny OpenBA, re-weighted by D-UL2 at steps 3 and 6 from fixed validation batches;
+    at step `kill_at` the evaluation calls `kill()` instead. Returns the trainer and its mixture.
+
+    A checkpoint every step: a run killed at step 7 resumes from step 6, whose weights (this setup's D-UL2 update)
+    do not sum to exactly 1 in floating point, and no later update replaces them. `proportions` other than D-UL2's
+    starting ones stand for a fresh process: only the checkpoint can give the resumed run its weights back."""
+    from pretrain.objectives import DynamicUL2, DynamicUL2Config, SpecialIds, batches_per_objective, ul2_mixture
+    from pretrain.objectives.batches import ObjectiveBatches
+
+    ids = SpecialIds(tuple(range(40, VOCAB)), {"R": 37, "S": 38, "X": 39}, eos=1, pad=0)
+    mixture = ul2_mixture(ids, proportions or DynamicUL2Config().initial_proportions)
+    documents = [list(np.random.default_rng(n).integers(3, 37, 40 + 7 * n)) for n in range(6)]
+    options = dict(batch_size=2, input_length=32, target_length=24, max_spans=8)
+    dul2 = DynamicUL2(mixture, batches_per_objective(documents, mixture, 1, seed=1, **options))
+
+    def eval_fn(model, step):
+        if step == kill_at:
+            kill()
+        return dul2(model, step) if step % 3 == 0 else {}
+
+    data = ObjectiveBatches(documents, mixture, seed=0, **options)
+    config = resume_config(save_every=1, eval_every=1)
+    return Trainer(dropout_model(), config, data, eval_fn=eval_fn), mixture
+
+
+def saved_mixture_weights(checkpoint: Path) -> list[float]:
+    return torch.load(checkpoint / "data-rank0.pt", weights_only=True)["data"]["mixture"]["weights"]
+
+
+def test_dynamic_ul2_mixture_weights_are_exactly_equal_after_a_crashed_run_resumes(tmp_path):
+    """The weights a checkpoint saves come back bit for bit: dividing them by their float sum again on load moved
+    them by ~1e-16, and the resumed run then sampled objectives with other weights than the run that saved them."""
+    trainer, straight = dul2_trainer()
+    trainer.train(tmp_path / "straight")
+
+    def node_lost():
+        raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        dul2_trainer(kill_at=7, kill=node_lost)[0].train(tmp_path / "killed")
+    checkpoint = checkpoint_dirs(tmp_path / "killed")[-1]
+    assert checkpoint.name == "step-00000006"
+    assert check_weights(saved_mixture_weights(checkpoint), 7) != saved_mixture_weights(checkpoint)
+    trainer, resumed = dul2_trainer(proportions=[1.0] * 7)
+    trainer.train(tmp_path / "killed")
+
+    assert resumed.weights == straight.weights  # exact, not approximately
+    assert resumed.weights != ul2_initial_weights()  # D-UL2 did move them
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_a_mixture_loads_its_saved_weights_unchanged():
+    from pretrain.objectives import CausalLM, ObjectiveMixture, PrefixLM
+
+    weights = [0.7, 0.2, 0.1]  # sums to 1 - 1e-16 in floating point: dividing by the sum would change them
+    mixture = ObjectiveMixture([CausalLM(), PrefixLM(), PrefixLM(name="prefix-2")])
+    mixture.load_state_dict({"weights": weights})
+    assert mixture.weights == weights
+    with pytest.raises(UserError, match="sum to 1"):
+        mixture.load_state_dict({"weights": [0.5, 0.5, 0.5]})
+    with pytest.raises(UserError, match="3 objectives"):
+        mixture.load_state_dict({"weights": [0.5, 0.5]})
+
+
 # ------------------------------------------------------------------------------------------------ a real kill
 
 
-def run_worker(work_dir: Path, kill_at: int | None) -> subprocess.CompletedProcess:
-    command = [sys.executable, __file__, str(work_dir)] + ([str(kill_at)] if kill_at else [])
+def run_worker(work_dir: Path, setup: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+    command = [sys.executable, __file__, str(work_dir), setup, str(kill_at)]
     return subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_killed_process_resumes_with_identical_losses(tmp_path):
-    assert run_worker(tmp_path / "straight", None).returncode == 0
-    killed = run_worker(tmp_path / "killed", kill_at=6)
+@pytest.mark.parametrize("setup, kill_at, resumes_at", [("random", 6, 4), ("dul2", 7, 6)])
+def test_killed_process_resumes_with_identical_losses(tmp_path, setup, kill_at, resumes_at):
+    assert run_worker(tmp_path / "straight", setup).returncode == 0
+    killed = run_worker(tmp_path / "killed", setup, kill_at)
     assert killed.returncode == -signal.SIGKILL
-    assert checkpoint_dirs(tmp_path / "killed")[-1].name == "step-00000004"
-    assert run_worker(tmp_path / "killed", None).returncode == 0
+    assert checkpoint_dirs(tmp_path / "killed")[-1].name == f"step-{resumes_at:08d}"
+    assert run_worker(tmp_path / "killed", setup).returncode == 0
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert len(losses(tmp_path / "killed")) == 8
+    if setup == "dul2":
+        weights = [json.loads((tmp_path / run / "mixture_weights.json").read_text()) for run in ("straight", "killed")]
+        assert weights[0] == weights[1]  # exact: JSON writes the shortest repr that reads back to the same float
 
 
-def _worker(work_dir: str, kill_at: int | None) -> None:
-    """Train the resume setup; SIGKILL itself (no cleanup at all) at step `kill_at`."""
+def _worker(work_dir: str, setup: str, kill_at: int) -> None:
+    """Train one resume setup; SIGKILL itself (no cleanup at all) at step `kill_at` (0: never)."""
     torch.set_num_threads(1)
 
-    def eval_fn(model, step):
-        if kill_at is not None and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return {}
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    config = resume_config(save_every=2, eval_every=1)
-    Trainer(dropout_model(), config, RandomBatches(), eval_fn=eval_fn).train(work_dir)
+    mixture = None
+    if setup == "dul2":
+        trainer, mixture = dul2_trainer(kill_at=kill_at, kill=kill)
+    else:
+        def eval_fn(model, step):
+            if step == kill_at:
+                kill()
+            return {}
+
+        trainer = Trainer(dropout_model(), resume_config(save_every=2, eval_every=1), RandomBatches(), eval_fn=eval_fn)
+    trainer.train(work_dir)
+    if mixture is not None:
+        (Path(work_dir) / "mixture_weights.json").write_text(json.dumps(mixture.weights))
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
