@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.adapters import get_adapter  # noqa: E402
+from core.adapters import get_adapter  # noqa: E402
 from compress.neuron import prune_neurons  # noqa: E402
 from compress.scorers import seeded_generator  # noqa: E402
 from core.checkpoint import count_parameters  # noqa: E402

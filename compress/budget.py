@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from compress.adapters import Adapter, ModelShape, adapter_class
+from core.adapters import Adapter, ModelShape, adapter_class
 from compress.neuron import round_width
 from core.errors import UserError, main_guard
 
@@ -112,7 +112,7 @@ def count_config(config, embedding_once: bool) -> int:
     """Parameters of a model built from `config` on the meta device (tied tensors once; see BudgetConfig.counting)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
     from core.checkpoint import count_parameters
 
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

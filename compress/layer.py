@@ -205,7 +205,7 @@ def prune_layers(model, scores: ImportanceScores | None, remove: int | dict[str,
     lowest scores first across stacks until at or below the budget. `iterative` removes one block at a time and
     calls `rescore_fn(model)` for fresh scores before the next. All errors are raised before the model changes.
     """
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     mode, request = check_layer_request(model, adapter, scores, remove, drop, target_params, protect_first_last,
@@ -262,7 +262,7 @@ def _without(scores: ImportanceScores, stack: str, index: int) -> ImportanceScor
 
 # --- per-stack counts for summaries ----------------------------------------------------------------------------
 def stack_parameters(model) -> dict[str, int]:
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     return {stack: sum(block_parameters(b) for b in adapter.blocks(stack)) for stack in adapter.stacks}
@@ -282,7 +282,7 @@ def layer_summary_rows(before: dict, after: dict, removed: dict[str, list[int]])
 
 
 def model_shape(model) -> dict:
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     return {"blocks": {s: len(adapter.blocks(s)) for s in adapter.stacks}, "params": stack_parameters(model),
@@ -405,7 +405,7 @@ def prepare_layer_prune(model_dir: str | Path, config: LayerPruneConfig, progres
     Every error of the request (bad paths, unknown scorer, empty or foreign calibration data, removing all layers,
     indices out of range, an unreachable budget, a failing user scorer) is raised here, before anything is written.
     """
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
     from compress.calibration import calibration_batches
     from compress.plots import plot_scores
     from compress.scorers import get_scorer

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
-from compress.adapters import Adapter, block_hidden_out, get_adapter
+from core.adapters import Adapter, block_hidden_out, get_adapter
 from compress.calibration import CalibrationConfig
 from core.errors import UserError, main_guard
 

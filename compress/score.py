@@ -85,7 +85,7 @@ def summary_rows(scores) -> list[list]:
 
 @main_guard
 def main(argv: list[str] | None = None) -> None:
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
     from compress.calibration import calibration_batches
     from compress.layer import load_inputs
     from compress.plots import plot_scores

@@ -195,7 +195,7 @@ class StatisticsCollector:
         return self
 
     def _block_hook(self, key, stack, angular: bool):
-        from compress.adapters import block_hidden_in, block_hidden_out
+        from core.adapters import block_hidden_in, block_hidden_out
 
         sums = self.block_sums.setdefault(key, {})
 
@@ -262,7 +262,7 @@ def skip_losses(model, adapter, calib, base_loss: float, progress: bool = True) 
     """Per stack, the calibration-loss increase when each block is replaced by the identity (one pass per block)."""
     from tqdm.auto import tqdm
 
-    from compress.adapters import block_hidden_in
+    from core.adapters import block_hidden_in
     from compress.calibration import calibration_pass
 
     def identity(module, args, kwargs, output):
@@ -288,7 +288,7 @@ def score_model(model, batches, scorers: dict[str, str], *, seed: int = 0, progr
     adapter says; a backward pass runs only if a scorer needs gradients, the per-block skip passes only for
     `skip_loss`. The model is left as it was (no hooks, no gradients, same requires_grad flags).
     """
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
     from compress.calibration import as_calibration_set, calibration_pass
     from compress.scorers import LayerContext, UnitContext, check_scores, get_scorer
 

@@ -407,7 +407,7 @@ def slice_vocabulary(model: nn.Module, keep: list[int], pad_to: int = 128, paddi
     Works through the adapter's view of the embeddings and head and the HF setters, so a head tied to the embedding
     stays tied and an embedding shared by encoder and decoder stays shared. Returns what the padding rows are.
     """
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     embed, head, tied = adapter.input_embeddings(), adapter.output_head(), adapter.tied()

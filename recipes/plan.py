@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from compress.adapters import ModelShape, adapter_class
+from core.adapters import ModelShape, adapter_class
 from core.errors import UserError
 from core.table import format_table, human_count
 from recipes.spec import RecipeConfig

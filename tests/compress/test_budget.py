@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from compress.adapters import adapter_class
+from core.adapters import adapter_class
 from compress.budget import BudgetConfig, count_config, main, plan_budget
 from core.checkpoint import count_parameters
 from core.errors import UserError

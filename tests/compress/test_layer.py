@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from compress.adapters import get_adapter
+from core.adapters import get_adapter
 from compress.layer import main, prune_layers
 from compress.scoring import ImportanceScores, score_model
 from core.checkpoint import count_parameters

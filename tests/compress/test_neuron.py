@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from compress.adapters import get_adapter
+from core.adapters import get_adapter
 from compress.neuron import hidden_scores, prune_neurons, round_width
 from core.checkpoint import count_parameters
 from core.errors import UserError

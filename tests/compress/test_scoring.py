@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from compress.adapters import get_adapter
+from core.adapters import get_adapter
 from compress.calibration import calibration_batches, calibration_pass
 from compress.plots import plot_scores
 from compress.scorers import available_scorers, get_scorer, register_scorer, v2_removal_order

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from compress.adapters import get_adapter
+from core.adapters import get_adapter
 from compress.calibration import CalibrationConfig, calibration_batches
 from compress.neuron import prune_neurons
 from core.checkpoint import load_tokenizer

@@ -146,7 +146,7 @@ def small_gate(cache_dir, **overrides) -> GateConfig:
 
 def damage(model) -> None:
     """Zero every weight of the first half of the blocks of every stack (the "deliberately damaged" model)."""
-    from compress.adapters import get_adapter
+    from core.adapters import get_adapter
 
     adapter = get_adapter(model)
     with torch.no_grad():

@@ -1,14 +1,24 @@
-"""Adapter surgery on tiny random models of every family: blocks, heads, channels, hidden size, config shapes."""
+"""Adapter surgery on tiny random models of every family: blocks, heads, channels, hidden size, config shapes; the
+family tables cover every module, and the registry finds a new family from one class."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from compress.adapters import adapter_class, get_adapter
+from core.adapters import ADAPTERS, adapter_class, get_adapter, register_adapter, supported_model_types
+from core.adapters.llama import Qwen2MistralAdapter
 from core.errors import UserError
+from tests.child_env import ROOT, child_env
 from tests.compress.conftest import FAMILIES, build_tiny, model_inputs
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
 
 
 def logits(model, inputs):
@@ -149,3 +159,67 @@ def test_shapes_a_family_config_cannot_hold_are_user_errors():
 
 def test_every_family_is_covered():
     assert {get_adapter(build_tiny(f)).config.model_type for f in FAMILIES} == set(FAMILIES)
+
+
+def test_the_tables_name_every_norm_and_every_linear_of_the_blocks(family):
+    model = build_tiny(family)
+    adapter = get_adapter(model)
+    norms = {id(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
+    assert {id(n) for n in adapter.hidden_norms()} == norms
+    for _, _, block in adapter.all_blocks():
+        linears = {id(m) for m in block.modules() if isinstance(m, torch.nn.Linear)}
+        mlp = adapter.mlp(block)
+        named = [mlp.linear(n) for n in (mlp.up, mlp.gate, mlp.fused_gate_up, mlp.down) if n]
+        named += [view.linear(p.name) for view in adapter.attentions(block) for p in view.projections]
+        assert {id(m) for m in named} == linears
+
+
+def test_per_layer_config_lists_follow_the_kept_blocks_and_a_new_depth():
+    model = build_tiny("qwen2")
+    model.config.layer_types = ["full_attention", "sliding_attention"] * 2
+    model.config.max_window_layers = 3
+    adapter = get_adapter(model)
+    adapter.keep_blocks("decoder", [1, 2])
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert (model.config.max_window_layers, model.config.num_hidden_layers) == (2, 2)
+    shape = adapter.config_shape(model.config)
+    deeper = adapter.reshape_config(model.config, dataclasses.replace(shape, depths={"decoder": 5}))
+    assert deeper.layer_types == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+    assert deeper.max_window_layers == 2
+
+
+def test_openba_per_layer_widths_collapse_to_the_plain_fields_once_uniform():
+    model = build_tiny("openba")
+    adapter = get_adapter(model)
+    width = model.config.ffn_hidden_size
+    adapter.keep_channels(adapter.mlp(adapter.blocks("decoder")[0]), torch.arange(width // 2))
+    adapter.sync_widths()
+    assert model.config.decoder_ffn_sizes == [width // 2] + [width] * (model.config.num_decoder_layers - 1)
+    for _, _, block in adapter.all_blocks():
+        adapter.keep_channels(adapter.mlp(block), torch.arange(width // 2))
+    adapter.sync_widths()
+    assert model.config.ffn_hidden_size == width // 2
+    assert model.config.decoder_ffn_sizes is None and model.config.encoder_head_counts is None
+
+
+def test_a_new_family_is_one_registered_class():
+    with pytest.raises(UserError, match="unsupported architecture 'my_llama'.*llama"):
+        adapter_class("my_llama")
+    cls = register_adapter(type("MyLlamaAdapter", (Qwen2MistralAdapter,), {"model_types": ("my_llama",)}))
+    try:
+        assert adapter_class("my_llama") is cls
+        assert "my_llama" in supported_model_types()
+    finally:
+        ADAPTERS.remove(cls)
+
+
+def test_each_adapter_module_imports_alone_and_below_the_stage_packages():
+    code = ("import sys, importlib\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'compress', 'pretrain', 'align', 'eval', 'recipes'}))")
+    for module in ("core.adapters.openba", "core.adapters.t5", "core.adapters.llama"):
+        done = subprocess.run([sys.executable, "-c", code, module], cwd=ROOT, env=child_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]"
