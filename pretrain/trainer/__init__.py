@@ -1,4 +1,4 @@
-"""The trainer shared by continual pretraining and LOGO: one process on CPU, or DeepSpeed ZeRO 1-3 under a launcher.
+"""The trainer shared by continual pretraining and LOGO: plain torch or DeepSpeed ZeRO 1-3, alone or under a launcher.
 
     loop.py              `Trainer`: the training loop and its contracts with data, loss and evaluation
     config.py            `TrainConfig`: optimizer, schedule, batch, engine and checkpoint settings

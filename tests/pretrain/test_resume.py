@@ -186,8 +186,8 @@ def saved_mixture_weights(checkpoint: Path) -> list[float]:
 
 
 def test_dynamic_ul2_mixture_weights_are_exactly_equal_after_a_crashed_run_resumes(tmp_path):
-    """The weights a checkpoint saves come back bit for bit: dividing them by their float sum again on load moved
-    them by ~1e-16, and the resumed run then sampled objectives with other weights than the run that saved them."""
+    """The weights a checkpoint saves come back bit for bit: dividing them by their float sum again on load would
+    move them by ~1e-16, and the resumed run would sample objectives with other weights than the run that saved them."""
     trainer, straight = dul2_trainer()
     trainer.train(tmp_path / "straight")
 
@@ -198,6 +198,7 @@ def test_dynamic_ul2_mixture_weights_are_exactly_equal_after_a_crashed_run_resum
         dul2_trainer(kill_at=7, kill=node_lost)[0].train(tmp_path / "killed")
     checkpoint = checkpoint_dirs(tmp_path / "killed")[-1]
     assert checkpoint.name == "step-00000006"
+    # the case that matters: weights that renormalising would move
     assert check_weights(saved_mixture_weights(checkpoint), 7) != saved_mixture_weights(checkpoint)
     trainer, resumed = dul2_trainer(proportions=[1.0] * 7)
     trainer.train(tmp_path / "killed")
