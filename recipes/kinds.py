@@ -120,10 +120,13 @@ def run_align(input_dir, work_dir, config, context):
     from align.data import build_preference_rows, check_build, save_rows
     from align.logo import prepare, resolve_attention, train_logo
     from core.checkpoint import load_model, load_tokenizer
+    from recipes.first_process import on_first_process
 
     data_dir = work_dir / "preference_data"
-    metrics: dict[str, Any] = {}
-    if not (data_dir / "provenance.json").is_file():  # a resumed stage keeps the rows it already built
+
+    def build_rows() -> dict[str, Any]:  # once, by the first process under a launcher; then every process trains
+        if (data_dir / "provenance.json").is_file():  # a resumed stage keeps the rows it already built
+            return {}
         tokenizer = load_tokenizer(input_dir)
         check_build(config.data, tokenizer)
         build = BuildDataConfig(tokenizer=str(input_dir), corpus_dir=str(context.corpus_dir) if context.corpus_dir
@@ -136,7 +139,9 @@ def run_align(input_dir, work_dir, config, context):
         save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data),
                                    "generator": str(input_dir) if generator is not None else "rule",
                                    "corpus_split": "train", "tokenizer": str(input_dir)})
-        metrics["preference_data"] = describe(rows, reasons, tokenizer)
+        return {"preference_data": describe(rows, reasons, tokenizer)}
+
+    metrics = on_first_process(build_rows)
     logo = resolve_attention(dataclasses.replace(config.logo, data=str(data_dir)), input_dir)
     metrics.update(train_logo(prepare(input_dir, logo), work_dir, logo))
     return metrics

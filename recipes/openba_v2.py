@@ -13,18 +13,21 @@ the recipe before the stage's output is published, and everything before it stay
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from core.config import from_dict, load_config, merge, parse_override, to_dict
 from core.errors import UserError, main_guard
+from core.launch import launch
 from core.stage import Manifest, Stage, run_stages
 from eval.gate import GateFailed
+from recipes.first_process import on_first_process
 from recipes.kinds import Context, get_kind
+from recipes.plan import TRAINING_KINDS
 from recipes.report import stage_table, write_report
 from recipes.spec import RecipeConfig, StageSpec
 
@@ -97,15 +100,22 @@ def previous_gate(run_dir: Path, names: list[str], index: int) -> Path | None:
 
 
 def gated(spec: StageSpec, config: Any, gate, context: Context, names: list[str], index: int):
-    """The stage function: run the kind, then the gate on its output; a failing gate raises (nothing published)."""
+    """The stage function: run the kind, then the gate on its output; a failing gate raises (nothing published).
+
+    Under a launcher every process runs the recipe: training kinds train on every process (each its share of the
+    data, the first one writing the checkpoint), while a prune and every gate run on the first process alone."""
     kind = get_kind(spec.kind)
 
     def run(input_dir: Path | None, work_dir: Path, _stage_config) -> dict[str, Any]:
         check_disk(work_dir, input_dir, context)
-        metrics = kind.run(input_dir, work_dir, config, context) or {}
+        if spec.kind in TRAINING_KINDS:
+            metrics = kind.run(input_dir, work_dir, config, context) or {}
+        else:
+            metrics = on_first_process(lambda: kind.run(input_dir, work_dir, config, context) or {})
         if gate is not None:  # against the stage it read: the previous one, or the one a baseline branches off
             upto = names.index(spec.input) + 1 if spec.input else index
-            metrics["gate"] = run_stage_gate(work_dir, gate, previous_gate(context.run_dir, names, upto))
+            baseline = previous_gate(context.run_dir, names, upto)
+            metrics["gate"] = on_first_process(lambda: run_stage_gate(work_dir, gate, baseline))
         return metrics
 
     return run
@@ -162,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan on the meta device; load no weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set stages.recover_1.args.train.steps=20 (repeatable)")
+    # DeepSpeed's launcher passes --local_rank to every process; the rank is read from LOCAL_RANK (core.launch)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -183,8 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     stages = build_stages(recipe, context)
     started = time.time()
 
+    first = launch().rank == 0  # under a launcher every process runs the stages; the first reports them
+
     def done(stage: Stage, manifest: Manifest) -> None:
-        print(f"[{stage.name}] done in {manifest.timings.get('seconds', 0):.0f}s")
+        if first:
+            print(f"[{stage.name}] done in {manifest.timings.get('seconds', 0):.0f}s")
 
     try:
         run_stages(stages, run_dir, input_dir=recipe.model, start=args.start, stop=args.stop, only=args.only,
@@ -192,10 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     except GateFailed as failed:  # exit 1 as `python -m eval.gate` does; bad input exits 2
         print(f"error: {failed}; the stage's output stays unpublished in its .partial directory", file=sys.stderr)
         raise SystemExit(1) from None
-    finally:  # the table and report also show a run that stopped at a failing gate
-        print(stage_table(recipe, run_dir, markdown=False))
-        report = write_report(recipe, run_dir)
-    print(f"finished in {time.time() - started:.0f}s; report: {report}")
+    finally:  # the table and report also show a run that stopped at a failing gate; one process writes them
+        if first:
+            print(stage_table(recipe, run_dir, markdown=False))
+            report = write_report(recipe, run_dir)
+    if first:
+        print(f"finished in {time.time() - started:.0f}s; report: {report}")
 
 
 def make_context(recipe: RecipeConfig, run_dir: Path) -> Context:
