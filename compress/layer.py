@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from core.checkpoint import count_parameters, write_checkpoint
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import StageKind, register_kind
 from compress.calibration import CalibrationConfig
 from compress.scoring import ImportanceScores
 
@@ -31,7 +33,8 @@ ORIGINAL_INDICES = "original_layer_indices"
 class LayerPruneConfig:
     """What `python -m compress.layer` removes and how it chooses. Give exactly one of remove, drop, target_params."""
 
-    remove: int | dict[str, int] | None = None
+    remove: int | dict[str, int] | None = field(default=None, metadata={"parse": lambda t: parse_remove(t),
+                                                                        "metavar": "N|STACK=N,STACK=N"})
     """Blocks to remove per stack: one number for every stack, or {"encoder": 2, "decoder": 6}."""
     drop: dict[str, list[int]] | None = None
     """Explicit blocks to drop per stack, e.g. OpenBA-V2 stage 1: {"encoder": [4, 8], "decoder": [7, 11, 18, 20,
@@ -39,7 +42,7 @@ class LayerPruneConfig:
     drop_numbering: Literal["current", "original"] = "current"
     """How `drop` counts blocks: "current" (the model as given) or "original" (the first model of a pruning chain,
     read from the config's original_layer_indices; the paper's stage lists count this way)."""
-    target_params: int | None = None
+    target_params: int | None = field(default=None, metadata={"parse": lambda t: parse_count(t), "metavar": "3.4B"})
     """Parameter budget: remove the lowest-scoring blocks across all stacks until the model is at or below it."""
     scorer: str = "block_influence"
     """Layer scorer (compress.scorers) or a dotted path pkg.module:function. "v2_heuristic" is OpenBA-V2's rule,
@@ -329,62 +332,6 @@ def parse_remove(text: str) -> int | dict[str, int]:
     return counts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m compress.layer",
-        description="Remove whole blocks (layers) from a checkpoint, chosen by importance scores, by index, or to a "
-                    "parameter budget. Writes a checkpoint (model + tokenizer), the scores, plots and a manifest.",
-        epilog="examples:\n"
-               "  python -m compress.layer --model ckpt --calib runs/corpus --remove 8 --out ckpt-l8\n"
-               "  python -m compress.layer --model ckpt --calib runs/corpus --remove decoder=6,encoder=2 --iterative "
-               "--out ckpt-it\n"
-               "  python -m compress.layer --model openba --drop encoder=4,8 --drop decoder=7,11,18,20,22,30 "
-               "--out s1\n"
-               "  python -m compress.layer --model ckpt --scores runs/scores --target-params 3.4B --out ckpt-small",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (any supported family)")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--calib", help="calibration data: saved dataset, directory of text files, or a file")
-    parser.add_argument("--remove", type=parse_remove, help="blocks to remove per stack: N, or STACK=N,STACK=N")
-    parser.add_argument("--drop", action="append", type=lambda t: parse_per_stack(t, "--drop"), metavar="STACK=I,J",
-                        help="explicit blocks to drop (repeat per stack)")
-    parser.add_argument("--drop-numbering", choices=["current", "original"], help="how --drop counts blocks")
-    parser.add_argument("--target-params", type=parse_count, help="parameter budget, e.g. 3.4B")
-    parser.add_argument("--scorer", help="layer scorer name or pkg.module:function (default block_influence)")
-    parser.add_argument("--scores", help="reuse scores from this directory instead of rescoring")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    protect = parser.add_mutually_exclusive_group()
-    protect.add_argument("--protect-first-last", dest="protect_first_last", action="store_true", default=None,
-                         help="never remove a stack's first or last block (default)")
-    protect.add_argument("--no-protect-first-last", dest="protect_first_last", action="store_false")
-    parser.add_argument("--iterative", action="store_true", default=None, help="rescore after each removal")
-    parser.add_argument("--config", help="YAML file with LayerPruneConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. calibration.num_samples=32")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> LayerPruneConfig:
-    from core.config import from_dict, load_config, merge, to_dict
-
-    config = load_config(LayerPruneConfig, args.config, args.set)
-    flags = {"remove": args.remove, "target_params": args.target_params, "scorer": args.scorer,
-             "scores": args.scores, "calib": args.calib, "tokenizer": args.tokenizer,
-             "protect_first_last": args.protect_first_last, "iterative": args.iterative,
-             "drop_numbering": args.drop_numbering}
-    if args.drop:
-        flags["drop"] = {k: v for d in args.drop for k, v in d.items()}
-    given = {k: v for k, v in flags.items() if v is not None}
-    data = to_dict(config)
-    if given.get("remove") is not None or given.get("target_params") is not None or given.get("drop") is not None:
-        # a target on the command line replaces the one in the YAML, whichever kind it is
-        for key in ("remove", "target_params", "drop"):
-            data[key] = None
-    return from_dict(LayerPruneConfig, merge(data, given))
-
-
 def load_inputs(model_dir: str, tokenizer_dir: str | None):
     """Model and tokenizer (None if the checkpoint has none and none was named) with the usual one-line errors."""
     from core.checkpoint import load_model, load_tokenizer, read_model_config
@@ -456,22 +403,44 @@ def layer_prune_stage(input_dir: Path, work_dir: Path, config: LayerPruneConfig)
     return prepare_layer_prune(input_dir, config)(work_dir)
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    from core.stage import Stage, run_stage
+def summary(manifest) -> str:
     from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
-    write = prepare_layer_prune(args.model, config, progress=not args.no_progress)
-    manifest = run_stage(Stage("layer-prune", lambda _i, work_dir, _c: write(work_dir), config), Path(args.model),
-                         args.out, force=True)
     metrics = manifest.metrics
     rows = layer_summary_rows(metrics["before"], metrics["after"], metrics["removed"])
-    print(format_table(rows, ["stack", "blocks before", "blocks after", "params before", "params after", "removed"]))
-    print(f"wrote {args.out}")
+    return format_table(rows, ["stack", "blocks before", "blocks after", "params before", "params after", "removed"])
+
+
+def _drop_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drop", action="append", type=lambda t: parse_per_stack(t, "--drop"), metavar="STACK=I,J",
+                        help="explicit blocks to drop (repeat per stack)")
+
+
+def _drop_value(args: argparse.Namespace) -> dict:
+    return {"drop": {k: v for d in args.drop for k, v in d.items()} if args.drop else None}
+
+
+KIND = register_kind(StageKind(
+    name="layer_prune",
+    stage="layer-prune",
+    module="compress.layer",
+    config_cls=LayerPruneConfig,
+    prepare=lambda config, inputs, progress: prepare_layer_prune(inputs["model"], config, progress),
+    run=lambda write, work_dir: write(work_dir),
+    description="Remove whole blocks (layers) from a checkpoint, chosen by importance scores, by index, or to a "
+                "parameter budget. Writes a checkpoint (model + tokenizer), the scores, plots and a manifest.",
+    examples=(
+        "python -m compress.layer --model ckpt --calib runs/corpus --remove 8 --out ckpt-l8",
+        "python -m compress.layer --model ckpt --calib runs/corpus --remove decoder=6,encoder=2 --iterative --out ckpt-it",
+        "python -m compress.layer --model openba --drop encoder=4,8 --drop decoder=7,11,18,20,22,30 --out s1",
+        "python -m compress.layer --model ckpt --scores runs/scores --target-params 3.4B --out ckpt-small",
+    ),
+    summary=summary,
+    flags=_drop_flag,
+    flag_values=_drop_value,
+    exclusive=(("remove", "drop", "target_params"),),
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

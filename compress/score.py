@@ -127,3 +127,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def score_checkpoint(directory: Path, request, progress: bool = True) -> dict:
+    """Score the checkpoint a stage just wrote into `directory` (a `core.kind.ScoreRequest`) and save the scores and
+    their plots in `directory/importance/`: the scoring hook every stage kind offers."""
+    from compress.calibration import CalibrationConfig, calibration_batches
+    from compress.plots import plot_scores
+    from compress.scoring import score_model
+    from core.checkpoint import load_model, load_tokenizer
+
+    if request.calib is None:
+        raise UserError("scoring a stage's output needs calibration data: set score.calib")
+    model, tokenizer = load_model(directory).eval(), load_tokenizer(directory)
+    calibration = CalibrationConfig(num_samples=request.num_samples, seq_len=request.seq_len)
+    batches = calibration_batches(request.calib, tokenizer, model=model, config=calibration)
+    scores = score_model(model, batches, dict(request.scorers), seed=request.seed, progress=progress)
+    target = Path(directory) / "importance"
+    scores.save(target)
+    plots = plot_scores(scores, target)
+    return {"scorers": dict(request.scorers), "saved": "importance/", "plots": [p.name for p in plots],
+            "calibration_loss": scores.meta.get("calibration_loss")}

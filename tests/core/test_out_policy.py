@@ -28,10 +28,10 @@ def llama_dir(tmp_path_factory):
     return directory
 
 
-def layer(model, out):
+def layer(model, out, *extra):
     from compress.layer import main
 
-    main(["--model", str(model), "--drop", "decoder=1", "--out", str(out), "--no-progress"])
+    main(["--model", str(model), "--drop", "decoder=1", "--out", str(out), "--no-progress", *extra])
 
 
 def vocab(model, out):
@@ -110,7 +110,9 @@ def test_a_stages_own_output_is_rerun_in_place_but_added_files_stop_it(llama_dir
     out = tmp_path / "layered"
     layer(llama_dir, out)
     first = (out / "manifest.json").read_text()
-    layer(llama_dir, out)  # the command reruns (force) over its own output
+    layer(llama_dir, out)  # finished with this config and input: kept as it is
+    assert (out / "manifest.json").read_text() == first
+    layer(llama_dir, out, "--force")  # --force reruns over the stage's own output
     assert (out / "manifest.json").read_text() != first
     (out / "my-notes.md").write_text("added by hand")
     message = refused(layer, llama_dir, out, tmp_path, capsys)
