@@ -179,3 +179,29 @@ def command(kind: StageKind):
 
     main.__module__ = kind.module  # the command a main(argv) call stands for (core.errors.invoked_command)
     return main_guard(main)
+
+
+def tool(config_cls: type, run, module: str, description: str, examples: tuple[str, ...] = (),
+         inputs: tuple = ()):
+    """`main(argv=None)` of a command that writes no stage output (a planner, a report): the same generated flags,
+    `--config` and `--set`, then `run(config, inputs)`, which prints what it found."""
+    from core.kind import Input  # noqa: F401  (inputs are core.kind.Input)
+
+    def main(argv: list[str] | None = None) -> None:
+        epilog = "examples:\n" + "\n".join(f"  {example}" for example in examples) if examples else ""
+        parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=epilog,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        for spec in inputs:
+            parser.add_argument(_flag(spec.name), dest=spec.name, required=spec.required, help=spec.help)
+        named = add_config_flags(parser, config_cls, {spec.name for spec in inputs} | {"config", "set"})
+        parser.add_argument("--config", help=f"YAML file with {config_cls.__name__} fields")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        args = parser.parse_args(argv)
+        from core.config import from_dict, load_config, merge, to_dict
+
+        given = {name: getattr(args, name) for name in named if getattr(args, name) is not None}
+        config = from_dict(config_cls, merge(to_dict(load_config(config_cls, args.config, args.set)), given))
+        run(config, {spec.name: getattr(args, spec.name) for spec in inputs})
+
+    main.__module__ = module
+    return main_guard(main)

@@ -97,21 +97,15 @@ def register_kind(kind: StageKind) -> StageKind:
 
 
 def get_kind(name: str) -> StageKind:
-    """A registered kind by its recipe name; the kinds' modules register on import."""
+    """A registered kind by its recipe name (kinds register when their module is imported: recipes/kinds.py
+    imports every one)."""
     import difflib
-    import importlib
 
-    for module in KIND_MODULES:
-        importlib.import_module(module)
     if name not in KINDS:
         close = difflib.get_close_matches(name, list(KINDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown stage kind '{name}'{hint}; kinds: {', '.join(sorted(KINDS))}")
     return KINDS[name]
-
-
-KIND_MODULES: list[str] = []
-"""Modules that register kinds when imported (each package adds its commands)."""
 
 
 def execute(kind: StageKind, config: Any, inputs: dict[str, str | Path | None], out: str | Path,
