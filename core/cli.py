@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -176,6 +177,10 @@ def command(kind: StageKind):
         if kind.summary is not None:
             print(kind.summary(manifest))
         print(f"wrote {args.out}")
+        failure = kind.verdict(manifest) if kind.verdict is not None else None
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
+            raise SystemExit(1)
 
     main.__module__ = kind.module  # the command a main(argv) call stands for (core.errors.invoked_command)
     return main_guard(main)

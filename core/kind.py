@@ -82,6 +82,9 @@ class StageKind:
     """Parsed namespace -> config fields from those flags."""
     exclusive: tuple[tuple[str, ...], ...] = ()
     """Groups of fields of which a command line value replaces the others given in a YAML file (one target)."""
+    verdict: Callable[[Any], str | None] | None = None
+    """Manifest -> why the finished stage's outcome is a failure (a gate that did not pass), or None. The command
+    prints it as `error: ...` after the summary and exits 1; the output stays published (it is the evidence)."""
 
     @property
     def checkpoint_input(self) -> str | None:
