@@ -37,14 +37,15 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from align.build_data import BuildDataConfig
-from align.data import PreferenceDataConfig
-from align.logo import LogoConfig
+from align.build_data import BuildDataConfig, build
+from align.data import PreferenceDataConfig, load_rows, save_rows
+from align.logo import LogoConfig, run_logo
+from align.text_rows import continuation_rows
 from core.config import from_dict, load_config, merge, parse_override, to_dict
 from core.errors import UserError, main_guard
-from core.stage import Manifest
+from core.stage import Manifest, Stage, run_stage
 from pretrain.corpus import CorpusConfig
-from recipes.logo_evidence_report import MODELS, REPORT_FORMAT, evaluate_and_report
+from recipes.logo_evidence_report import MODELS, evaluate_and_report
 
 STAGES = ("instruct_data", "instruct_mix", "instruct", "data", "text_data", "logo", "sft", "report")
 """What --stop-after names, in the order the stages run (`logo` and `sft`: the trainings of every seed)."""
@@ -312,10 +313,6 @@ def corpus_texts(config: EvidenceConfig) -> list[str]:
 
 def mix_instruction_rows(config: EvidenceConfig, tokenizer, question_dir: Path, out: Path) -> Manifest:
     """The instruction rows (the columns training reads) and `instruct.lm_samples` text rows, shuffled together."""
-    from align.data import load_rows, save_rows
-    from align.text_rows import continuation_rows
-    from core.stage import Stage, run_stage
-
     columns = ("id", "chunks", "question", "answer", "responses", "response_kinds", "response_sources")
 
     def mix(input_dir: Path, work_dir: Path, _config: dict) -> dict[str, Any]:
@@ -335,10 +332,6 @@ def mix_instruction_rows(config: EvidenceConfig, tokenizer, question_dir: Path, 
 
 def regulariser_rows(config: EvidenceConfig, tokenizer, out: Path) -> Manifest:
     """The text regulariser's `text_rows` rows, cut at other places than the instruction stage's text rows."""
-    from align.data import save_rows
-    from align.text_rows import continuation_rows
-    from core.stage import Stage, run_stage
-
     def cut(_input, work_dir: Path, _config: dict) -> dict[str, Any]:
         rows = continuation_rows(corpus_texts(config), tokenizer, config.text_rows, config.text_tokens,
                                  seed=f"{config.seed}:regulariser-text")
@@ -377,9 +370,6 @@ def teacher_path(config: EvidenceConfig) -> Path:
 def plan(config: EvidenceConfig, run_dir: Path, teacher: Path, tokenizer) -> tuple[list[Step], Path, dict[str, Path]]:
     """Every stage with its config built (so a bad setting fails before anything runs), the model before LOGO, and
     the trained models by report label. Each stage reads the directories of the stages before it."""
-    from align.build_data import build
-    from align.logo import run_logo
-
     steps: list[Step] = []
     before = teacher
     if config.instruct.steps:
@@ -452,8 +442,8 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
         manifest = step.run()
     if last < len(steps):
         return {"stopped_after": stop_after, **manifest.metrics}
-    stage_dirs = {name: run_dir / name for name in ["instruct", "data", *(n for *_, n in trainings(config))]
-                  if (run_dir / name).is_dir()}
+    stage_dirs = {step.name: run_dir / step.name for step in steps
+                  if step.stop_name in ("instruct", "data", "logo", "sft")}  # the report's stage table
     report = evaluate_and_report(config, gate, prepared, teacher, before, trained, stage_dirs, run_dir / "report")
     return {"report": str(run_dir / "report" / "report.md"), **report.metrics}
 
