@@ -29,7 +29,7 @@ import yaml
 from core.errors import UserError, main_guard
 from core.kind import ScoreRequest, StageKind, execute
 
-COMMON_FLAGS = ("out", "config", "set", "force", "no_progress", "score", "score_calib")
+COMMON_FLAGS = ("out", "config", "set", "force", "no_progress", "score", "score_calib", "local_rank")
 
 
 @functools.cache
@@ -129,6 +129,8 @@ def build_parser(kind: StageKind) -> tuple[argparse.ArgumentParser, list[str]]:
     parser.add_argument("--score", action="append", default=[], metavar="UNIT=SCORER",
                         help="also score the output's layers / heads / channels (saved in OUT/importance)")
     parser.add_argument("--score-calib", help="calibration data for --score")
+    # DeepSpeed's launcher passes each process its rank as a flag; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser, named
 
 
