@@ -22,12 +22,13 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from core.config import load_config
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import Input, StageKind, register_kind
 from core.launch import launch
 from pretrain.data import DataConfig, load_documents
 from pretrain.long_context import LongContextConfig, apply_long_context
@@ -101,7 +102,9 @@ class ContinualConfig:
     long_context: LongContextConfig = dataclasses.field(default_factory=LongContextConfig)
     """RoPE base / interpolation changes applied before training (ProLong: base 8e6 at 64K)."""
     train: RecoveryTrainConfig = dataclasses.field(default_factory=RecoveryTrainConfig)
+    """Trainer settings (steps, learning rate, batch size, DeepSpeed, checkpoints for resume)."""
     seed: int = 0
+    """Seeds the batch sampler (plus the process rank under a launcher) and a scratch initialisation."""
 
 
 UL2_OBJECTIVES = ("ul2", "mix")
@@ -186,7 +189,7 @@ def process_shard(config: DataConfig):
 def load_student(input_dir: Path, config: ContinualConfig):
     from core.checkpoint import load_model, load_tokenizer
 
-    model = load_model(input_dir)
+    model = load_model(input_dir)  # refuses truncated weights and weights that disagree with config.json
     tokenizer = load_tokenizer(input_dir)
     if config.init == "scratch":
         torch.manual_seed(config.seed)
@@ -194,11 +197,62 @@ def load_student(input_dir: Path, config: ContinualConfig):
     return model, tokenizer
 
 
-def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) -> dict[str, Any]:
-    """Train the checkpoint in `input_dir` (resuming from `work_dir/checkpoints`) and save it into `work_dir`."""
-    from core.checkpoint import count_parameters, is_encoder_decoder, load_model, load_tokenizer, write_checkpoint
+@dataclasses.dataclass
+class PreparedTraining:
+    """Everything the stage trains with, loaded and checked before the stage directory exists."""
 
-    model, tokenizer = load_student(Path(input_dir), config)
+    config: ContinualConfig
+    model: Any
+    tokenizer: Any
+    mixture: ObjectiveMixture
+    data: ObjectiveBatches
+    trainer: Trainer
+    added_tokens: dict[str, Any] | None
+    long_context: dict[str, Any]
+
+
+def load_teacher(config: ContinualConfig, student, tokenizer) -> DistillationLoss | None:
+    """The distillation loss with its teacher loaded and its student -> teacher id map built (None: no distillation)."""
+    from core.checkpoint import load_model, load_tokenizer
+
+    if config.distill is None:
+        return None
+    teacher = load_model(config.teacher)
+    student_to_teacher = student_to_teacher_ids(tokenizer, load_tokenizer(config.teacher),
+                                                output_vocab_size(student), output_vocab_size(teacher))
+    return DistillationLoss(teacher, config.distill, student=student, student_to_teacher=student_to_teacher)
+
+
+def validation_fn(config: ContinualConfig, mixture: ObjectiveMixture, validation) -> Callable:
+    """eval_fn: per-objective validation losses (D-UL2 re-weights the mixture from them) and their mean."""
+    if config.objective == "ul2" and config.dynamic_ul2:
+        eval_fn = DynamicUL2(mixture, validation, config.dul2)
+    else:
+        def eval_fn(m, step):
+            return {f"val_loss/{k}": v for k, v in per_objective_validation_loss(m, validation).items()}
+
+    def evaluate(m, step):
+        metrics = eval_fn(m, step)
+        losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
+        return {**metrics, "val_loss": sum(losses) / len(losses)}
+
+    return evaluate
+
+
+def prepare(config: ContinualConfig, inputs: dict[str, Path], progress: bool = True) -> PreparedTraining:
+    """Load and check the student, its tokenizer (UL2 tokens), the training and validation data and the teacher;
+    build the trainer and run its preflight checks. Writes nothing: every error comes before the stage directory."""
+    from core.checkpoint import check_weights, is_encoder_decoder, load_tokenizer, read_model_config
+
+    model_dir = Path(inputs["model"])
+    read_model_config(model_dir)  # the cheap checks first: config, tokenizer, teacher, then the weights
+    check_special_tokens(config, load_tokenizer(model_dir))
+    if config.distill is not None:
+        if config.teacher is None:
+            raise UserError("distill is set but no teacher checkpoint is given (--teacher DIR or teacher: DIR)")
+        read_model_config(config.teacher)
+        check_weights(config.teacher)
+    model, tokenizer = load_student(model_dir, config)
     added_tokens = add_special_tokens(model, tokenizer, config)
     encoder_decoder = is_encoder_decoder(model)
     long_context = apply_long_context(model, config.long_context) if config.long_context != LongContextConfig() else {}
@@ -214,85 +268,83 @@ def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) ->
     validation_tokens = [next(validation_docs) for _ in range(64)]
     validation = batches_per_objective(validation_tokens, mixture, config.validation_batches,
                                        batch_size=config.train.micro_batch_size, seed=config.seed + 1, **options)
+    distillation = load_teacher(config, model, tokenizer)
+    # token_mean_loss passes use_cache=False: a KV cache would switch off transformers' packed-row masks
+    trainer = Trainer(model, config.train, data, loss_fn=token_mean_loss if distillation is None else distillation,
+                      eval_fn=validation_fn(config, mixture, validation))
+    trainer.preflight()
+    return PreparedTraining(config, model, tokenizer, mixture, data, trainer, added_tokens, long_context)
 
-    loss_fn = token_mean_loss  # passes use_cache=False: a KV cache would switch off transformers' packed-row masks
-    if config.distill is not None:
-        if config.teacher is None:
-            raise UserError("distill is set but no teacher checkpoint is given (teacher: DIR)")
-        teacher = load_model(config.teacher)
-        student_to_teacher = student_to_teacher_ids(tokenizer, load_tokenizer(config.teacher),
-                                                    output_vocab_size(model), output_vocab_size(teacher))
-        loss_fn = DistillationLoss(teacher, config.distill, student=model, student_to_teacher=student_to_teacher)
 
-    if config.objective == "ul2" and config.dynamic_ul2:
-        eval_fn = DynamicUL2(mixture, validation, config.dul2)
-    else:
-        def eval_fn(m, step):
-            return {f"val_loss/{k}": v for k, v in per_objective_validation_loss(m, validation).items()}
+def train(prepared: PreparedTraining, work_dir: Path) -> dict[str, Any]:
+    """Train (resuming from `work_dir/checkpoints`), save the checkpoint into `work_dir`, return the metrics."""
+    from core.checkpoint import write_checkpoint
 
-    def evaluate(m, step):
-        metrics = eval_fn(m, step)
-        losses = [v for k, v in metrics.items() if k.startswith("val_loss/")]
-        return {**metrics, "val_loss": sum(losses) / len(losses)}
-
-    trainer = Trainer(model, config.train, data, loss_fn=loss_fn, eval_fn=evaluate)
+    config, trainer = prepared.config, prepared.trainer
     result = trainer.train(work_dir)
     with trainer.engine.gathered():  # ZeRO-3 shards the weights across processes: whole again inside
         if trainer.runtime.is_main:  # one writer under a launcher; run_stage publishes after every rank is done
-            write_checkpoint(model, tokenizer, work_dir)
+            write_checkpoint(prepared.model, prepared.tokenizer, work_dir)
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # resume-only optimizer states
     return {
         "val_loss": result.get("eval/val_loss"),
         "per_objective": {k[len("eval/val_loss/"):]: v for k, v in result.items() if k.startswith("eval/val_loss/")},
-        "mixture_weights": dict(zip(mixture.names, mixture.weights)),
+        "mixture_weights": dict(zip(prepared.mixture.names, prepared.mixture.weights)),
         "train_loss": result.get("loss"),
         "steps": result.get("step"),
         "train_tokens_seen": result.get("tokens"),
         "train_seconds": result.get("seconds"),
-        "parameters": count_parameters(model),
-        "padding_share": 1 - data.stats["tokens"] / max(data.stats["slots"], 1),
+        "padding_share": 1 - prepared.data.stats["tokens"] / max(prepared.data.stats["slots"], 1),
         "init": config.init,
         "distilled_from": config.teacher if config.distill is not None else None,
-        "long_context": long_context,
-        "added_tokens": added_tokens,
+        "long_context": prepared.long_context,
+        "added_tokens": prepared.added_tokens,
     }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.continual", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint to train (safetensors + tokenizer)")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--config", help="YAML with ContinualConfig fields")
-    parser.add_argument("--teacher", help="teacher checkpoint for distillation (turns distill on with defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.steps=100 (repeatable)")
-    return parser.parse_args(argv)
+def continual_stage(input_dir: Path, work_dir: Path, config: ContinualConfig) -> dict[str, Any]:
+    """Prepare and train in one call, into an existing `work_dir` (no stage contract: tests and callers that hold
+    their own stage directory)."""
+    return train(prepare(config, {"model": Path(input_dir)}), Path(work_dir))
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    from core.stage import Stage, run_stage
+def summary(manifest) -> str:
     from core.table import format_table, human_count
 
-    args = parse_args(argv)
-    config = load_config(ContinualConfig, args.config, args.overrides)
-    if args.teacher:
-        config = dataclasses.replace(config, teacher=args.teacher, distill=config.distill or DistillationConfig())
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
-    from core.checkpoint import load_tokenizer
-
-    check_special_tokens(config, load_tokenizer(args.model))  # before the stage's directory exists
-    stage = Stage("continual", lambda i, w, c: continual_stage(i, w, c), config, resumable=True)
-    metrics = run_stage(stage, Path(args.model), args.out).metrics
+    metrics = manifest.metrics
     rows = [("validation loss", metrics["val_loss"]), ("final train loss", metrics["train_loss"]),
             ("steps", metrics["steps"]), ("tokens", human_count(metrics["train_tokens_seen"] or 0)),
             ("seconds", metrics["train_seconds"]), ("padding share", metrics["padding_share"]),
-            ("parameters", human_count(metrics["parameters"]))]
+            ("parameters", human_count(manifest.parameters.get("after") or 0))]
     rows += [(f"val loss {k}", v) for k, v in sorted(metrics["per_objective"].items())]
-    print(format_table(rows, ["metric", "value"]))
-    print(f"wrote {args.out}")
+    return format_table(rows, ["metric", "value"])
+
+
+def _teacher_value(args: argparse.Namespace) -> dict[str, Any]:
+    """--teacher DIR names the teacher and turns distillation on (with its defaults unless the config sets them)."""
+    return {"teacher": args.teacher, "distill": {}} if args.teacher else {}
+
+
+DESCRIPTION, EXAMPLES = __doc__.split("\n\n")[0], tuple(
+    line.strip() for line in __doc__.split("\n\n")[1].splitlines() if line.strip())
+
+KIND = register_kind(StageKind(
+    name="train",
+    stage="continual",
+    module="pretrain.continual",
+    config_cls=ContinualConfig,
+    prepare=prepare,
+    run=train,
+    description=DESCRIPTION,
+    examples=EXAMPLES,
+    inputs=(Input("model", "checkpoint to train (safetensors + tokenizer)"),
+            Input("teacher", "teacher checkpoint for distillation (turns distill on with its defaults)",
+                  required=False, is_checkpoint=False)),
+    summary=summary,
+    resumable=True,
+    flag_values=_teacher_value,
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The continual-pretraining stage: recovery lowers the validation loss, the scratch baseline re-initialises, and
-under several processes each one trains on its own shard of the documents."""
+"""The continual-pretraining stage: recovery lowers the validation loss, the scratch baseline re-initialises, under
+several processes each one trains on its own shard of the documents, and bad input (a missing teacher, missing data,
+truncated weights) fails before anything is written."""
 
 import json
 from pathlib import Path
@@ -119,3 +120,70 @@ def test_the_command_under_torchrun_with_zero3_publishes_one_whole_checkpoint(tm
     from core.stage import Manifest
 
     assert Manifest.read(out).metrics["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("continual")
+    _model(root, _corpus(root))
+    return root
+
+
+def _continual(model: Path, out: Path, *extra: str) -> None:
+    from pretrain.continual import main
+
+    corpus = next((model.parent / "corpora").iterdir())
+    main(["--model", str(model), "--out", str(out), "--no-progress", f"--set=data.paths=[{corpus}]",
+          "--set=input_length=48", "--set=target_length=24", "--set=validation_batches=1", "--set=objective=mix",
+          "--set=train.steps=1", "--set=train.micro_batch_size=2", *extra])
+
+
+def _copy_model(workspace: Path, root: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(workspace / "model", root / "model"))
+
+
+@pytest.mark.parametrize("case", ["missing teacher", "missing data", "truncated weights", "more layers than weights",
+                                  "distill without teacher"])
+def test_bad_input_is_one_error_before_anything_is_written(case, workspace, tmp_path, capsys):
+    from tests.core.test_out_policy import refused
+
+    model = _copy_model(workspace, tmp_path)
+    (tmp_path / "corpora").symlink_to(workspace / "corpora")
+    extra: list[str] = []
+    if case == "missing teacher":
+        extra, expected = ["--teacher", str(tmp_path / "no-teacher")], "does not exist"
+    elif case == "missing data":
+        extra, expected = ["--set=data.paths=[" + str(tmp_path / "no-corpus") + "]"], "data path not found"
+    elif case == "truncated weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = "corrupt safetensors file"
+    elif case == "more layers than weights":
+        config = json.loads((model / "config.json").read_text())
+        config["num_decoder_layers"] += 1
+        (model / "config.json").write_text(json.dumps(config))
+        expected = "missing from the weights"
+    else:
+        extra, expected = ["--set=distill.kd_weight=0.5"], "no teacher checkpoint is given"
+    message = refused(lambda m, o: _continual(m, o, *extra), model, tmp_path / "out", tmp_path, capsys)
+    assert expected in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_the_command_trains_publishes_and_skips_a_finished_rerun(workspace, tmp_path, capsys):
+    from core.stage import Manifest
+
+    out = tmp_path / "recovered"
+    _continual(workspace / "model", out, "--teacher", str(workspace / "model"))
+    first = Manifest.read(out)
+    assert first.stage == "continual" and first.metrics["steps"] == 1
+    assert first.config["distill"] is not None and first.metrics["distilled_from"] == str(workspace / "model")
+    assert first.parameters["after"] == first.parameters["before"] and "parameters" not in first.metrics
+    assert "validation loss" in capsys.readouterr().out
+    _continual(workspace / "model", out, "--teacher", str(workspace / "model"))
+    assert Manifest.read(out).timings == first.timings  # finished with this config and input: kept
