@@ -3,7 +3,8 @@
 It is the embedded default model that later stages compress, so every test and demo has a model whose weights
 mean something without a download. The default config trains for about 10 minutes on 2 CPU cores; the result is
 cached under a directory keyed by the config hash and reused when present. Training runs as a resumable stage
-(`core.stage.run_stage`), so a killed run continues from its last checkpoint.
+(`core.stage.run_stage`), so a killed run continues from its last checkpoint. `python -m pretrain.teacher --out DIR`
+(the stage kind `teacher`) trains or reuses the cached teacher and publishes a copy of it in DIR.
 
 Quality is judged against two unigram baselines, both over many validation batches (`baseline_batches`; measured
 on the handful used for the loss, an 8k vocabulary's in-sample entropy comes out ~0.5 nats too low):
@@ -28,9 +29,11 @@ from typing import Any
 
 import torch
 
-from core.config import config_hash, load_config
-from core.errors import UserError, main_guard
-from core.stage import MANIFEST, Manifest, Stage, is_complete, run_stage
+from core.cli import command
+from core.config import config_hash
+from core.errors import UserError
+from core.kind import Input, StageKind, register_kind
+from core.stage import MANIFEST, Manifest, Stage, check_output_location, run_stage
 from core.table import format_table, human_count
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.tokenizer import TokenizerConfig
@@ -233,7 +236,6 @@ def train_teacher(config: TeacherConfig, work_dir: Path, cache_dir: Path) -> dic
         "train_tokens_seen": result.get("tokens"),
         "train_seconds": result.get("seconds"),
         "tokens_per_s": (result.get("tokens") or 0) / max(result.get("seconds") or 0.0, 1e-9),
-        "parameters": sum(p.numel() for p in model.parameters()),
         "non_padding_share": data.stats["tokens"] / max(data.stats["slots"], 1),
         "vocab_size": len(tokenizer),
     }
@@ -268,64 +270,88 @@ def summary_rows(manifest: Manifest) -> list[tuple[str, Any]]:
         ("train tokens seen", human_count(m.get("train_tokens_seen") or 0)),
         ("train seconds", m.get("train_seconds")),
         ("tokens/s", round(m.get("tokens_per_s") or 0)),
-        ("parameters", human_count(m.get("parameters") or 0)),
+        ("parameters", human_count(manifest.parameters.get("after") or 0)),
         ("vocabulary", m.get("vocab_size")),
     ]
     rows += [(f"validation loss {name}", value) for name, value in sorted((m.get("per_objective") or {}).items())]
     return rows
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.teacher",
-        description="Train the tiny OpenBA teacher from scratch on the offline corpus with the UL2 mixture (about "
-                    "10 minutes on 2 CPU cores), cache it by config hash, and copy it to --out.",
-        epilog="examples:\n  python -m pretrain.teacher --out runs/teacher\n"
-               "  python -m pretrain.teacher --out runs/quick --set train.steps=40 --set model.hidden_size=64\n"
-               "  python -m pretrain.teacher --config teacher.yaml --out runs/teacher --cache-dir /data/cache",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", help="where to put the teacher checkpoint (default: only the cache)")
-    parser.add_argument("--config",
-                        help="YAML with TeacherConfig fields (preset, model, corpus, tokenizer, train, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config field, e.g. train.steps=100 (repeatable)")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
-                        help=f"cache for corpus, tokenizer and teachers (default {DEFAULT_CACHE}; env OPENBA_CACHE)")
-    parser.add_argument("--force", action="store_true", help="retrain even when the cache holds this teacher")
+# ---------------------------------------------------------------------------------------------------- the kind
+
+
+@dataclass
+class PreparedTeacher:
+    config: TeacherConfig
+    cache_dir: Path
+
+
+def prepare(config: TeacherConfig, inputs: dict[str, Path | None], progress: bool = True) -> PreparedTeacher:
+    """Check the config, the corpus directory and the cache location; writes nothing (the corpus, tokenizer and
+    teacher are built into the cache by `run`)."""
+    _check(config)
+    if config.corpus_dir is not None:
+        _load_texts(config, DEFAULT_CACHE)  # a saved DatasetDict with both splits (loading one writes nothing)
+    cache_dir = Path(inputs.get("cache_dir") or DEFAULT_CACHE)
+    check_output_location(teacher_dir(config, cache_dir), "teacher")  # writable, and no stranger's folder
+    return PreparedTeacher(config, cache_dir)
+
+
+def publish_copy(prepared: PreparedTeacher, work_dir: Path) -> dict[str, Any]:
+    """Train the teacher into the cache (or find it there) and copy its files into the stage directory."""
+    cached = ensure_teacher(prepared.config, prepared.cache_dir)
+    for item in cached.iterdir():
+        if item.is_file() and item.name != MANIFEST:  # the stage contract writes this stage's own manifest
+            shutil.copy2(item, work_dir / item.name)
+    return {"cached_at": str(cached), **Manifest.read(cached).metrics}
+
+
+def verdict(manifest: Manifest) -> str | None:
+    """A teacher that did not get below the unigram baseline learned only token frequencies."""
+    val, unigram = manifest.metrics.get("val_loss"), manifest.metrics.get("unigram_entropy")
+    if val is not None and unigram is not None and not val < unigram:
+        return (f"the teacher's validation loss {val:.3f} is not below the unigram baseline {unigram:.3f}; train "
+                "longer (train.steps) or check the data")
+    return None
+
+
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
-    return parser.parse_args(argv)
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def _apply_threads(args: argparse.Namespace) -> dict[str, Any]:
+    """--threads is a setting of this process, not of the teacher (no config field, no cache key): applied as the
+    flags are read."""
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    config = load_config(TeacherConfig, args.config, args.overrides)
-    _check(config)
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not (out / MANIFEST).is_file():
-        raise UserError(f"--out {out} exists and is not a teacher checkpoint; choose a new directory")
-    reused = not args.force and is_complete(teacher_dir(config, args.cache_dir), config)
-    cached = ensure_teacher(config, args.cache_dir, force=args.force)
-    manifest = Manifest.read(cached)
-    if out is not None and out.resolve() != cached.resolve():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(cached, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    print(format_table(summary_rows(manifest), ["teacher", "value"]))
-    print(f"{'reused from cache' if reused else 'trained'}: {cached}" + (f" -> {out}" if out is not None else ""))
-    val, unigram = manifest.metrics.get("val_loss"), manifest.metrics.get("unigram_entropy")
-    if val is not None and unigram is not None and not val < unigram:
-        raise UserError(f"the teacher's validation loss {val:.3f} is not below the unigram baseline {unigram:.3f}; "
-                        "train longer (train.steps) or check the data")
+    return {}
+
+
+KIND = register_kind(StageKind(
+    name="teacher",
+    stage="teacher",
+    module="pretrain.teacher",
+    config_cls=TeacherConfig,
+    prepare=prepare,
+    run=publish_copy,
+    description="Train the tiny OpenBA teacher from scratch on the offline corpus with the UL2 mixture (about 10 "
+                "minutes on 2 CPU cores), cache it by config hash, and publish a copy in --out.",
+    examples=(
+        "python -m pretrain.teacher --out runs/teacher",
+        "python -m pretrain.teacher --out runs/quick --set train.steps=40 --set model.hidden_size=64",
+        "python -m pretrain.teacher --config teacher.yaml --out runs/teacher --cache-dir /data/cache",
+    ),
+    inputs=(Input("cache_dir", f"cache for corpus, tokenizer and teachers (default {DEFAULT_CACHE}; env "
+                  "OPENBA_CACHE)", required=False, is_checkpoint=False),),
+    summary=lambda manifest: format_table(summary_rows(manifest), ["teacher", "value"]),
+    flags=_threads_flag,
+    flag_values=_apply_threads,
+    verdict=verdict,
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

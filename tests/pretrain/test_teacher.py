@@ -145,5 +145,42 @@ def test_cli_help_has_an_example_and_bad_input_exits_2(capsys, tmp_path):
         main(["--help"])
     assert done.value.code == 0 and "python -m pretrain.teacher --out" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
-        main(["--set", "train.stepz=3", "--cache-dir", str(tmp_path)])
+        main(["--set", "train.stepz=3", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "out")])
     assert done.value.code == 2 and "did you mean 'train.steps'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "bad preset", "threads", "users folder", "out in the cache"])
+def test_bad_input_is_one_error_and_nothing_is_written(case, easy_corpus, tmp_path, capsys):
+    from tests.core.test_out_policy import refused
+
+    config_file = tmp_path / "teacher.yaml"
+    config_file.write_text(json.dumps(to_dict(quick_teacher(easy_corpus, steps=6))))
+    out, extra = tmp_path / "out", []
+    if case == "missing corpus":
+        extra, expected = ["--corpus-dir", str(tmp_path / "nowhere")], "is not a saved DatasetDict"
+    elif case == "bad preset":
+        extra, expected = ["--preset", "openba-huge"], "unknown OpenBA preset"
+    elif case == "threads":
+        extra, expected = ["--threads", "0"], "--threads must be at least 1"
+    elif case == "users folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = "already holds files this stage did not write (notes.txt)"
+    else:
+        out, expected = tmp_path / "cache" / "mine", "lies inside it"
+
+    def teacher(_model, output):
+        main(["--config", str(config_file), "--cache-dir", str(tmp_path / "cache"), "--out", str(output), *extra])
+
+    assert expected in refused(teacher, None, out, tmp_path, capsys)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_teacher_above_the_unigram_baseline_fails_its_verdict():
+    from pretrain.teacher import verdict
+
+    def manifest(val_loss):
+        return Manifest("teacher", "hash", {}, metrics={"val_loss": val_loss, "unigram_entropy": 5.0})
+
+    assert verdict(manifest(4.0)) is None
+    assert "not below the unigram baseline 5.000" in verdict(manifest(5.0))
