@@ -12,21 +12,14 @@ from core.stage import MANIFEST, Manifest
 from core.table import format_table, human_count
 from recipes.spec import RecipeConfig
 
-PARAM_KEYS = ("parameters", "params_after", "parameters_after")
-
-
 def stage_manifests(recipe: RecipeConfig, run_dir: Path) -> list[tuple[str, Manifest]]:
     return [(spec.name, Manifest.read(run_dir / spec.name)) for spec in recipe.stages
             if (run_dir / spec.name / MANIFEST).is_file()]
 
 
-def parameters(manifest: Manifest) -> int | None:
-    """The stage's output parameter count, under whichever name its kind reports it."""
-    metrics = manifest.metrics
-    found = next((metrics[k] for k in PARAM_KEYS if metrics.get(k)), None)
-    if found is None and isinstance(metrics.get("after"), dict):  # the layer pruner reports per-stack shapes
-        found = metrics["after"].get("total")
-    return found
+def parameters(manifest: Manifest, side: str = "after") -> int | None:
+    """Parameters of the stage's output ("after") or input ("before"), as the stage contract counted them."""
+    return (manifest.parameters or {}).get(side)
 
 
 def gate_metric(run_dir: Path, name: str, task: str, metric: str) -> float | None:
@@ -41,7 +34,10 @@ def gate_metric(run_dir: Path, name: str, task: str, metric: str) -> float | Non
 
 def stage_table(recipe: RecipeConfig, run_dir: Path, markdown: bool = True) -> str:
     manifests = stage_manifests(recipe, run_dir)
-    first = next((parameters(m) for _, m in manifests if parameters(m)), None)
+    # "removed" counts from the model the recipe started from: the first stage's input (or, for a stage that makes
+    # the model, such as the teacher, its output)
+    first = next((parameters(m, "before") or parameters(m) for _, m in manifests
+                  if parameters(m, "before") or parameters(m)), None)
     rows = []
     for name, manifest in manifests:
         params = parameters(manifest)
