@@ -6,6 +6,11 @@ module) by a seeded hash, so a module's code and its docstrings always land in t
 never leaks into training through the other source, and the split does not depend on file-system order.
 
     python -m pretrain.corpus --out runs/corpus
+
+The command is the stage kind `corpus` (no input checkpoint): it builds the corpus in memory, then saves it into
+--out under the stage contract. Caches of it (`load_or_build_corpus`) are written by `atomic_directory` instead:
+they are named by the corpus' fingerprint, and processes filling the same entry at once each write their own
+temporary copy.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from typing import Callable, Iterator
 import datasets
 from tqdm.auto import tqdm
 
+from core.cli import command
 from core.config import config_hash, to_dict
-from core.errors import UserError, main_guard
+from core.errors import UserError
+from core.kind import StageKind, register_kind
 from core.stage import Manifest, library_versions, publish
 from core.table import format_table
 
@@ -355,17 +362,24 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def write_corpus(dsd: datasets.DatasetDict, directory: str | os.PathLike) -> None:
+    """`save_to_disk` into an existing directory, without datasets' progress bars (saving takes a blink; its bars
+    would bury the summary table)."""
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dsd.save_to_disk(str(directory))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def save_corpus(dsd: datasets.DatasetDict, config: CorpusConfig, out_dir: str | os.PathLike,
                 seconds: float | None = None) -> Path:
-    """Save atomically with `save_to_disk`, plus a manifest (config, summary, corpus fingerprint, versions)."""
+    """Save a cache entry atomically with `save_to_disk`, plus a manifest (config, summary, corpus fingerprint,
+    versions)."""
     with atomic_directory(out_dir) as tmp:
-        bars_were_on = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # saving takes a blink; its bars would bury the summary table
-        try:
-            dsd.save_to_disk(str(tmp))
-        finally:
-            if bars_were_on:
-                datasets.enable_progress_bars()
+        write_corpus(dsd, tmp)
         Manifest(
             stage="corpus", config_hash=config.fingerprint(), config=to_dict(config),
             outputs={"corpus_fingerprint": corpus_fingerprint(dsd)}, metrics=corpus_summary(dsd),
@@ -382,36 +396,62 @@ def load_or_build_corpus(config: CorpusConfig, cache_dir: str | os.PathLike) -> 
     return datasets.load_from_disk(str(path))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.corpus",
-        description="Build the offline stdlib corpus (code + docstrings), save it with save_to_disk, print a summary.",
-        epilog="example: python -m pretrain.corpus --out runs/corpus --max-documents 500 --seed 1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, help="directory to write (replaced atomically if it exists)")
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
-    parser.add_argument("--max-documents", type=int, default=None, help="keep at most N documents (default: all)")
-    parser.add_argument("--max-chars-per-document", type=int, default=CorpusConfig.max_chars_per_document)
-    parser.add_argument("--extra-package", action="append", default=[], metavar="NAME",
-                        help="also add an installed package's source (makes the corpus machine-dependent)")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------------- the kind
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = CorpusConfig(
-        sources=tuple(args.sources), max_documents=args.max_documents, seed=args.seed,
-        max_chars_per_document=args.max_chars_per_document, extra_packages=tuple(args.extra_package),
-    )
+@dataclass
+class BuiltCorpus:
+    corpus: datasets.DatasetDict
+    seconds: float
+
+
+def prepare(config: CorpusConfig, inputs: dict, progress: bool = True) -> BuiltCorpus:
+    """Build the corpus in memory: every bad setting (unknown package, missing directory, splits that leave no
+    training text) fails here, before the stage directory exists."""
     start = time.perf_counter()
-    dsd = build_corpus(config)
-    seconds = time.perf_counter() - start
-    save_corpus(dsd, config, args.out, seconds)
-    print(format_summary(corpus_summary(dsd)))
-    print(f"fingerprint {corpus_fingerprint(dsd)[:16]}  built in {seconds:.1f}s, saved to {args.out}")
+    corpus = build_corpus(config)
+    return BuiltCorpus(corpus, time.perf_counter() - start)
+
+
+def save(built: BuiltCorpus, work_dir: Path) -> dict:
+    write_corpus(built.corpus, work_dir)
+    return {"fingerprint": corpus_fingerprint(built.corpus), "build_seconds": round(built.seconds, 2),
+            "splits": corpus_summary(built.corpus)}
+
+
+def summary(manifest: Manifest) -> str:
+    metrics = manifest.metrics
+    return (format_summary(metrics["splits"]) + f"\nfingerprint {metrics['fingerprint'][:16]}  built in "
+            f"{metrics['build_seconds']:.1f}s")
+
+
+def _list_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=None,
+                        help="document kinds to build (default: code prose)")
+    parser.add_argument("--extra-package", dest="extra_packages", action="append", default=None, metavar="NAME",
+                        help="also add an installed package's source (repeatable; makes the corpus machine-dependent)")
+
+
+def _list_values(args: argparse.Namespace) -> dict:
+    return {"sources": args.sources, "extra_packages": args.extra_packages}
+
+
+KIND = register_kind(StageKind(
+    name="corpus",
+    stage="corpus",
+    module="pretrain.corpus",
+    config_cls=CorpusConfig,
+    prepare=prepare,
+    run=save,
+    description="Build the offline stdlib corpus (code + docstrings), save it with save_to_disk, print a summary.",
+    examples=("python -m pretrain.corpus --out runs/corpus",
+              "python -m pretrain.corpus --out runs/corpus-small --max-documents 500 --seed 1"),
+    inputs=(),
+    summary=summary,
+    flags=_list_flags,
+    flag_values=_list_values,
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

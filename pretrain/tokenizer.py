@@ -16,11 +16,15 @@ One known divergence from SentencePiece: transformers always matches the named s
 when they occur literally in text, where SentencePiece spells them out. The stdlib corpus never contains them.
 
     python -m pretrain.tokenizer --corpus runs/corpus --out runs/tokenizer --vocab-size 8192
+
+The command is the stage kind `tokenizer` (no input checkpoint): SentencePiece trains in memory (a vocabulary the
+text cannot fill fails there, before anything is written), then the files are saved into --out under the stage
+contract and checked on the corpus' validation split. `train_tokenizer` writes caches atomically on its own.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import json
 import os
@@ -36,8 +40,10 @@ import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from tqdm.auto import tqdm
 
+from core.cli import command
 from core.config import config_hash, to_dict
-from core.errors import UserError, main_guard
+from core.errors import UserError
+from core.kind import Input, StageKind, register_kind
 from core.stage import Manifest, library_versions
 from core.table import format_table
 from pretrain.corpus import atomic_directory, seeded_hash, split_lines
@@ -229,24 +235,41 @@ def _texts(texts_or_dataset) -> Iterable[str]:
     return texts_or_dataset
 
 
-def train_tokenizer(texts_or_dataset, config: TokenizerConfig | None = None,
-                    out_dir: str | os.PathLike = "tokenizer") -> Path:
-    """Train on a corpus (DatasetDict: its train split), a Dataset or an iterable of texts; save to `out_dir`.
+@dataclass
+class TrainedTokenizer:
+    """A SentencePiece model trained in memory, with what its manifest records."""
 
-    The directory is written atomically and also holds manifest.json (config, vocab size, training chars, time).
-    """
-    config = config or TokenizerConfig()
+    proto: bytes
+    training_chars: int
+    training_pieces: int
+    seconds: float
+
+    @property
+    def vocab_size(self) -> int:
+        return spm.SentencePieceProcessor(model_proto=self.proto).get_piece_size()
+
+
+def fit_tokenizer(texts_or_dataset, config: TokenizerConfig) -> TrainedTokenizer:
+    """Train on a corpus (DatasetDict: its train split), a Dataset or an iterable of texts; nothing is written."""
     start = time.perf_counter()
     pieces = training_pieces(_texts(texts_or_dataset), config)
     proto = train_sentencepiece(pieces, config)
-    seconds = time.perf_counter() - start
+    return TrainedTokenizer(proto, sum(map(len, pieces)), len(pieces), time.perf_counter() - start)
+
+
+def train_tokenizer(texts_or_dataset, config: TokenizerConfig | None = None,
+                    out_dir: str | os.PathLike = "tokenizer") -> Path:
+    """Train (`fit_tokenizer`) and save to `out_dir`, written atomically with a manifest.json (config, vocab size,
+    training chars, time): the writer of caches, which processes may fill at the same time."""
+    config = config or TokenizerConfig()
+    trained = fit_tokenizer(texts_or_dataset, config)
     with atomic_directory(out_dir) as tmp:
-        save_hf_files(proto, tmp)
+        save_hf_files(trained.proto, tmp)
         Manifest(
             stage="tokenizer", config_hash=config_hash(config), config=to_dict(config),
-            outputs={"vocab_size": spm.SentencePieceProcessor(model_proto=proto).get_piece_size()},
-            metrics={"training_chars": sum(map(len, pieces)), "training_pieces": len(pieces)},
-            timings={"training_seconds": round(seconds, 2)}, versions=library_versions(),
+            outputs={"vocab_size": trained.vocab_size},
+            metrics={"training_chars": trained.training_chars, "training_pieces": trained.training_pieces},
+            timings={"training_seconds": round(trained.seconds, 2)}, versions=library_versions(),
         ).write(tmp)
     return Path(out_dir)
 
@@ -319,43 +342,83 @@ def check_tokenizer(path: str | os.PathLike, texts: Iterable[str]) -> dict:
     return counts
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.tokenizer",
-        description="Train the lossless unigram SentencePiece tokenizer on a corpus' train split and save it for "
-                    "AutoTokenizer; then check it on the validation split.",
-        epilog="example: python -m pretrain.corpus --out runs/corpus && "
-               "python -m pretrain.tokenizer --corpus runs/corpus --out runs/tokenizer --vocab-size 8192",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--corpus", help="a corpus saved by `python -m pretrain.corpus` (default: build the default "
-                                         "corpus in memory)")
-    parser.add_argument("--out", required=True, help="directory to write (replaced atomically if it exists)")
-    parser.add_argument("--vocab-size", type=int, default=TokenizerConfig.vocab_size)
-    parser.add_argument("--max-training-chars", type=int, default=TokenizerConfig.max_training_chars)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------------- the kind
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class TokenizerBuildConfig(TokenizerConfig):
+    """The command's settings: the tokenizer's, plus the corpus it trains on (a subclass, so that TokenizerConfig,
+    which names the teacher's cached tokenizers, keeps its hash)."""
+
+    corpus: str | None = None
+    """A corpus saved by python -m pretrain.corpus (its train split trains, its validation split checks); None
+    builds the default corpus in memory."""
+
+
+@dataclass
+class PreparedTokenizer:
+    config: TokenizerBuildConfig
+    trained: TrainedTokenizer
+    validation: list[str] | None
+
+
+def prepare(config: TokenizerBuildConfig, inputs: dict, progress: bool = True) -> PreparedTokenizer:
+    """Read the corpus and train SentencePiece in memory; every error (not a saved corpus, no train split, a
+    vocabulary the text cannot fill) comes before the stage directory exists."""
     from pretrain.corpus import build_corpus
 
-    args = parse_args(argv)
-    if args.corpus and not (Path(args.corpus) / "dataset_dict.json").is_file():
-        raise UserError(f"{args.corpus!r} is not a saved corpus; make one with python -m pretrain.corpus --out DIR")
-    corpus = datasets.load_from_disk(args.corpus) if args.corpus else build_corpus()
-    config = TokenizerConfig(vocab_size=args.vocab_size, max_training_chars=args.max_training_chars, seed=args.seed)
-    path = train_tokenizer(corpus, config, args.out)
-    manifest = Manifest.read(path)
-    rows = [("vocab size", manifest.outputs["vocab_size"]), ("training chars", manifest.metrics["training_chars"]),
-            ("training seconds", manifest.timings["training_seconds"])]
-    if "validation" in corpus:
-        check = check_tokenizer(path, corpus["validation"]["text"])
+    if config.corpus is not None:
+        if not (Path(config.corpus) / "dataset_dict.json").is_file():
+            raise UserError(f"{config.corpus!r} is not a saved corpus; make one with python -m pretrain.corpus --out "
+                            "DIR")
+        corpus = datasets.load_from_disk(config.corpus)
+    else:
+        corpus = build_corpus()
+    tokenizer_config = TokenizerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TokenizerConfig)})
+    trained = fit_tokenizer(corpus, tokenizer_config)
+    validation = list(corpus["validation"]["text"]) if "validation" in corpus else None
+    return PreparedTokenizer(config, trained, validation)
+
+
+def save(prepared: PreparedTokenizer, work_dir: Path) -> dict:
+    """Write the tokenizer files and check them against SentencePiece on the validation texts."""
+    trained = prepared.trained
+    save_hf_files(trained.proto, work_dir)
+    metrics = {"vocab_size": trained.vocab_size, "training_chars": trained.training_chars,
+               "training_pieces": trained.training_pieces, "training_seconds": round(trained.seconds, 2)}
+    if prepared.validation is not None:
+        metrics["validation"] = check_tokenizer(work_dir, prepared.validation)
+    return metrics
+
+
+def summary(manifest: Manifest) -> str:
+    metrics = manifest.metrics
+    rows = [("vocab size", metrics["vocab_size"]), ("training chars", metrics["training_chars"]),
+            ("training seconds", metrics["training_seconds"])]
+    if "validation" in metrics:
+        check = metrics["validation"]
         rows += [("validation texts", check["texts"]), ("lossless", check["lossless"]),
                  ("ids equal SentencePiece", check["same_ids"]), ("chars per token", check["chars_per_token"])]
-    print(format_table(rows, ["tokenizer", "value"]))
-    print(f"saved -> {path}")
+    return format_table(rows, ["tokenizer", "value"])
+
+
+KIND = register_kind(StageKind(
+    name="tokenizer",
+    stage="tokenizer",
+    module="pretrain.tokenizer",
+    config_cls=TokenizerBuildConfig,
+    prepare=prepare,
+    run=save,
+    description="Train the lossless unigram SentencePiece tokenizer on a corpus' train split and save it for "
+                "AutoTokenizer; then check it on the validation split.",
+    examples=("python -m pretrain.corpus --out runs/corpus && "
+              "python -m pretrain.tokenizer --corpus runs/corpus --out runs/tokenizer --vocab-size 8192",),
+    inputs=(Input("corpus", "a corpus saved by `python -m pretrain.corpus` (default: build the default corpus in "
+                  "memory)", required=False, is_checkpoint=False),),
+    summary=summary,
+    flag_values=lambda args: {"corpus": args.corpus},
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,49 @@ def test_holding_out_every_group_is_a_user_error():
 
 def test_cli_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
-        corpus_module.parse_args(["--help"])
-    assert "example: python -m pretrain.corpus --out" in capsys.readouterr().out
+        corpus_module.main(["--help"])
+    assert "examples:\n  python -m pretrain.corpus --out" in capsys.readouterr().out
+
+
+def test_the_command_saves_the_corpus_under_the_stage_contract_and_skips_a_rerun(tmp_path, capsys):
+    import datasets
+
+    from core.stage import Manifest
+
+    out = tmp_path / "corpus"
+    corpus_module.main(["--out", str(out), "--max-documents", "12", "--sources", "code", "--seed", "1"])
+    manifest = Manifest.read(out)
+    assert manifest.stage == "corpus" and manifest.config["sources"] == ["code"]
+    assert manifest.parameters == {"before": None, "after": None}  # data, not a model
+    saved = datasets.load_from_disk(str(out))
+    assert manifest.metrics["fingerprint"] == corpus_fingerprint(saved)
+    assert set(saved["train"]["source"]) == {"code"}
+    assert "fingerprint" in capsys.readouterr().out
+    corpus_module.main(["--out", str(out), "--max-documents", "12", "--sources", "code", "--seed", "1"])
+    assert Manifest.read(out).timings == manifest.timings
+
+
+@pytest.mark.parametrize("case", ["users folder", "unknown package", "bad size", "a file"])
+def test_bad_input_is_one_error_and_nothing_is_written(case, tmp_path, capsys):
+    from tests.core.test_out_policy import refused
+
+    out, extra = tmp_path / "corpus", ["--max-documents", "12"]
+    if case == "users folder":
+        out.mkdir()
+        (out / "thesis.tex").write_text("mine")
+        expected = "already holds files this stage did not write (thesis.tex)"
+    elif case == "unknown package":
+        extra, expected = ["--extra-package", "surely_not_installed_pkg"], "is not installed"
+    elif case == "bad size":
+        extra, expected = ["--validation-size", "1.5"], "validation_size must be a fraction"
+    else:
+        out.write_text("notes")
+        expected = "exists and is not a directory"
+
+    def corpus(_model, output):
+        corpus_module.main(["--out", str(output), *extra])
+
+    assert expected in refused(corpus, None, out, tmp_path, capsys)
 
 
 def test_extra_dirs_become_groups_without_their_test_suites(tmp_path):

@@ -1,6 +1,7 @@
 """The SentencePiece tokenizer: loads through AutoTokenizer, is lossless, matches SentencePiece id for id."""
 
 import json
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -128,5 +129,51 @@ def test_vocab_larger_than_the_text_allows_is_a_user_error(tmp_path):
 
 def test_cli_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
-        tokenizer_module.parse_args(["--help"])
-    assert "example: python -m pretrain.corpus --out" in capsys.readouterr().out
+        tokenizer_module.main(["--help"])
+    assert "examples:\n  python -m pretrain.corpus --out" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def saved_corpus(tmp_path_factory):
+    from pretrain.corpus import save_corpus
+
+    config = CorpusConfig(max_documents=12)
+    return save_corpus(build_corpus(config), config, tmp_path_factory.mktemp("corpus") / "corpus")
+
+
+def test_the_command_trains_saves_and_checks_on_validation(saved_corpus, tmp_path, capsys):
+    from core.stage import Manifest
+
+    out = tmp_path / "tok"
+    tokenizer_module.main(["--corpus", str(saved_corpus), "--out", str(out), "--vocab-size", "600",
+                           "--max-training-chars", "100000", "--no-progress"])
+    manifest = Manifest.read(out)
+    assert manifest.stage == "tokenizer" and manifest.config["corpus"] == str(saved_corpus)
+    assert manifest.metrics["vocab_size"] == len(load_tokenizer(out)) == 600
+    check = manifest.metrics["validation"]
+    assert check["lossless"] == check["same_ids"] == check["texts"] > 0
+    assert "ids equal SentencePiece" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["vocabulary too large", "not a corpus", "inside the corpus", "too small"])
+def test_bad_input_is_one_error_and_nothing_is_written(case, saved_corpus, tmp_path, capsys):
+    import shutil
+
+    from tests.core.test_out_policy import refused
+
+    corpus = Path(shutil.copytree(saved_corpus, tmp_path / "corpus"))
+    out, extra = tmp_path / "tok", ["--vocab-size", "600"]
+    if case == "vocabulary too large":
+        extra, expected = ["--vocab-size", "100000"], "lower --vocab-size"
+    elif case == "not a corpus":
+        corpus, expected = corpus / "train", "is not a saved corpus"
+    elif case == "inside the corpus":
+        out, expected = corpus / "tok", "lies inside it"
+    else:
+        extra, expected = ["--vocab-size", "300"], "leaves too few learned pieces"
+
+    def tokenizer(_model, output):
+        tokenizer_module.main(["--corpus", str(corpus), "--out", str(output), "--max-training-chars", "100000",
+                               "--no-progress", *extra])
+
+    assert expected in refused(tokenizer, None, out, tmp_path, capsys)
