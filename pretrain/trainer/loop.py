@@ -115,6 +115,7 @@ class Trainer:
             check_world_size(resume, state, runtime)
 
         self.model.to(runtime.device)
+        self.master_weights_upcast = upcast_half_weights(self.model, config, runtime)
         attn = apply_attn_implementation(self.model, config.attn_implementation, runtime.device)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,6 +139,7 @@ class Trainer:
             "attn_implementation": attn, "engine": engine.name, "zero_stage": engine.stage,
             "world_size": runtime.world_size, "device": str(runtime.device), "bf16": resolve_bf16(config, runtime),
             "gradient_checkpointing": config.gradient_checkpointing, "resumed_from_step": step,
+            "master_weights_upcast_from": self.master_weights_upcast,
         }
         if runtime.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,8 @@ class Trainer:
             zero = f" ZeRO-{info['zero_stage']}" if info["zero_stage"] is not None else ""
             line = (f"training: {attn} attention, {engine.name}{zero} engine, {runtime.world_size} process(es) on "
                     f"{runtime.device}, bf16 {'on' if info['bf16'] else 'off'}"
+                    + (f", {self.master_weights_upcast} weights trained as float32" if self.master_weights_upcast
+                       else "")
                     + (f", resuming at step {step}" if step else ""))
             log.info(line)
             tqdm.write(line)
@@ -298,3 +302,15 @@ def check_same_vocabulary(teacher, student) -> None:
         raise UserError(f"the teacher's vocabulary ({size(teacher)} tokens) differs from the student's "
                         f"({size(student)}); distil from a teacher with the student's tokenizer or give a "
                         "student_to_teacher id map")
+
+
+def upcast_half_weights(model: torch.nn.Module, config: TrainConfig, runtime: Runtime) -> str | None:
+    """Half-precision trainable weights (an fp16 release, say) become float32 master weights unless DeepSpeed's bf16
+    mode keeps master copies itself. Without it, AdamW on fp16 weights has no loss scale: DeepSpeed found the
+    gradient norm infinite and skipped every step without failing, plain torch reached a NaN loss. Autocast keeps
+    bf16 compute where it is on. Returns the dtype upcast from, or None."""
+    half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)}
+    if not half or (config.deepspeed is not None and resolve_bf16(config, runtime)):
+        return None
+    model.float()
+    return ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in half))

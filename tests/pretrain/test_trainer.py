@@ -462,3 +462,22 @@ def test_processes_sharing_a_cpu_split_its_cores_unless_threads_are_set():
     assert cpu_threads_per_process(2, 4, threads_set=False) == 1
     assert cpu_threads_per_process(16, 2, threads_set=True) is None  # OMP_NUM_THREADS is the user's choice
     assert cpu_threads_per_process(16, 1, threads_set=False) is None  # one process keeps torch's default
+
+
+def test_fp16_weights_train_as_float32_master_weights(tmp_path):
+    """An fp16 checkpoint (the OpenBA release's dtype) must train: without a loss scale fp16 AdamW overflows."""
+    from pretrain.trainer import Trainer, TrainConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).half()
+    before = {k: v.float().clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (4, 16))
+    data = [{"input_ids": ids, "labels": ids}] * 8
+    trainer = Trainer(model, TrainConfig(steps=3, lr=1e-2, bf16=False, save_every=0, eval_every=0), data)
+    trainer.train(tmp_path)
+    info = json.loads((tmp_path / "train_info.json").read_text())
+    assert info["master_weights_upcast_from"] == "float16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
