@@ -73,8 +73,10 @@ class StageKind:
     inputs: tuple[Input, ...] = (Input("model", "checkpoint directory (any supported family)"),)
     summary: Callable[[Any], str] | None = None
     """Manifest -> text printed after the stage (a table)."""
-    shape_after: Callable[[Any, Any], Any] | None = None
-    """(config, ModelShape) -> ModelShape for the dry-run planner; None: the kind keeps the shape."""
+    shape_after: Callable[[Any, Any, Any], Any] | None = None
+    """(config, ModelShape, core.planning.PlannedModel) -> ModelShape, or a core.planning.Estimate where scores or
+    data decide the shape, for the dry-run planner (the PlannedModel counts shapes: a budget needs counts); None:
+    the kind keeps the shape."""
     resumable: bool = False
     flags: Callable[[Any], None] | None = None
     """Adds flags the generated ones cannot express (e.g. `--drop STACK=I,J`, repeated) to the parser."""
@@ -119,7 +121,7 @@ def execute(kind: StageKind, config: Any, inputs: dict[str, str | Path | None], 
     stage contract (lock, partial directory, run, score, manifest, card, publish). A stage already complete for
     this config and input is returned as it is, unless `force`.
     """
-    from core.stage import Stage, check_output_location, completed, run_stage
+    from core.stage import check_output_location, completed, run_stage
 
     paths = {name: Path(value) if value is not None else None for name, value in inputs.items()}
     for spec in kind.inputs:
@@ -129,14 +131,37 @@ def execute(kind: StageKind, config: Any, inputs: dict[str, str | Path | None], 
     check_output_location(out, kind.stage, [p for p in paths.values() if p is not None])
     if not force and (done := completed(out, config, checkpoint)):
         return done
-    prepared = kind.prepare(config, paths, progress)
+    return run_stage(stage_of(kind, config, paths, progress, score), checkpoint, out, force=force)
 
-    def run(_input, work_dir: Path, _config) -> dict[str, Any]:
-        metrics = kind.run(prepared, work_dir) or {}
-        if score is not None:
-            from compress.score import score_checkpoint  # the scorers are compress's; loaded only when asked for
 
-            metrics["importance"] = score_checkpoint(work_dir, score, progress)
-        return metrics
+def stage_of(kind: StageKind, config: Any, inputs: dict[str, Path | None], progress: bool = True,
+             score: ScoreRequest | None = None, after_run: Callable[[Path, dict[str, Any]], None] | None = None,
+             name: str | None = None):
+    """The stage contract's `Stage` for one kind: `prepare` runs before anything is written (inputs the recipe
+    leaves as None are the checkpoint the stage reads, known only when it runs); `after_run(work_dir, metrics)`
+    lets a recipe gate the output before it is published."""
+    from core.stage import Stage
 
-    return run_stage(Stage(kind.stage, run, config, resumable=kind.resumable), checkpoint, out, force=force)
+    def prepare(input_dir: Path | None):
+        given = {key: (input_dir if key == kind.checkpoint_input and value is None else value)
+                 for key, value in inputs.items()}
+        if kind.checkpoint_input and kind.checkpoint_input not in given:
+            given[kind.checkpoint_input] = input_dir
+        prepared = kind.prepare(config, given, progress)
+
+        def run(_input, work_dir: Path, _config) -> dict[str, Any]:
+            metrics = kind.run(prepared, work_dir) or {}
+            if score is not None:
+                from compress.score import score_checkpoint  # the scorers are compress's; loaded only when asked
+
+                metrics["importance"] = score_checkpoint(work_dir, score, progress)
+            if after_run is not None:
+                after_run(work_dir, metrics)
+            return metrics
+
+        return run
+
+    def unprepared(*_):
+        raise RuntimeError("a protocol stage runs through its prepare step")
+
+    return Stage(name or kind.stage, unprepared, config, resumable=kind.resumable, prepare=prepare)

@@ -245,6 +245,10 @@ class Stage:
     resumable: bool = False
     input: str | None = None
     """Name of the earlier stage whose output this one reads (a baseline branching off); None: the previous one."""
+    prepare: Callable[[Path | None], StageFn] | None = None
+    """Loads and validates everything and writes nothing; returns the function that writes the output (used
+    instead of `run`). `run_stage` calls it after the --out policy and before the lock or partial directory exist,
+    so a bad input fails with nothing written (the stage protocol, core/kind.py)."""
 
 
 def check_output_location(output_dir: str | Path, stage_name: str, inputs: list[str | Path | None] = ()) -> None:
@@ -307,6 +311,9 @@ def run_stage(stage: Stage, input_dir: Path | None, output_dir: str | Path, forc
     if input_dir is not None and not Path(input_dir).exists():
         raise UserError(f"stage '{stage.name}' needs {input_dir}, which does not exist")
     check_output_location(output_dir, stage.name, [input_dir])
+    if stage.prepare is not None:
+        stage = dataclasses.replace(stage, run=stage.prepare(Path(input_dir) if input_dir is not None else None),
+                                    prepare=None)
     with _exclusive(output_dir):
         if not force and (done := completed(output_dir, stage.config, input_dir)):  # the process we waited for did it
             return done
