@@ -8,6 +8,10 @@ manifest. Chunks are measured in the given tokenizer's tokens, so build with the
 With `--generator DIR` and `--set responses=generator` the responses are sampled from that model instead of made by
 rules; with `--set 'data.rule_rejected=["own_mistake","irrelevant"]'` one dis-preferred answer is that model's own
 mistake at synthesised positions (align/mistakes.py).
+
+The command is the stage kind `logo_data`: `prepare` loads and checks the tokenizer, the generator and the corpus,
+`write_rows` builds the rows and saves them into a directory. A recipe's align stage builds its rows with the same
+two functions (into its own stage directory) before it trains with the `logo` kind (align/logo.py).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from core.config import load_config, to_dict
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.config import to_dict
+from core.errors import UserError
+from core.kind import Input, StageKind, execute, register_kind
 from core.table import format_table
 from align.data import PreferenceDataConfig, build_preference_rows, check_build, save_rows
 
@@ -73,10 +79,21 @@ def describe(rows: list[dict], reasons: dict[str, int], tokenizer) -> dict[str, 
     }
 
 
-def build(config: BuildDataConfig, out_dir: str | Path, force: bool = False):
-    """Check inputs, build the rows, save them under `run_stage` (atomic, with a manifest). Returns the manifest."""
+@dataclasses.dataclass
+class PreparedData:
+    """What the rows are built from, loaded and checked before anything is written."""
+
+    config: BuildDataConfig
+    tokenizer: Any
+    generator: Any
+    texts: list[str]
+    doc_ids: list[str]
+
+
+def prepare(config: BuildDataConfig, inputs: dict | None = None, progress: bool = True) -> PreparedData:
+    """Load and check the tokenizer (chunk sizes fit it), the generator when responses or mistakes need one, and
+    the corpus' train split. Writes nothing but the embedded corpus' cache when that is not built yet."""
     from core.checkpoint import load_model, load_tokenizer
-    from core.stage import Stage, run_stage
 
     if not config.tokenizer:
         raise UserError("no tokenizer given (--tokenizer DIR): chunks are measured in its tokens")
@@ -88,56 +105,68 @@ def build(config: BuildDataConfig, out_dir: str | Path, force: bool = False):
             raise UserError("responses: generator and rule_rejected: own_mistake need --generator DIR")
         generator = load_model(config.generator).eval()
     texts, doc_ids = load_texts(config)
-
-    def stage_fn(_input, work_dir: Path, cfg: BuildDataConfig) -> dict[str, Any]:
-        rows, reasons = build_preference_rows(cfg.data, texts, doc_ids, tokenizer, generator)
-        provenance = {"config": to_dict(cfg), "generator": cfg.generator if generator is not None else "rule",
-                      "generation": to_dict(cfg.data.generation) if generator is not None else None,
-                      "corpus_split": "train"}
-        save_rows(rows, work_dir, provenance)
-        return describe(rows, reasons, tokenizer)
-
-    return run_stage(Stage("logo-data", stage_fn, config), None, out_dir, force=force)
+    return PreparedData(config, tokenizer, generator, texts, doc_ids)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m align.build_data",
-        description="Build LOGO preference data (chunks, importance, shared context, 1 + M responses).",
-        epilog=("example: python -m align.build_data --tokenizer runs/teacher --out runs/logo-data "
-                "--set data.samples=128 --set data.chunk_size=64 --set data.context_chunks=8 "
-                "--set data.document_chunks=12"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--tokenizer", required=True, help="tokenizer (or checkpoint) directory")
-    parser.add_argument("--out", required=True, help="output dataset directory (written atomically)")
-    parser.add_argument("--generator", default=None, help="checkpoint to sample responses with "
-                        "(with --set data.responses=generator)")
-    parser.add_argument("--corpus", default=None, help="saved corpus directory (default: the embedded corpus)")
-    parser.add_argument("--config", default=None, help="YAML file with BuildDataConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--force", action="store_true", help="rebuild even if --out is complete")
-    return parser.parse_args(argv)
+def write_rows(prepared: PreparedData, directory: Path) -> dict[str, Any]:
+    """Build the rows and save them (save_to_disk + provenance.json) into `directory`; returns their description."""
+    config = prepared.config
+    rows, reasons = build_preference_rows(config.data, prepared.texts, prepared.doc_ids, prepared.tokenizer,
+                                          prepared.generator)
+    sampled = prepared.generator is not None
+    provenance = {"config": to_dict(config), "generator": config.generator if sampled else "rule",
+                  "generation": to_dict(config.data.generation) if sampled else None,
+                  "corpus_split": "train", "tokenizer": config.tokenizer}
+    save_rows(rows, directory, provenance)
+    return describe(rows, reasons, prepared.tokenizer)
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    overrides = [f"tokenizer={args.tokenizer}"]
-    if args.generator:
-        overrides.append(f"generator={args.generator}")
-    if args.corpus:
-        overrides.append(f"corpus_dir={args.corpus}")
-    config = load_config(BuildDataConfig, args.config, overrides + list(args.set))
-    manifest = build(config, args.out, force=args.force)
+def summary(manifest) -> str:
     metrics = manifest.metrics
     table = [("rows", metrics["rows"]), ("mean / max context tokens",
               f"{metrics['mean_context_tokens']:.0f} / {metrics['max_context_tokens']}"),
              ("critical chunks per row", round(metrics["mean_critical_chunks"], 2))]
     table += [(f"dis-preferred: {kind}", n) for kind, n in sorted(metrics["dispreferred_kinds"].items())]
     table += [(f"skipped: {reason}", n) for reason, n in sorted(metrics["skipped"].items())]
-    print(format_table(table, ["", "value"]))
-    print(f"saved to {args.out}")
+    return format_table(table, ["", "value"])
+
+
+def _hidden_corpus_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus-dir", dest="corpus_dir", help=argparse.SUPPRESS)  # the field's name, as --corpus
+
+
+def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The paths given as inputs are config fields too: hashed, so a build from other inputs is not skipped."""
+    return {"tokenizer": args.tokenizer, "generator": args.generator, "corpus_dir": args.corpus or args.corpus_dir}
+
+
+KIND = register_kind(StageKind(
+    name="logo_data",
+    stage="logo-data",
+    module="align.build_data",
+    config_cls=BuildDataConfig,
+    prepare=prepare,
+    run=write_rows,
+    description="Build LOGO preference data (chunks, importance, shared context, 1 + M responses).",
+    examples=("python -m align.build_data --tokenizer runs/teacher --out runs/logo-data --set data.samples=128 "
+              "--set data.chunk_size=64 --set data.context_chunks=8 --set data.document_chunks=12",),
+    inputs=(Input("tokenizer", "tokenizer (or checkpoint) directory: chunks are counted in its tokens",
+                  required=False, is_checkpoint=False),
+            Input("generator", "checkpoint to sample responses with (with --set data.responses=generator)",
+                  required=False, is_checkpoint=False),
+            Input("corpus", "saved corpus directory (default: the embedded corpus)", required=False,
+                  is_checkpoint=False)),
+    summary=summary,
+    flags=_hidden_corpus_dir,
+    flag_values=_input_fields,
+))
+main = command(KIND)
+
+
+def build(config: BuildDataConfig, out_dir: str | Path, force: bool = False, progress: bool = True):
+    """The command as a function: build into `out_dir` under the stage contract. Returns the manifest."""
+    inputs = {"tokenizer": config.tokenizer or None, "generator": config.generator, "corpus": config.corpus_dir}
+    return execute(KIND, config, inputs, out_dir, force=force, progress=progress)
 
 
 if __name__ == "__main__":

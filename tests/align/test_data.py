@@ -203,4 +203,53 @@ def test_cli_writes_a_dataset_and_refuses_bad_settings_before_writing(workspace,
     assert not bad.exists() and not (tmp_path / "bad.partial").exists()
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "example:" in capsys.readouterr().out
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["inside the tokenizer", "no tokenizer", "missing corpus", "generator needed",
+                                  "users folder", "missing tokenizer"])
+def test_bad_input_is_one_error_and_nothing_is_written(case, workspace, tmp_path, capsys):
+    from tests.core.test_out_policy import refused
+
+    root, out = tmp_path, tmp_path / "data"
+    sources = {"tokenizer": str(workspace / "tokenizer"), "corpus": str(workspace / "corpus")}
+    extra: list[str] = []
+    if case == "inside the tokenizer":
+        root, out, expected = workspace / "tokenizer", workspace / "tokenizer" / "data", "lies inside it"
+    elif case == "no tokenizer":
+        del sources["tokenizer"]
+        expected = "no tokenizer given (--tokenizer DIR)"
+    elif case == "missing tokenizer":
+        sources["tokenizer"], expected = str(tmp_path / "nowhere"), "does not exist"
+    elif case == "missing corpus":
+        sources["corpus"], expected = str(tmp_path / "nowhere"), "corpus directory not found"
+    elif case == "generator needed":
+        extra, expected = ["--set", "data.responses=generator"], "need --generator DIR"
+    else:
+        out.mkdir()
+        (out / "rows.jsonl").write_text("{}\n")
+        expected = "already holds files this stage did not write (rows.jsonl)"
+
+    def build_data(_model, output):
+        main([*[f"--{name}={path}" for name, path in sources.items()], "--out", str(output),
+              *[f"--set={s}" for s in DATA_SETTINGS], *extra])
+
+    assert expected in refused(build_data, None, out, root, capsys)
+
+
+def test_a_build_from_another_tokenizer_is_not_taken_for_the_finished_one(workspace, tmp_path):
+    """The inputs are config fields: a finished output is reused only for the same tokenizer and corpus."""
+    import shutil
+
+    from core.stage import Manifest
+
+    out = tmp_path / "data"
+    arguments = ["--corpus", str(workspace / "corpus"), "--out", str(out), *[f"--set={s}" for s in DATA_SETTINGS],
+                 "--set", "data.samples=2"]
+    main(["--tokenizer", str(workspace / "tokenizer"), *arguments])
+    first = Manifest.read(out)
+    main(["--tokenizer", str(workspace / "tokenizer"), *arguments])
+    assert Manifest.read(out).timings == first.timings
+    other = shutil.copytree(workspace / "tokenizer", tmp_path / "other-tokenizer")
+    main(["--tokenizer", str(other), *arguments])
+    assert Manifest.read(out).config["tokenizer"] == str(other) != first.config["tokenizer"]
