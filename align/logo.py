@@ -17,6 +17,8 @@ What happens, in order (every check before anything is written):
 
 Decoder-only models with the shared context need a dense 4D mask, so `train.attn_implementation: auto` runs sdpa
 for them (flash-attention cannot take the mask).
+
+The command is the stage kind `logo`: `prepare_stage` does steps 1-3, `train_logo` steps 4-5 in the stage directory.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import copy
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from core.config import load_config
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import Input, StageKind, execute, register_kind
 from core.launch import launch
 from core.table import format_table, human_count
 from align.batches import BatchConfig, PreferenceBatches, WithTextBatches
@@ -120,6 +123,8 @@ class Prepared:
     extended: dict[str, Any]
     trainable: int
     total: int
+    config: LogoConfig
+    """The config the stage trains with (attention implementation resolved by `prepare_stage`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
@@ -220,7 +225,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     objective = PreferenceObjective(config.loss, config.shared_context, reference, config.text.weight)
     objective.check(model)
-    return Prepared(model, tokenizer, batches, text, data, objective, extended, trainable, total)
+    return Prepared(model, tokenizer, batches, text, data, objective, extended, trainable, total, config)
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -239,11 +244,12 @@ def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None
             write_checkpoint(module, prepared.tokenizer, work_dir)
 
 
-def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[str, Any]:
+def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig | None = None) -> dict[str, Any]:
     """The stage body: train, save, drop the training checkpoints, return the metrics for the manifest."""
     from align.objective import rows
     from pretrain.trainer import CHECKPOINTS, Trainer
 
+    config = config or prepared.config
     trainer = Trainer(prepared.model, config.train, prepared.data, loss_fn=prepared.objective, weight_fn=rows)
     result = trainer.train(work_dir / "train")
     _save_final(trainer, prepared, work_dir, config.lora.enabled)
@@ -254,7 +260,6 @@ def train_logo(prepared: Prepared, work_dir: Path, config: LogoConfig) -> dict[s
         "truncated_responses": prepared.batches.truncated,
         "text_rows": len(prepared.text.rows) if prepared.text else 0,
         "trainable_parameters": prepared.trainable,
-        "parameters": prepared.total,
         "window": config.position.window if config.position.synthesize else None,
         "real_context": config.position.real_context,
         "extended": prepared.extended,
@@ -275,57 +280,11 @@ def resolve_attention(config: LogoConfig, model_dir: str | Path) -> LogoConfig:
     return config
 
 
-def run_logo(model_dir: str | Path, out_dir: str | Path, config: LogoConfig, reference_dir: str | Path | None = None,
-             tokenizer_dir: str | Path | None = None, force: bool = False):
-    """Prepare (all checks), then train under `run_stage` (atomic output, manifest, resume). Returns the manifest."""
-    from core.stage import Stage, completed, run_stage
-
+def prepare_stage(config: LogoConfig, inputs: dict[str, Path | None], progress: bool = True) -> Prepared:
+    """The kind's prepare: the attention implementation the shared context needs, then `prepare` (every check)."""
+    model_dir = inputs["model"]
     config = resolve_attention(config, model_dir)
-    if not force and (done := completed(out_dir, config, model_dir)):
-        return done
-    prepared = prepare(model_dir, config, reference_dir, tokenizer_dir)
-    stage = Stage("logo", lambda _input, work_dir, cfg: train_logo(prepared, work_dir, cfg), config, resumable=True)
-    return run_stage(stage, Path(model_dir), out_dir, force=force)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m align.logo",
-        description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data.",
-        epilog=("example: python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo --lora "
-                "--set train.steps=50 --set train.warmup_steps=5 --set train.grad_accum_steps=4 --set train.lr=1e-4 "
-                "--set position.window=4096 --set position.chunk_size=64"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory to align")
-    parser.add_argument("--data", required=True, help="preference data (python -m align.build_data output)")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--loss", choices=["logo", "simpo", "dpo", "orpo", "sft"], default=None,
-                        help="preference loss (default: logo)")
-    parser.add_argument("--preset", choices=sorted(LOGO_PRESETS), default=None,
-                        help="LOGO's beta/gamma/lambda/M for this base model (default: llama3-8b's)")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved weights)")
-    parser.add_argument("--reference", default=None, help="DPO reference checkpoint (default: the model before "
-                        "training: a frozen copy, or the same model with LoRA adapters off)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    parser.add_argument("--config", default=None, help="YAML file with LogoConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--force", action="store_true", help="rerun even if --out holds a complete run")
-    return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> LogoConfig:
-    overrides = [f"data={args.data}"]
-    if args.preset:
-        overrides += [f"loss.{key}={value}" for key, value in LOGO_PRESETS[args.preset].items()]
-    if args.loss:
-        overrides.append(f"loss.loss={args.loss}")
-    if args.lora:
-        overrides.append("lora.enabled=true")
-    return load_config(LogoConfig, args.config, overrides + list(args.set))
+    return prepare(model_dir, config, inputs.get("reference"), inputs.get("tokenizer"))
 
 
 def summary(manifest) -> str:
@@ -339,21 +298,68 @@ def summary(manifest) -> str:
         ("window (synthesised)", metrics.get("window") or "off"),
         ("real context", metrics.get("real_context")),
         ("trainable / all parameters", f"{human_count(metrics.get('trainable_parameters', 0))} / "
-                                       f"{human_count(metrics.get('parameters', 0))}"),
+                                       f"{human_count(manifest.parameters.get('after') or 0)}"),
         ("responses truncated", metrics.get("truncated_responses")),
         ("seconds", metrics.get("seconds")),
     ]
+    if config["lora"]["enabled"]:
+        rows.append(("LoRA", "merged into the weights; the adapter is in lora_adapter/"))
     return format_table(rows, ["", "value"])
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = config_from_args(args)
-    manifest = run_logo(args.model, args.out, config, args.reference, args.tokenizer, force=args.force)
-    print(summary(manifest))
-    print(f"saved to {args.out} (LoRA merged; adapter in {args.out}/lora_adapter)" if config.lora.enabled
-          else f"saved to {args.out}")
+class _Settings(argparse.Action):
+    """A flag that stands for `--set` overrides. They go before every --set, wherever the flag stands, so an
+    explicit --set still wins (`--preset llama3-8b --set loss.beta=3` trains with beta 3)."""
+
+    def __init__(self, option_strings, dest, settings: Callable[[Any], list[str]], **kwargs):
+        self.settings = settings
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.set = self.settings(values) + list(getattr(namespace, "set", None) or [])
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loss", dest="loss_flag", action=_Settings, choices=["logo", "simpo", "dpo", "orpo", "sft"],
+                        settings=lambda name: [f"loss.loss={name}"], help="preference loss (default: logo)")
+    parser.add_argument("--preset", action=_Settings, choices=sorted(LOGO_PRESETS),
+                        settings=lambda name: [f"loss.{key}={value}" for key, value in LOGO_PRESETS[name].items()],
+                        help="LOGO's beta/gamma/lambda/M for this base model (default: llama3-8b's)")
+    parser.add_argument("--lora", dest="lora_flag", action=_Settings, nargs=0, settings=lambda _: ["lora.enabled=true"],
+                        help="train LoRA adapters (merged into the saved weights)")
+
+
+KIND = register_kind(StageKind(
+    name="logo",
+    stage="logo",
+    module="align.logo",
+    config_cls=LogoConfig,
+    prepare=prepare_stage,
+    run=train_logo,
+    description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data.",
+    examples=("python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo --lora "
+              "--set train.steps=50 --set train.warmup_steps=5 --set train.grad_accum_steps=4 --set train.lr=1e-4 "
+              "--set position.window=4096 --set position.chunk_size=64",),
+    inputs=(Input("model", "checkpoint directory to align"),
+            Input("data", "preference data (python -m align.build_data output); the config's `data`",
+                  required=False, is_checkpoint=False),
+            Input("reference", "DPO reference checkpoint (default: the model before training: a frozen copy, or the "
+                  "same model with LoRA adapters off)", required=False, is_checkpoint=False),
+            Input("tokenizer", "tokenizer directory (default: the model's)", required=False, is_checkpoint=False)),
+    summary=summary,
+    resumable=True,
+    flags=_method_flags,
+    flag_values=lambda args: {"data": args.data},
+))
+main = command(KIND)
+
+
+def run_logo(model_dir: str | Path, out_dir: str | Path, config: LogoConfig, reference_dir: str | Path | None = None,
+             tokenizer_dir: str | Path | None = None, force: bool = False, progress: bool = True):
+    """The command as a function: prepare (all checks), then train under the stage contract (atomic output,
+    manifest, resume). Returns the manifest."""
+    inputs = {"model": model_dir, "data": config.data or None, "reference": reference_dir, "tokenizer": tokenizer_dir}
+    return execute(KIND, config, inputs, out_dir, force=force, progress=progress)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_openba_lora_run_saves_the_merged_weights_and_the_adapter(workspace, tmp
     manifest = run_logo(workspace / "openba", out, logo_config(workspace, "train.steps=1", "train.lr=1e-2",
                                                                "batches.batch_size=2", "lora.enabled=true",
                                                                "lora.r=4", *zero))
-    assert manifest.metrics["trainable_parameters"] < manifest.metrics["parameters"] / 5
+    assert manifest.metrics["trainable_parameters"] < manifest.parameters["after"] / 5
     merged = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
     base = load_model(workspace / "openba").eval()
     rebuilt = PeftModel.from_pretrained(load_model(workspace / "openba"), str(out / "lora_adapter"))
@@ -127,7 +127,55 @@ def test_bad_input_fails_before_anything_is_written(workspace, tmp_path, capsys)
         assert not out.exists() and not (tmp_path / "never.partial").exists()
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "example:" in capsys.readouterr().out
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["inside the model", "users folder", "missing data", "truncated weights",
+                                  "more layers than weights", "missing reference"])
+def test_bad_input_is_one_error_and_leaves_every_file_as_it_was(case, workspace, tmp_path, capsys):
+    import shutil
+
+    from tests.core.test_out_policy import refused
+
+    model = shutil.copytree(workspace / "llama", tmp_path / "llama")
+    data, out, extra = workspace / "data", tmp_path / "out", []
+    if case == "inside the model":
+        out, expected = model / "aligned", "lies inside it"
+    elif case == "users folder":
+        out.mkdir()
+        (out / "draft.md").write_text("mine")
+        expected = "already holds files this stage did not write (draft.md)"
+    elif case == "missing data":
+        data, expected = tmp_path / "no-data", "preference data not found"
+    elif case == "truncated weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:2000])
+        expected = "corrupt safetensors file"
+    elif case == "more layers than weights":
+        config = json.loads((model / "config.json").read_text())
+        config["num_hidden_layers"] += 1
+        (model / "config.json").write_text(json.dumps(config))
+        expected = "missing from the weights"
+    else:
+        extra, expected = ["--loss", "dpo", "--reference", str(tmp_path / "no-reference")], "does not exist"
+
+    def logo(model_dir, output):
+        main(["--model", str(model_dir), "--data", str(data), "--out", str(output), "--no-progress",
+              *[f"--set={s}" for s in POSITION_SETTINGS], *extra])
+
+    assert expected in refused(logo, model, out, tmp_path, capsys)
+
+
+def test_method_flags_stand_before_every_set_so_an_explicit_set_wins():
+    from align.logo import KIND
+    from core.cli import build_parser, config_from_args
+
+    parser, named = build_parser(KIND)
+    args = parser.parse_args(["--model", "m", "--out", "o", "--data", "d", "--set", "loss.beta=3",
+                              "--preset", "llama2-7b", "--loss", "simpo", "--lora"])
+    config = config_from_args(KIND, args, named)
+    assert (config.loss.beta, config.loss.gamma, config.loss.loss) == (3.0, 0.6, "simpo")
+    assert config.lora.enabled and config.data == "d"
 
 
 @pytest.mark.slow
