@@ -3,7 +3,7 @@
 A stage kind declares its config dataclass, the inputs it reads, `prepare(config, inputs, progress)` which loads and
 validates everything and writes nothing, `run(prepared, work_dir)` which writes the output into the stage's
 temporary directory and returns metrics, a `summary` of the finished manifest for the terminal, and
-`shape_after(config, shape)` for the dry-run planner. `execute` owns everything else through the stage contract
+`shape_after(config, shape, model)` for the dry-run planner. `execute` owns everything else through the stage contract
 (core/stage.py): the `--out` policy, the lock, atomic publish, the manifest (parameters before and after, timings,
 config hash, inputs, versions) and the model card. The command line (core/cli.py) and the recipe
 (recipes/openba_v2.py) both call `execute`, so both fail at the same point: before anything is written.

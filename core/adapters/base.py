@@ -310,7 +310,8 @@ class Adapter:
     def _after_heads(self, view: AttentionView, q_heads: torch.Tensor, num_kv: int) -> None:
         """Family hook: update the attention module's own head-count attributes."""
 
-    def head_pruning_reason(self) -> str:
+    @classmethod
+    def head_pruning_reason(cls) -> str:
         return ""
 
     def keep_channels(self, view: MLPView, channels: torch.Tensor) -> None:
@@ -375,7 +376,8 @@ class Adapter:
             setattr(self.config, self.fields.head_dim, self.attentions(self.all_blocks()[0][2])[0].head_dim)
         setattr(self.config, self.fields.hidden, size)
 
-    def hidden_pruning_reason(self) -> str:
+    @classmethod
+    def hidden_pruning_reason(cls) -> str:
         return ""
 
     def sync_widths(self) -> None:

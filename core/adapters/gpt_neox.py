@@ -23,10 +23,12 @@ class GPTNeoXAdapter(DecoderOnlyAdapter):
     supports_head_pruning = False
     supports_hidden_pruning = False
 
-    def head_pruning_reason(self):
+    @classmethod
+    def head_pruning_reason(cls):
         return f"{FIXED_HEAD_SIZE}, so heads cannot be dropped alone"
 
-    def hidden_pruning_reason(self):
+    @classmethod
+    def hidden_pruning_reason(cls):
         return f"{FIXED_HEAD_SIZE}, so the hidden size is fixed"
 
     @classmethod
