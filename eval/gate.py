@@ -10,6 +10,10 @@ gives is its own row of the result table, so a failure names exactly which bound
 
     python -m eval.gate --model runs/s1 --gate eval/gates/offline.yaml \
         --baseline runs/s0-gate/results.json --out runs/s1-gate
+
+The command is the stage kind `gate`: its output directory holds results.json (the next gate's baseline) and
+gate.md; a gate that fails still publishes them, and the command then exits 1 (bad input exits 2, before anything
+is written).
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import load_config, to_dict
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import Input, StageKind, register_kind
 from core.table import format_table
 from eval.harness import EvalResult, declared_metrics, evaluate, is_offline_name, load_results, metric_key, task_manager
 from eval.taskdata import TaskDataConfig, TaskSet, ensure_task_set, load_task_set
@@ -82,6 +86,7 @@ class GateConfig:
     num_fewshot: int | None = None
     """Shots for every task; None keeps each task's own default (0 for ours)."""
     batch_size: int = 4
+    """Requests per forward pass of lm-eval."""
     max_length: int | None = None
     """Token window lm-eval uses (context truncation, rolling perplexity windows); None reads it from the model
     config (2048 when the config does not say, as for OpenBA). Set it to the length a stage trains at."""
@@ -360,63 +365,100 @@ def run_gate(model, tokenizer, gate: GateConfig, baseline=None, task_set: TaskSe
     return GateResult(gate.name, all(row.ok for row in rows), rows, results, prepared.baseline_source)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.gate",
-        description="Evaluate a checkpoint on a gate's lm-eval tasks and check its rules. Exit status: 0 passed, "
-                    "1 failed, 2 bad input. Writes results.json (a baseline for the next run) and gate.md to --out.",
-        epilog="example: python -m eval.gate --model runs/s1 --gate eval/gates/offline.yaml "
-               "--baseline runs/s0-gate/results.json --out runs/s1-gate limit=50",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (safetensors)")
-    parser.add_argument("--gate", required=True, help="gate YAML (GateConfig), e.g. eval/gates/offline.yaml")
-    parser.add_argument("--baseline", help="results JSON of an earlier run (eval.gate's results.json or lm_eval's)")
-    parser.add_argument("--out", help="directory for results.json and gate.md, written atomically with a manifest")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--task-set", help="an existing task set (python -m eval.taskdata) instead of the cached one")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="gate config overrides, e.g. limit=20")
-    return parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------------- the kind
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class GateRun(GateConfig):
+    """The command's settings: a gate (its YAML is --gate or --config), and what it reads besides the model."""
+
+    baseline: str | None = None
+    """Results JSON of an earlier run (eval.gate's results.json or lm_eval's) for the drop rules."""
+    tokenizer: str | None = None
+    """Tokenizer directory; default: the model directory."""
+    task_set: str | None = None
+    """An existing task set (python -m eval.taskdata) instead of the cached one."""
+
+
+@dataclass
+class PreparedGateRun:
+    config: GateRun
+    gate: PreparedGate
+    model: Any
+    tokenizer: Any
+
+
+def prepare(config: GateRun, inputs: dict[str, Path | None], progress: bool = True) -> PreparedGateRun:
+    """The checkpoint's files first (cheap), then the gate (task names, metrics, baseline data), then the model."""
     from core.checkpoint import check_weights, load_model, load_tokenizer, read_model_config
-    from core.stage import Stage, run_stage
 
-    args = parse_args(argv)
-    gate = load_config(GateConfig, args.gate, args.overrides)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} exists and is not a directory")
-    read_model_config(args.model)  # cheap checks of the checkpoint first, loading it last
-    check_weights(args.model)
-    task_set = load_task_set(args.task_set) if args.task_set else None
-    prepared = prepare_gate(gate, args.baseline, task_set)
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model_dir = inputs["model"]
+    read_model_config(model_dir)
+    check_weights(model_dir)
+    task_set = load_task_set(config.task_set) if config.task_set else None
+    gate = prepare_gate(config, config.baseline, task_set)
+    tokenizer = load_tokenizer(config.tokenizer or model_dir)
+    return PreparedGateRun(config, gate, load_model(model_dir), tokenizer)
 
-    outcome: dict[str, GateResult] = {}
 
-    def stage_fn(_input, work_dir: Path, _config) -> dict[str, Any]:
-        result = run_gate(model, tokenizer, gate, prepared=prepared)
-        outcome["result"] = result
-        (work_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-        (work_dir / "gate.md").write_text(result.to_markdown())
-        return {"gate": gate.name, "passed": result.passed, "failures": len(result.failures)}
+def write_results(prepared: PreparedGateRun, work_dir: Path) -> dict[str, Any]:
+    """Evaluate, write results.json and gate.md; the manifest's metrics carry the verdict and its table rows."""
+    result = run_gate(prepared.model, prepared.tokenizer, prepared.config, prepared=prepared.gate)
+    record = result.to_dict()
+    (work_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (work_dir / "gate.md").write_text(result.to_markdown())
+    return {"gate": result.gate, "passed": result.passed, "failures": len(result.failures),
+            "failure": None if result.passed else result.failure_message(), "rows": record["rows"]}
 
-    if args.out:
-        stage_config = {"gate": to_dict(gate), "baseline": args.baseline, "model": str(args.model)}
-        run_stage(Stage(f"gate-{gate.name}", stage_fn, stage_config), Path(args.model), args.out, force=True)
-    else:
-        outcome["result"] = run_gate(model, tokenizer, gate, prepared=prepared)
-    result = outcome["result"]
-    print(result.to_table())
-    if args.out:
-        print(f"results -> {Path(args.out) / 'results.json'}")
-    if not result.passed:
-        print(f"error: {result.failure_message()}", file=sys.stderr)
-        raise SystemExit(1)
-    print(f"gate '{gate.name}' passed ({len(result.rows)} checks)")
+
+def summary(manifest) -> str:
+    metrics = manifest.metrics
+    names = {f.name for f in dataclasses.fields(GateRow)}
+    rows = [GateRow(**{k: v for k, v in row.items() if k in names}) for row in metrics["rows"]]
+    table = GateResult(metrics["gate"], metrics["passed"], rows, EvalResult({}, {}, {})).to_table()
+    verdict = f"gate '{metrics['gate']}' passed ({len(rows)} checks)" if metrics["passed"] else \
+        f"gate '{metrics['gate']}' FAILED ({metrics['failures']} of {len(rows)} checks)"
+    return f"{table}\n{verdict}"
+
+
+class _Overrides(argparse.Action):
+    """Trailing `key=value` words: the same as --set key=value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.set = list(getattr(namespace, "set", None) or []) + list(values)
+
+
+def _gate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gate", dest="config", metavar="YAML", help="gate YAML (GateConfig), e.g. eval/gates/offline.yaml; the same "
+                        "as --config")
+    parser.add_argument("overrides", nargs="*", action=_Overrides, metavar="key=value",
+                        help="gate config overrides, e.g. limit=20 (the same as --set)")
+
+
+KIND = register_kind(StageKind(
+    name="gate",
+    stage="gate",
+    module="eval.gate",
+    config_cls=GateRun,
+    prepare=prepare,
+    run=write_results,
+    description="Evaluate a checkpoint on a gate's lm-eval tasks and check its rules. Exit status: 0 passed, 1 failed, "
+                "2 bad input. Writes results.json (a baseline for the next run) and gate.md to --out.",
+    examples=("python -m eval.gate --model runs/s1 --gate eval/gates/offline.yaml "
+              "--baseline runs/s0-gate/results.json --out runs/s1-gate limit=50",),
+    inputs=(Input("model", "checkpoint directory (safetensors)"),
+            Input("baseline", "results JSON of an earlier run (eval.gate's results.json or lm_eval's)",
+                  required=False, is_checkpoint=False),
+            Input("tokenizer", "tokenizer directory (default: the model directory)", required=False,
+                  is_checkpoint=False),
+            Input("task_set", "an existing task set (python -m eval.taskdata) instead of the cached one",
+                  required=False, is_checkpoint=False)),
+    summary=summary,
+    flags=_gate_flags,
+    flag_values=lambda args: {"baseline": args.baseline, "tokenizer": args.tokenizer, "task_set": args.task_set},
+    verdict=lambda manifest: manifest.metrics["failure"],
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

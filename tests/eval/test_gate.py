@@ -157,24 +157,41 @@ def test_cli_exit_codes_results_json_and_manifest(llama_dir, tokenizer, trained_
     assert json.loads((tmp_path / "after" / "results.json").read_text())["passed"] is False
 
 
-@pytest.mark.parametrize("problem", ["missing model", "not a checkpoint", "unknown key", "unknown task"])
+@pytest.mark.parametrize("problem", ["missing model", "not a checkpoint", "unknown key", "unknown task",
+                                     "inside the model", "users folder", "out holds the baseline", "truncated weights"])
 def test_cli_bad_input_exits_2_before_writing(problem, llama_dir, tmp_path, cache_dir, capsys):
+    import shutil
+
+    from tests.core.test_out_policy import refused
+
     gate_yaml = _gate_yaml(tmp_path, cache_dir)
-    model = str(llama_dir)
-    extra = []
+    model, root, out, extra = llama_dir, tmp_path, tmp_path / "out", []
     if problem == "missing model":
-        model = str(tmp_path / "nowhere")
+        model, expected = tmp_path / "nowhere", "does not exist"
     elif problem == "not a checkpoint":
-        model = str(tmp_path)
+        model, expected = tmp_path / "empty", "no config.json"
+        model.mkdir()
     elif problem == "unknown key":
-        extra = ["limt=3"]
+        extra, expected = ["limt=3"], "did you mean 'limit'"
+    elif problem == "unknown task":
+        extra, expected = ["tasks=[corpus_mcq]"], "corpus_mcq"
+    elif problem == "inside the model":
+        root, out, expected = llama_dir, llama_dir / "gate", "lies inside it"
+    elif problem == "users folder":
+        out.mkdir()
+        (out / "results.json").write_text("{}")
+        expected = "already holds files this stage did not write (results.json)"
+    elif problem == "out holds the baseline":
+        (out / "earlier").mkdir(parents=True)
+        (out / "earlier" / "results.json").write_text("{}")
+        extra, expected = ["--baseline", str(out / "earlier" / "results.json")], "holds the input"
     else:
-        extra = ["tasks=[corpus_mcq]"]
-    with pytest.raises(SystemExit) as caught:
-        main(["--model", model, "--gate", str(gate_yaml), "--out", str(tmp_path / "out"), *extra])
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    assert {"missing model": "does not exist", "not a checkpoint": "no config.json",
-            "unknown key": "did you mean 'limit'", "unknown task": "corpus_mcq"}[problem] in err
-    assert not (tmp_path / "out").exists()
+        model = shutil.copytree(llama_dir, tmp_path / "truncated")
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:2000])
+        expected = "corrupt safetensors file"
+
+    def gate(model_dir, output):
+        main(["--model", str(model_dir), "--gate", str(gate_yaml), "--out", str(output), *extra])
+
+    assert expected in refused(gate, model, out, root, capsys)
