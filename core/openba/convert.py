@@ -17,19 +17,25 @@ read here only, with `torch.load(weights_only=True)`), and builds a fast tokeniz
 Memory stays near one output shard: source shards are memory-mapped and output shards written one at a time.
 
     python -m core.openba.convert --src checkpoints/OpenBA-15B-release --out checkpoints/OpenBA-15B
+
+The command is the stage kind `convert_openba` (input `--src`): `prepare_conversion` reads and checks the release
+(config, shard index, every tensor's name, shape and dtype, the tokenizer) and writes nothing; the weights are
+streamed into the stage directory by the `write` it returns.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import Input, StageKind, register_kind
 
 RELEASE_INDEX = "pytorch_model.bin.index.json"
 RELEASE_SINGLE = "pytorch_model.bin"
@@ -89,23 +95,29 @@ def raise_if_release(path: str | Path, config: dict[str, Any]) -> None:
                         + CONVERT_HINT.format(path=path))
 
 
+def parse_dtype(text: str) -> str:
+    """'bf16', 'bfloat16', 'fp32', ... -> the torch dtype name."""
+    if text not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(sorted(set(DTYPES.values())))}, got {text!r}")
+    return DTYPES[text]
+
+
 @dataclasses.dataclass
 class ConvertConfig:
-    """How a release is converted.
+    """How a release is converted."""
 
-    dtype: None keeps the release's dtype (fp16 for OpenBA-15B); "bfloat16" or "float32" casts every tensor.
-    max_shard_size: bytes per safetensors output shard ("5GB", "500MB" or a number); one file when it all fits.
-    add_mode_tokens: add `<R>`/`<S>`/`<X>` (UL2 mode tokens) after the sentinels when the release's SentencePiece
-        model does not hold them; their embedding and LM-head rows are the mean of the trained rows (the model's
-        vocabulary padding rows are used where it has them, else the vocabulary grows, padded to 128).
-    extra_ids: sentinels above the SentencePiece pieces (the release's tokenizer_config says 100).
-    """
-
-    dtype: str | None = None
+    dtype: str | None = dataclasses.field(default=None, metadata={"parse": parse_dtype,
+                                                                  "metavar": "{float16,bfloat16,float32}"})
+    """Cast every tensor to this dtype; default: keep the release's (fp16 for OpenBA-15B)."""
     max_shard_size: str = "5GB"
+    """Bytes per safetensors output shard (5GB, 500MB or a number); one file when it all fits."""
     add_mode_tokens: bool = False
+    """Add <R>/<S>/<X> (UL2 mode tokens) after the sentinels when the release's SentencePiece model lacks them; their
+    embedding and LM-head rows are the mean of the trained rows (the vocabulary's padding rows are used where it has
+    them, else it grows, padded to 128)."""
     extra_ids: int = 100
-    """Used when the release has no tokenizer_config.json; its `extra_ids` wins otherwise."""
+    """Sentinels above the SentencePiece pieces, used when the release has no tokenizer_config.json (whose
+    `extra_ids` wins otherwise; the OpenBA release says 100)."""
 
 
 @dataclasses.dataclass
@@ -366,12 +378,13 @@ def write_weights(release: Release, out: Path, dtype: str, max_bytes: int, new_r
     return {"shards": len(shards), "bytes": sum(sizes.values()), "tensors": len(names)}
 
 
-def prepare_conversion(src: str | Path, config: ConvertConfig):
-    """Validate everything and return a function that writes the converted checkpoint into a directory."""
+def prepare_conversion(src: str | Path, config: ConvertConfig) -> tuple[Release, Callable[..., dict[str, Any]]]:
+    """Validate everything and return the release and a function that writes the converted checkpoint into a
+    directory (`write(out, progress)`)."""
     from core.openba.release_tokenizer import release_tokenizer, save_release_tokenizer
 
-    if config.dtype is not None and config.dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(sorted(set(DTYPES.values())))}, got {config.dtype!r}")
+    if config.dtype is not None:
+        parse_dtype(config.dtype)
     max_bytes = parse_size(config.max_shard_size)
     release = read_release(src, config.extra_ids)
     source_dtype = release.dtypes["shared_embedding.weight"] if "shared_embedding.weight" in release.dtypes else None
@@ -421,41 +434,12 @@ def prepare_conversion(src: str | Path, config: ConvertConfig):
     return release, write
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.openba.convert",
-        description="Convert a public OpenBA release (config with Megatron's ffn_hidden_size, pytorch_model*.bin "
-                    "shards, spiece.model) into a project checkpoint: stated SwiGLU width, safetensors, "
-                    "tokenizer.json; it then loads with plain from_pretrained and every command of this project.",
-        epilog="example: python -m core.openba.convert --src checkpoints/OpenBA-15B-release --out checkpoints/OpenBA-15B",
-    )
-    parser.add_argument("--src", required=True, help="the release directory (as the public converter wrote it)")
-    parser.add_argument("--out", required=True, help="the project checkpoint to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(set(DTYPES.values())), help="cast weights (default: keep the release's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="bytes per safetensors shard (default 5GB)")
-    parser.add_argument("--add-mode-tokens", action="store_true",
-                        help="add <R>/<S>/<X> (UL2) when the release's tokenizer lacks them; rows mean-initialised")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+# ---------------------------------------------------------------------------------------------------- the kind
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    from core.stage import Stage, run_stage
+def summary(manifest) -> str:
     from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    src, out = Path(args.src).resolve(), Path(args.out).resolve()
-    if out == src or src in out.parents:
-        raise UserError("--out must not be --src or inside it: the release is never written to")
-    if out.exists():
-        raise UserError(f"--out {args.out} already exists; name a new directory")
-    if not out.parent.exists():
-        raise UserError(f"the parent of --out does not exist: {out.parent}")
-    config = ConvertConfig(dtype=args.dtype, max_shard_size=args.max_shard_size, add_mode_tokens=args.add_mode_tokens)
-    _, write = prepare_conversion(src, config)
-    manifest = run_stage(Stage("convert-openba-release", lambda _i, work, _c: write(work, not args.no_progress),
-                               config), src, out, force=True)
     metrics = manifest.metrics
     rows = [
         ["FFN width", f"{metrics['ffn_hidden_size']['release (Megatron)']} (Megatron)",
@@ -465,8 +449,31 @@ def main(argv: list[str] | None = None) -> None:
         ["weights", "pytorch_model*.bin", f"{metrics['weights']['shards']} safetensors file(s)"],
         ["tokenizer", "spiece.model (remote code)", f"tokenizer.json, {metrics['tokenizer']['tokens']} tokens"],
     ]
-    print(format_table(rows, ["", "release", "converted"]))
-    print(f"wrote {args.out}")
+    return format_table(rows, ["", "release", "converted"])
+
+
+def prepare(config: ConvertConfig, inputs: dict[str, Path], progress: bool = True) -> Callable[[Path], dict[str, Any]]:
+    """The kind's prepare: every check of `prepare_conversion`; returns `write(work_dir)`."""
+    _, write = prepare_conversion(inputs["src"], config)
+    return functools.partial(write, progress=progress)
+
+
+KIND = register_kind(StageKind(
+    name="convert_openba",
+    stage="convert-openba-release",
+    module="core.openba.convert",
+    config_cls=ConvertConfig,
+    prepare=prepare,
+    run=lambda write, work_dir: write(work_dir),
+    description="Convert a public OpenBA release (config with Megatron's ffn_hidden_size, pytorch_model*.bin "
+                "shards, spiece.model) into a project checkpoint: stated SwiGLU width, safetensors, tokenizer.json; "
+                "it then loads with plain from_pretrained and every command of this project.",
+    examples=("python -m core.openba.convert --src checkpoints/OpenBA-15B-release --out checkpoints/OpenBA-15B",
+              "python -m core.openba.convert --src release --out converted --dtype bfloat16 --add-mode-tokens"),
+    inputs=(Input("src", "the release directory (as the public converter wrote it)"),),
+    summary=summary,
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

@@ -177,11 +177,11 @@ def test_shards_are_planned_in_order_under_the_size_bound():
 
 
 def _run_convert(src: Path, out: Path, capsys, *extra: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        convert_main(["--src", str(src), "--out", str(out), "--no-progress", *extra])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    """Exit 2, one error line, no traceback, and every file under the release's folder as it was."""
+    from tests.core.test_out_policy import refused
+
+    err = refused(lambda s, o: convert_main(["--src", str(s), "--out", str(o), "--no-progress", *extra]), src, out,
+                  src.parent, capsys)
     assert not out.exists() and not Path(str(out) + ".partial").exists()
     return err
 
@@ -227,14 +227,34 @@ def test_an_unknown_config_field_is_one_error(release, tmp_path, capsys):
     assert "'num_head'" in err and "did you mean 'num_heads'" in err
 
 
-def test_an_existing_out_is_one_error_and_left_as_it_was(release, tmp_path, capsys):
+def test_an_out_of_the_users_files_is_one_error_and_left_as_it_was(release, tmp_path, capsys):
+    from tests.core.test_out_policy import refused
+
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my own file")
-    with pytest.raises(SystemExit):
-        convert_main(["--src", str(release[0]), "--out", str(out), "--no-progress"])
-    assert "already exists" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my own file"
+    message = refused(lambda s, o: convert_main(["--src", str(s), "--out", str(o), "--no-progress"]), release[0], out,
+                      tmp_path, capsys)
+    assert "already holds files this stage did not write (notes.txt)" in message
+
+
+def test_an_out_inside_the_release_is_one_error(release, tmp_path, capsys):
+    src = _copy(release[0], tmp_path)
+    assert "lies inside it" in _run_convert(src, src / "converted", capsys)
+
+
+def test_an_unknown_dtype_is_one_error(release, tmp_path, capsys):
+    assert "dtype must be one of bfloat16, float16, float32, got 'int8'" in _run_convert(
+        _copy(release[0], tmp_path), tmp_path / "out", capsys, "--dtype", "int8")
+
+
+def test_a_finished_conversion_is_kept_on_a_rerun(converted, release):
+    from core.stage import Manifest
+
+    first = Manifest.read(converted)
+    assert first.stage == "convert-openba-release" and first.parameters["after"] > 0
+    convert_main(["--src", str(release[0]), "--out", str(converted), "--no-progress", "--max-shard-size", "200KB"])
+    assert Manifest.read(converted).timings == first.timings
 
 
 def test_a_truncated_shard_is_one_error(release, tmp_path, capsys):
@@ -269,7 +289,7 @@ def test_every_command_pointed_at_a_raw_release_names_the_converter(module, args
     (tmp_path / "calib.txt").write_text("some calibration text\n" * 20)
     paths = {"DATA": str(tmp_path / "data"), "TEXT": str(tmp_path / "calib.txt")}
     argv = ["--model", str(release[0])] + [paths.get(a, a) for a in args]
-    if module not in ("compress.budget", "eval.gate"):
+    if module != "compress.budget":
         argv += ["--out", str(tmp_path / "out")]
     before = sorted(p.name for p in release[0].iterdir())
     with pytest.raises(SystemExit) as exit_info:
