@@ -30,7 +30,7 @@ from core.cli import command
 from core.errors import UserError
 from core.kind import Input, StageKind, register_kind
 from core.launch import launch
-from pretrain.data import DataConfig, load_documents
+from pretrain.data import DataConfig, load_documents, load_text_dataset
 from pretrain.long_context import LongContextConfig, apply_long_context
 from pretrain.objectives import (
     CausalLM,
@@ -179,7 +179,6 @@ def process_shard(config: DataConfig):
     from datasets.distributed import split_dataset_by_node
 
     from pretrain.corpus import build_corpus
-    from pretrain.data import load_text_dataset
 
     dataset = (load_text_dataset(config.paths, config.split, config.streaming) if config.paths
                else build_corpus()[config.split])
@@ -252,6 +251,9 @@ def prepare(config: ContinualConfig, inputs: dict[str, Path], progress: bool = T
             raise UserError("distill is set but no teacher checkpoint is given (--teacher DIR or teacher: DIR)")
         read_model_config(config.teacher)
         check_weights(config.teacher)
+    if config.data.paths:  # paths, file kinds and splits, read lazily: a 15B model is not loaded to find a typo
+        for split in (config.data.split, config.validation_split):
+            load_text_dataset(config.data.paths, split, streaming=True)
     model, tokenizer = load_student(model_dir, config)
     added_tokens = add_special_tokens(model, tokenizer, config)
     encoder_decoder = is_encoder_decoder(model)

@@ -148,7 +148,7 @@ def _copy_model(workspace: Path, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "truncated weights", "more layers than weights",
-                                  "distill without teacher"])
+                                  "distill without teacher", "missing data is found before the weights are read"])
 def test_bad_input_is_one_error_before_anything_is_written(case, workspace, tmp_path, capsys):
     from tests.core.test_out_policy import refused
 
@@ -168,8 +168,11 @@ def test_bad_input_is_one_error_before_anything_is_written(case, workspace, tmp_
         config["num_decoder_layers"] += 1
         (model / "config.json").write_text(json.dumps(config))
         expected = "missing from the weights"
-    else:
+    elif case == "distill without teacher":
         extra, expected = ["--set=distill.kd_weight=0.5"], "no teacher checkpoint is given"
+    else:
+        (model / "model.safetensors").write_bytes(b"not read")
+        extra, expected = ["--set=data.paths=[" + str(tmp_path / "no-corpus") + "]"], "data path not found"
     message = refused(lambda m, o: _continual(m, o, *extra), model, tmp_path / "out", tmp_path, capsys)
     assert expected in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
