@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -292,6 +292,79 @@ def model_shape(model) -> dict:
             "total": count_parameters(model)}
 
 
+# --- planning (the dry run: shapes only, no weights) ------------------------------------------------------------
+def shape_after(config: LayerPruneConfig, shape, model):
+    """The depths this prune leaves (`StageKind.shape_after`). Explicit drops and counts are exact. A parameter
+    budget is an estimate (a `core.planning.Estimate`): the pruner removes the lowest-scoring blocks across stacks
+    until the model fits, and the plan, which has no scores, removes blocks as evenly as the stacks allow (the stack
+    that keeps the largest share of its blocks gives up the next), counting after each, until the model fits. The
+    count is then exact for the depths shown; which stack gives up the blocks is the scores' choice.
+
+    `drop_numbering: original` indices are checked against earlier stages by the recipe's planner, which alone
+    knows what they dropped."""
+    from core.planning import Estimate
+
+    depths = dict(shape.depths)
+
+    def known(stack: str) -> None:
+        if stack not in depths:
+            raise UserError(f"no stack '{stack}' in this model (stacks: {', '.join(depths)})")
+
+    given = [name for name in ("remove", "drop", "target_params") if getattr(config, name) is not None]
+    if len(given) != 1:
+        raise UserError(f"give exactly one of remove, drop or target_params (got {', '.join(given) or 'none'})")
+    if config.target_params is not None:
+        return _budget_shape(config, shape, model, Estimate)
+    if config.drop is not None:
+        for stack, indices in config.drop.items():
+            known(stack)
+            outside = [i for i in indices if not 0 <= i < depths[stack]]
+            if config.drop_numbering == "current" and outside:
+                raise UserError(f"{stack} block index {outside[0]} is out of range: the stack has {depths[stack]} "
+                                f"blocks (0-{depths[stack] - 1})")
+            depths[stack] -= len(set(indices))
+    else:
+        counts = {stack: config.remove for stack in depths} if isinstance(config.remove, int) else config.remove
+        for stack, count in counts.items():
+            known(stack)
+            allowed = len(_removable(depths[stack], config.protect_first_last))
+            if count > allowed:
+                raise UserError(f"can remove at most {allowed} of {depths[stack]} {stack} blocks"
+                                + (" while keeping the first and last" if config.protect_first_last else ""))
+            depths[stack] -= count
+    empty = [stack for stack, depth in depths.items() if depth < 1]
+    if empty:
+        raise UserError(f"layer pruning would leave the {empty[0]} stack empty: {depths}")
+    return replace(shape, depths=depths)
+
+
+def _budget_shape(config: LayerPruneConfig, shape, model, estimate):
+    target = config.target_params
+    if target <= 0:
+        raise UserError(f"target_params must be positive, got {target}")
+    depths = dict(shape.depths)
+    # blocks a stack may lose: the pruner protects the first and last, and never empties a stack
+    spare = {stack: max(len(_removable(n, config.protect_first_last)) - (0 if config.protect_first_last else 1), 0)
+             for stack, n in depths.items()}
+    removed = {stack: 0 for stack in depths}
+    current = shape
+    while model.count(current) > target:
+        open_stacks = [stack for stack in depths if removed[stack] < spare[stack]]
+        if not open_stacks:
+            raise UserError(f"cannot reach {target:,} parameters by removing layers: the fewest reachable is "
+                            f"{model.count(current):,} (prune widths or vocabulary too: compress.neuron, "
+                            "compress.vocab)")
+        # the largest kept share loses a block; ties go to the later stack, as the pruner's ties do
+        stack = max(reversed(open_stacks), key=lambda s: (depths[s] - removed[s]) / depths[s])
+        removed[stack] += 1
+        current = replace(shape, depths={s: depths[s] - removed[s] for s in depths})
+    if not any(removed.values()):
+        return current
+    cut = ", ".join(f"{stack} -{count}" for stack, count in removed.items() if count)
+    return estimate(current, f"target_params {target:,}: {sum(removed.values())} blocks ({cut}) reach it if taken "
+                             "evenly across stacks; the scores choose which stacks give them up")
+
+
 # --- command line ----------------------------------------------------------------------------------------------
 def parse_count(text: str) -> int:
     """'3.4B', '900M', '12e6' or '1200000' -> an integer parameter count."""
@@ -436,6 +509,7 @@ KIND = register_kind(StageKind(
         "python -m compress.layer --model ckpt --scores runs/scores --target-params 3.4B --out ckpt-small",
     ),
     summary=summary,
+    shape_after=shape_after,
     flags=_drop_flag,
     flag_values=_drop_value,
     exclusive=(("remove", "drop", "target_params"),),

@@ -6,6 +6,7 @@ importance scores (HIGHER = keep, see compress/scoring.py); the scorer "random" 
 
     prune_neurons(model, scores, ffn_ratio=0.5, head_ratio=0.5)          # in place, returns a NeuronPruneResult
     python -m compress.neuron --model DIR --calib DATA --ffn-width 6912 --heads 20 --hidden 2560 --out DIR
+    KIND.shape_after(config, shape, model)                                # the shape, for the dry-run planner
 
 Rules the pruner keeps:
 - Query heads go with their kv head (a kv group is the unit), so GQA stays valid; a group scores the sum of its
@@ -20,7 +21,6 @@ Rules the pruner keeps:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 from pathlib import Path
@@ -28,9 +28,12 @@ from typing import Any, Mapping
 
 import torch
 
-from core.adapters import Adapter, block_hidden_out, get_adapter
+from core.adapters import Adapter, ModelShape, block_hidden_out, get_adapter
 from compress.calibration import CalibrationConfig
-from core.errors import UserError, main_guard
+from compress.layer import parse_count
+from core.cli import command
+from core.errors import UserError
+from core.kind import StageKind, register_kind
 
 HIDDEN_SCORES = "hidden"  # name of the hidden-dimension scores [hidden_size] in a scores mapping
 HIDDEN_FILE = "hidden.safetensors"  # beside scores.safetensors (ImportanceScores has no hidden unit)
@@ -120,8 +123,9 @@ class NeuronTargets:
         return self.ffn_width is not None or self.ffn_ratio is not None
 
 
-def check_targets(adapter: Adapter, targets: NeuronTargets) -> None:
-    """Every error a request can have, found from the model's shapes alone (before scoring and before surgery)."""
+def check_request(family: type[Adapter], targets: NeuronTargets) -> None:
+    """The errors a request has whatever the model's sizes: a count and a ratio for one unit, values out of range,
+    a cut the family cannot make."""
     for count, ratio, unit in ((targets.ffn_width, targets.ffn_ratio, "FFN width"),
                                (targets.heads, targets.head_ratio, "head count"),
                                (targets.hidden, targets.hidden_ratio, "hidden size")):
@@ -133,14 +137,19 @@ def check_targets(adapter: Adapter, targets: NeuronTargets) -> None:
             raise UserError(f"the kept {unit} ratio must be in (0, 1], got {ratio}")
     if targets.round_to < 1:
         raise UserError(f"round_to must be a positive integer, got {targets.round_to}")
-    if targets.per_layer and not adapter.per_layer_shapes:
-        raise UserError(f"{adapter.family} checkpoints need the same width in every layer: per-layer pruning is "
+    if targets.per_layer and not family.per_layer_shapes:
+        raise UserError(f"{family.family} checkpoints need the same width in every layer: per-layer pruning is "
                         "only for families whose config stores per-layer shapes (openba)")
-    if targets.prunes_heads() and not adapter.supports_head_pruning:
-        raise UserError(f"{adapter.family}: head pruning is not supported ({adapter.head_pruning_reason()})")
-    if targets.prunes_hidden() and not adapter.supports_hidden_pruning:
-        raise UserError(f"{adapter.family}: hidden-dimension pruning is not supported "
-                        f"({adapter.hidden_pruning_reason()})")
+    if targets.prunes_heads() and not family.supports_head_pruning:
+        raise UserError(f"{family.family}: head pruning is not supported ({family.head_pruning_reason()})")
+    if targets.prunes_hidden() and not family.supports_hidden_pruning:
+        raise UserError(f"{family.family}: hidden-dimension pruning is not supported "
+                        f"({family.hidden_pruning_reason()})")
+
+
+def check_targets(adapter: Adapter, targets: NeuronTargets) -> None:
+    """Every error a request can have, found from the model's shapes alone (before scoring and before surgery)."""
+    check_request(type(adapter), targets)
     hidden = adapter.input_embeddings().embedding_dim
     if targets.hidden is not None and targets.hidden > hidden:
         raise UserError(f"cannot keep {targets.hidden} hidden dimensions: the model has {hidden}")
@@ -169,12 +178,17 @@ def _uniform_shape_after(adapter: Adapter, targets: NeuronTargets):
     view = adapter.attentions(first)[0]
     if any(adapter.mlp(b).width != adapter.mlp(first).width for _, _, b in adapter.all_blocks()):
         return None
-    shape = type(adapter).config_shape(adapter.config)
-    ffn = _kept_ffn(adapter.mlp(first).width, targets)
-    kv = _kept_groups(view.num_kv_heads, view.group_size, targets)
-    hidden = _kept_hidden(adapter.input_embeddings().embedding_dim, targets)
-    return dataclasses.replace(shape, hidden=hidden, ffn=ffn, heads=kv * view.group_size, kv_heads=kv,
-                               head_dim=view.head_dim)
+    shape = dataclasses.replace(type(adapter).config_shape(adapter.config), ffn=adapter.mlp(first).width,
+                                hidden=adapter.input_embeddings().embedding_dim, heads=view.num_heads,
+                                kv_heads=view.num_kv_heads, head_dim=view.head_dim)
+    return uniform_shape(shape, targets)
+
+
+def uniform_shape(shape: ModelShape, targets: NeuronTargets) -> ModelShape:
+    """`shape` with every layer cut to `targets` (the widths a uniform prune gives each layer)."""
+    kv = _kept_groups(shape.kv_heads, shape.group_size, targets)
+    return dataclasses.replace(shape, hidden=_kept_hidden(shape.hidden, targets), ffn=_kept_ffn(shape.ffn, targets),
+                               heads=kv * shape.group_size, kv_heads=kv)
 
 
 def cuts_channels(adapter: Adapter, targets: NeuronTargets) -> bool:
@@ -361,23 +375,36 @@ def plan_prune(model, scores, targets: NeuronTargets,
 def solve_budget(model, adapter: Adapter, scores, targets: NeuronTargets, target_params: int,
                  steps: int = 24) -> tuple[NeuronTargets, float]:
     """The largest width ratio (for FFN and heads not fixed by `targets`) whose pruned model fits `target_params`."""
-    free_ffn = not targets.prunes_ffn()
-    free_heads = not targets.prunes_heads() and adapter.supports_head_pruning
-    if not (free_ffn or free_heads):
-        raise UserError("a parameter budget needs the FFN width or the head count left free to solve for")
-
     views = [v for _, _, b in adapter.all_blocks() for v in adapter.attentions(b)]
     uniform_heads = not targets.per_layer and len({(v.num_heads, v.num_kv_heads) for v in views}) == 1
 
+    def head_count(solved: NeuronTargets, ratio: float) -> int | None:
+        # a head count the family's config accepts (LlamaConfig: one that divides the hidden size)
+        return _valid_head_count(adapter, solved, views[0], ratio) if uniform_heads else None
+
+    return _budget_ratio(type(adapter), targets, target_params,
+                         lambda solved: count_after(model, plan_neurons(adapter, scores, solved)), head_count, steps)
+
+
+def _budget_ratio(family: type[Adapter], targets: NeuronTargets, target_params: int, count, head_count,
+                  steps: int = 24) -> tuple[NeuronTargets, float]:
+    """Bisection over one width ratio for the FFN and heads `targets` leave free: the largest whose pruned model
+    has at most `target_params` parameters (`count(targets)`). `head_count(targets, ratio)` is a whole head count
+    the family's config accepts, or None where heads are cut by the ratio layer by layer."""
+    free_ffn = not targets.prunes_ffn()
+    free_heads = not targets.prunes_heads() and family.supports_head_pruning
+    if not (free_ffn or free_heads):
+        raise UserError("a parameter budget needs the FFN width or the head count left free to solve for")
+
     def with_ratio(ratio: float) -> NeuronTargets:
         solved = dataclasses.replace(targets, ffn_ratio=ratio if free_ffn else targets.ffn_ratio)
-        if free_heads and uniform_heads:
-            # a head count the family's config accepts (LlamaConfig: one that divides the hidden size)
-            return dataclasses.replace(solved, heads=_valid_head_count(adapter, solved, views[0], ratio))
+        heads = head_count(solved, ratio) if free_heads else None
+        if heads is not None:
+            return dataclasses.replace(solved, heads=heads)
         return dataclasses.replace(solved, head_ratio=ratio if free_heads else targets.head_ratio)
 
     def params(ratio: float) -> int:
-        return count_after(model, plan_neurons(adapter, scores, with_ratio(ratio)))
+        return count(with_ratio(ratio))
 
     if params(1.0) <= target_params:
         return with_ratio(1.0), 1.0
@@ -394,12 +421,75 @@ def solve_budget(model, adapter: Adapter, scores, targets: NeuronTargets, target
 
 def _valid_head_count(adapter: Adapter, targets: NeuronTargets, view, ratio: float) -> int:
     """The largest whole-group head count at or below `ratio` of the heads whose uniform shape the family accepts."""
-    wanted = int(min(max(round(view.num_kv_heads * ratio), 1), view.num_kv_heads))
-    for kv in [*range(wanted, 0, -1), *range(wanted + 1, view.num_kv_heads + 1)]:
-        shape = _uniform_shape_after(adapter, dataclasses.replace(targets, heads=kv * view.group_size))
-        if shape is None or type(adapter).shape_problem(shape) is None:
-            return kv * view.group_size
-    raise UserError(f"{adapter.family}: no head count fits the config's rules at this hidden size")
+    def accepted(heads: int) -> bool:
+        shape = _uniform_shape_after(adapter, dataclasses.replace(targets, heads=heads))
+        return shape is None or type(adapter).shape_problem(shape) is None
+
+    return _head_count_near(ratio, view.num_kv_heads, view.group_size, accepted, adapter.family)
+
+
+def _head_count_near(ratio: float, num_kv: int, group_size: int, accepted, family_name: str) -> int:
+    """The largest whole-group head count at or below `ratio` of the kv groups that `accepted(heads)` allows, else
+    the smallest above it."""
+    wanted = int(min(max(round(num_kv * ratio), 1), num_kv))
+    for kv in [*range(wanted, 0, -1), *range(wanted + 1, num_kv + 1)]:
+        if accepted(kv * group_size):
+            return kv * group_size
+    raise UserError(f"{family_name}: no head count fits the config's rules at this hidden size")
+
+
+# --- planning (the dry run: shapes only, no weights) -------------------------------------------------------------
+def shape_after(config: "NeuronPruneConfig", shape: ModelShape, model):
+    """The widths this prune leaves (`StageKind.shape_after`), by the pruner's own rules: counts and ratios rounded
+    as `round_to` says, heads in whole kv groups, and a budget solved by the same search over one width ratio,
+    counting each candidate shape. Exact for uniform layers; with `per_layer` the scores spread each stack's kept
+    total unevenly, so the plan shows the uniform widths with that total as an estimate."""
+    from core.planning import Estimate
+
+    targets = config.targets()
+    family = model.adapter
+    check_request(family, targets)
+    for count, size, unit in ((targets.ffn_width, shape.ffn, "FFN channels"),
+                              (targets.hidden, shape.hidden, "hidden dimensions")):
+        if count is not None and count > size:
+            raise UserError(f"cannot keep {count} {unit}: the model has {size}")
+    if targets.heads is not None:
+        if targets.heads > shape.heads:
+            raise UserError(f"cannot keep {targets.heads} heads: the model's attentions have {shape.heads}")
+        if targets.heads % shape.group_size:
+            raise UserError(f"kept query heads ({targets.heads}) must be a multiple of the kv group size "
+                            f"({shape.group_size} query heads share a kv head) so GQA stays valid")
+    if config.target_params is not None:
+        targets, _ = _solve_budget_shape(shape, model, targets, int(config.target_params))
+    elif not (targets.prunes_ffn() or targets.prunes_heads() or targets.prunes_hidden()):
+        raise UserError("nothing to prune: give an FFN width, a head count, a hidden size (or ratios) or a budget")
+    after = uniform_shape(shape, targets)
+    problem = family.shape_problem(after)
+    if problem:
+        raise UserError(f"{family.family}: {problem}")
+    if targets.per_layer:
+        return Estimate(after, "per_layer: the scores spread each stack's kept widths unevenly across its layers; "
+                               "shown as uniform widths with the same total")
+    return after
+
+
+def _solve_budget_shape(shape: ModelShape, model, targets: NeuronTargets,
+                        target_params: int) -> tuple[NeuronTargets, float]:
+    """`solve_budget` on a shape: the same free units, head counts and bisection, each candidate counted by
+    `model` (a core.planning.PlannedModel) instead of applied to weights."""
+    family = model.adapter
+
+    def head_count(solved: NeuronTargets, ratio: float) -> int | None:
+        if targets.per_layer:
+            return None
+
+        def accepted(heads: int) -> bool:
+            return family.shape_problem(uniform_shape(shape, dataclasses.replace(solved, heads=heads))) is None
+
+        return _head_count_near(ratio, shape.kv_heads, shape.group_size, accepted, family.family)
+
+    return _budget_ratio(family, targets, target_params, lambda solved: model.count(uniform_shape(shape, solved)),
+                         head_count)
 
 
 # --- hidden-dimension scores -------------------------------------------------------------------------------------
@@ -480,13 +570,14 @@ class NeuronPruneConfig:
     round_to: int = 1
     """Round kept FFN and hidden widths to a multiple: 64 or 128 suit GPU kernels (V2's 6912 and 2560 are
     multiples of 128). 1 keeps exact counts."""
-    target_params: int | None = None
-    """Parameter budget: solve one width ratio for FFN and heads (those not given) to fit it."""
+    target_params: int | None = dataclasses.field(default=None, metadata={"parse": lambda t: parse_count(t),
+                                                                          "metavar": "900M"})
+    """Parameter budget (e.g. 900M): solve one width ratio for FFN and heads (those not given) to fit it."""
     scorer: str = "activation"
     """Head and channel scorer: activation (Minitron), wanda, taylor (backward pass), random (OpenBA-V2's random
     masks, the baseline to beat), or pkg.module:function."""
     hidden_scorer: str | None = None
-    """Hidden-dimension scorer: activation (residual-stream magnitude) or random; None: random when `scorer` is
+    """Hidden-dimension scorer: activation (residual-stream magnitude) or random. Default: random when `scorer` is
     random, else activation."""
     seed: int = 0
     """Seed for the random scorers."""
@@ -506,63 +597,8 @@ class NeuronPruneConfig:
         return self.hidden_scorer or ("random" if self.scorer == "random" else "activation")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from compress.layer import parse_count
-
-    parser = argparse.ArgumentParser(
-        prog="python -m compress.neuron",
-        description="Prune FFN channels, attention heads (whole kv groups) and the hidden dimension of a checkpoint "
-                    "by importance score. Writes a checkpoint (model + tokenizer), the scores and a manifest.",
-        epilog="examples:\n"
-               "  python -m compress.neuron --model s3 --calib runs/corpus --ffn-width 6912 --heads 20 --hidden 2560 "
-               "--out s4\n"
-               "  python -m compress.neuron --model s3 --scorer random --ffn-width 6912 --heads 20 --hidden 2560 "
-               "--round-to 128 --out s4-random\n"
-               "  python -m compress.neuron --model ckpt --scores runs/scores --target-params 900M --out ckpt-small\n"
-               "  python -m compress.neuron --model openba --calib runs/corpus --ffn-ratio 0.6 --head-ratio 0.5 "
-               "--per-layer --round-to 64 --out openba-uneven",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (any supported family)")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--calib", help="calibration data: saved dataset, directory of text files, or a file")
-    parser.add_argument("--ffn-width", type=int, help="kept FFN channels per layer")
-    parser.add_argument("--ffn-ratio", type=float, help="kept fraction of FFN channels")
-    parser.add_argument("--heads", type=int, help="kept query heads per attention (a multiple of the kv group)")
-    parser.add_argument("--head-ratio", type=float, help="kept fraction of kv groups")
-    parser.add_argument("--hidden", type=int, help="kept hidden size")
-    parser.add_argument("--hidden-ratio", type=float, help="kept fraction of the hidden size")
-    parser.add_argument("--per-layer", action="store_true", default=None, help="uneven widths by global rank (openba)")
-    parser.add_argument("--round-to", type=int, help="round kept FFN and hidden widths to a multiple (e.g. 64)")
-    parser.add_argument("--target-params", type=parse_count, help="parameter budget, e.g. 900M")
-    parser.add_argument("--scorer", help="head/channel scorer: activation (default), wanda, taylor, random, pkg.mod:fn")
-    parser.add_argument("--hidden-scorer", choices=["activation", "random"], help="hidden-dimension scorer")
-    parser.add_argument("--scores", help="reuse scores from this directory instead of rescoring")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--seed", type=int, help="seed of the random scorers")
-    parser.add_argument("--config", help="YAML file with NeuronPruneConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. calibration.num_samples=32")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
-
-
 TARGET_FIELDS = ("ffn_width", "ffn_ratio", "heads", "head_ratio", "hidden", "hidden_ratio", "target_params")
-
-
-def config_from_args(args: argparse.Namespace) -> NeuronPruneConfig:
-    from core.config import from_dict, load_config, merge, to_dict
-
-    config = load_config(NeuronPruneConfig, args.config, args.set)
-    names = (*TARGET_FIELDS, "per_layer", "round_to", "scorer", "hidden_scorer", "scores", "calib", "tokenizer",
-             "seed")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    data = to_dict(config)
-    if any(name in given for name in TARGET_FIELDS):
-        # targets on the command line replace the YAML's, so a ratio there does not clash with a count here
-        for name in TARGET_FIELDS:
-            data[name] = None
-    return from_dict(NeuronPruneConfig, merge(data, given))
+"""One target: given on the command line, any of these replaces those a --config file gives."""
 
 
 def load_scores(directory: str | Path):
@@ -681,28 +717,43 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
 
 
 def neuron_prune_stage(input_dir: Path, work_dir: Path, config: NeuronPruneConfig) -> dict:
-    """The stage function (recipes and the CLI): prune the checkpoint in `input_dir` into `work_dir`."""
+    """Prune the checkpoint in `input_dir` into `work_dir` (prepare and run in one call)."""
     return prepare_neuron_prune(input_dir, config)(work_dir)
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    from core.stage import Stage, run_stage
+def summary(manifest) -> str:
     from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise UserError("--out must differ from --model: the input checkpoint is never overwritten")
-    write = prepare_neuron_prune(args.model, config, progress=not args.no_progress)
-    manifest = run_stage(Stage("neuron-prune", lambda _i, work_dir, _c: write(work_dir), config), Path(args.model),
-                         args.out, force=True)
     metrics = manifest.metrics
-    print(format_table(summary_rows(metrics),
-                       ["part", "layers", "FFN width", "heads", "hidden", "params before", "params after"]))
+    table = format_table(summary_rows(metrics),
+                         ["part", "layers", "FFN width", "heads", "hidden", "params before", "params after"])
     solved = metrics["solved_ratio"]
     note = f", solved width ratio {solved:.3f}" if solved is not None else ""
-    print(f"kept {metrics['kept_fraction']:.1%} of parameters{note}; wrote {args.out}")
+    return f"{table}\nkept {metrics['kept_fraction']:.1%} of parameters{note}"
+
+
+KIND = register_kind(StageKind(
+    name="neuron_prune",
+    stage="neuron-prune",
+    module="compress.neuron",
+    config_cls=NeuronPruneConfig,
+    prepare=lambda config, inputs, progress: prepare_neuron_prune(inputs["model"], config, progress),
+    run=lambda write, work_dir: write(work_dir),
+    description="Prune FFN channels, attention heads (whole kv groups) and the hidden dimension of a checkpoint "
+                "by importance score. Writes a checkpoint (model + tokenizer), the scores and a manifest.",
+    examples=(
+        "python -m compress.neuron --model s3 --calib runs/corpus --ffn-width 6912 --heads 20 --hidden 2560 --out s4",
+        "python -m compress.neuron --model s3 --scorer random --ffn-width 6912 --heads 20 --hidden 2560 "
+        "--round-to 128 --out s4-random",
+        "python -m compress.neuron --model ckpt --scores runs/scores --target-params 900M --out ckpt-small",
+        "python -m compress.neuron --model openba --calib runs/corpus --ffn-ratio 0.6 --head-ratio 0.5 --per-layer "
+        "--round-to 64 --out openba-uneven",
+    ),
+    summary=summary,
+    shape_after=shape_after,
+    exclusive=(TARGET_FIELDS,),
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

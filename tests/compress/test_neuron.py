@@ -336,10 +336,52 @@ def test_cli_random_scorer_needs_no_data_and_prunes_openba(tmp_path, capsys):
     ("llama", ["--target-params", "1000", "--scorer", "random"], "out of reach"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, family, extra, message):
+    from tests.core.test_out_policy import refused
+
     save_with_tokenizer(build_tiny(family), tmp_path / "model")
-    out = tmp_path / "pruned"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["--model", str(tmp_path / "model"), "--out", str(out), *extra])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    error = refused(lambda model, out: run_cli(["--model", str(model), "--out", str(out), *extra]),
+                    tmp_path / "model", tmp_path / "pruned", tmp_path, capsys)
+    assert message in error
+
+
+def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path, capsys):
+    """The --out policy (a folder of the user's files, the input or inside it, an existing file), a missing model and
+    weights that disagree with config.json: one error line each, and every file as it was."""
+    import json
+
+    from tests.core.test_out_policy import refused
+
+    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    calibration_file(tmp_path / "calib.txt")
+
+    def prune(model, out):
+        run_cli(["--model", str(model), "--calib", str(tmp_path / "calib.txt"), "--ffn-width", "64", "--out", str(out)])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    (tmp_path / "report.txt").write_text("keep me")
+    cases = [(tmp_path / "model", mine, "already holds files this stage did not write (notes.md)"),
+             (tmp_path / "model", tmp_path / "model" / "sub", "lies inside it"),
+             (tmp_path / "model", tmp_path / "model", "is the input"),
+             (tmp_path / "model", tmp_path / "report.txt", "exists and is not a directory"),
+             (tmp_path / "nowhere", tmp_path / "out", "does not exist")]
+    for model, out, message in cases:
+        assert message in refused(prune, model, out, tmp_path, capsys)
+    deeper = tmp_path / "deeper"  # config.json names a layer the weights do not hold
+    save_with_tokenizer(build_tiny("llama"), deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
+    assert "missing from the weights" in refused(prune, deeper, tmp_path / "out", tmp_path, capsys)
+
+
+def test_a_finished_prune_is_kept_unless_forced(tmp_path, capsys):
+    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--scorer", "random", "--ffn-width", "64", "--out",
+            str(tmp_path / "pruned")]
+    run_cli(argv)
+    first = (tmp_path / "pruned" / "manifest.json").read_text()
+    run_cli(argv)
+    assert (tmp_path / "pruned" / "manifest.json").read_text() == first
+    run_cli([*argv, "--force"])
+    assert (tmp_path / "pruned" / "manifest.json").read_text() != first
