@@ -20,12 +20,11 @@ are added to `generation_config.suppress_tokens` (generation never emits them) a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -34,9 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.config import load_config
-from core.errors import UserError, main_guard
-from core.stage import Manifest, Stage, completed, run_stage
+from core.cli import command
+from core.errors import UserError
+from core.kind import Input, StageKind, execute, register_kind
+from core.stage import Manifest, Stage, check_output_location, run_stage
 from core.table import format_table, human_count
 from compress.tokenizer_surgery import MergeClosure, TokenizerFiles, read_tokenizer_files, required_tokens, \
     write_pruned_tokenizer
@@ -59,7 +59,10 @@ class VocabConfig:
     every token the corpus uses."""
     pad_to: int = 128
     """Pad the model's vocabulary rows to a multiple of this (OpenBA-V2: 128, for tensor-core friendly GEMMs and
-    tensor-parallel splits); 1 pads nothing. See the module docstring for what padding rows hold."""
+    tensor-parallel splits); 1 pads nothing; padding rows are zero: where the LM head has a bias (OpenBA) they get
+    the bias padding_logit_bias (-1e4): probability 0; where it has none (T5, Llama, Qwen2, Mistral, GPT-NeoX) they
+    get logit 0, so they take probability mass in the softmax unless suppressed (generation suppresses them, scoring
+    does not): exact log-likelihoods need --pad-to 1. The module docstring says more."""
     padding_logit_bias: float = -1e4
     """LM-head bias of padding rows when the head has a bias: exp(-1e4) is 0 in every float type, so they get no
     probability; finite so that no NaN can appear (-inf * 0). Bias-free heads cannot be masked this way."""
@@ -239,7 +242,8 @@ def tokenizer_fingerprint(files: TokenizerFiles) -> str:
     return hashlib.sha256(json.dumps(files.tokens()).encode()).hexdigest()
 
 
-def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFiles | None = None) -> TokenCounts:
+def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFiles | None = None,
+                 progress: bool = True) -> TokenCounts:
     """Stream the corpus through `tokenizer` (no special tokens added) and count ids, with a progress bar.
 
     Raises UserError for an empty corpus, ids beyond this tokenizer, or a corpus this tokenizer cannot have made.
@@ -250,7 +254,7 @@ def count_tokens(tokenizer, corpus: Any, config: VocabConfig, files: TokenizerFi
     documents = 0
     samples: list[list[int]] = []
     check: list[str] = []
-    with tqdm(total=source.total, desc="count tokens", unit="doc", disable=None) as bar:
+    with tqdm(total=source.total, desc="count tokens", unit="doc", disable=None if progress else True) as bar:
         for batch in source.batches:
             if source.kind == "text":
                 ids = tokenizer(list(batch), add_special_tokens=False)["input_ids"]
@@ -569,10 +573,11 @@ class PreparedPrune:
     check_texts: list[str]
     parameters_before: int
     rows_before: int
+    config: VocabConfig
 
 
-def prepare(model_dir: str | Path, config: VocabConfig, corpus: Any = None) -> PreparedPrune:
-    """Load, count and select: every check that can fail on user input runs here."""
+def prepare(model_dir: str | Path, config: VocabConfig, corpus: Any = None, progress: bool = True) -> PreparedPrune:
+    """Load, count and select: every check that can fail on user input runs here, and nothing is written."""
     from core.checkpoint import count_parameters, load_model, load_tokenizer
 
     if config.keep is None and config.coverage is None:
@@ -601,11 +606,11 @@ def prepare(model_dir: str | Path, config: VocabConfig, corpus: Any = None) -> P
         if corpus is None and config.corpus is None:
             raise UserError("no corpus to count: give --corpus DATA (or --counts from an earlier run)")
         source = open_corpus(corpus if corpus is not None else config.corpus, config)
-        counts = count_tokens(tokenizer, source, config, files)
+        counts = count_tokens(tokenizer, source, config, files, progress)
         check_texts = list(source.check_texts or [])
     selection = select_tokens(counts, files, required, keep=config.keep, coverage=config.coverage)
     return PreparedPrune(model, tokenizer, files, counts, selection, check_texts[: config.check_documents],
-                         count_parameters(model), rows)
+                         count_parameters(model), rows, config)
 
 
 def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -> dict:
@@ -644,15 +649,15 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
 
 
 def prune_vocabulary(model_dir: str | Path, out_dir: str | Path, config: VocabConfig, corpus: Any = None,
-                     force: bool = False) -> Manifest:
-    """The whole stage: prepare (all checks), then write `out_dir` atomically with a manifest.
-
-    A finished `out_dir` for the same config and input is reused, unless the corpus is passed in memory (its
-    contents are not part of the config hash, so it could have changed)."""
-    if not force and corpus is None and (done := completed(out_dir, config, model_dir)):
-        return done
-    prepared = prepare(model_dir, config, corpus)
-    stage = Stage("vocab", lambda _input, work, cfg: write_pruned(prepared, work, cfg), config)
+                     force: bool = False, progress: bool = True) -> Manifest:
+    """The whole stage from Python: the `--out` policy, prepare (all checks), then `out_dir` written atomically with
+    a manifest. A finished `out_dir` for the same config and input is kept unless `force`; with a corpus passed in
+    memory the stage always reruns (its contents are not part of the config hash, so it could have changed)."""
+    if corpus is None:
+        return execute(KIND, config, {"model": model_dir}, out_dir, force=force, progress=progress)
+    check_output_location(out_dir, KIND.stage, [model_dir])
+    prepared = prepare(model_dir, config, corpus, progress)
+    stage = Stage(KIND.stage, lambda _input, work, _config: write_pruned(prepared, work, config), config)
     return run_stage(stage, Path(model_dir), out_dir, force=True)
 
 
@@ -696,56 +701,63 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+# --- planning (the dry run: shapes only, no weights) ---------------------------------------------------------------
+def shape_after(config: VocabConfig, shape, model):
+    """The vocabulary rows this prune leaves (`StageKind.shape_after`): `keep` ids padded to `pad_to`, exact while
+    the tokenizer has at least `keep` ids. `coverage` is decided by the corpus' counts, which the plan does not
+    have: it shows the most the prune can keep (every row, padded), as an estimate that says so."""
+    from core.planning import Estimate
+
+    if config.keep is None and config.coverage is None:
+        raise UserError("say how much to keep: keep (a token count, e.g. 110000) or coverage (e.g. 0.999)")
+    if config.coverage is not None:
+        rows = padded_size(shape.vocab, config.pad_to)
+        return Estimate(replace(shape, vocab=rows),
+                        f"coverage {config.coverage:g}: at most {rows:,} rows; the corpus' token counts decide how "
+                        "many ids it takes")
+    if config.keep >= shape.vocab:
+        rows = padded_size(shape.vocab, config.pad_to)
+        return Estimate(replace(shape, vocab=rows), f"keep {config.keep:,} is not below the model's {shape.vocab:,} "
+                                                    "rows: every tokenizer id stays")
+    return replace(shape, vocab=padded_size(config.keep, config.pad_to))
+
+
 # --- command line --------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m compress.vocab",
-        description="Prune a checkpoint's vocabulary to the tokens a corpus uses: slices the embedding and LM head, "
-                    "rewrites the tokenizer (tokenizer.json, SentencePiece model), pads rows to a multiple.",
-        epilog="example: python -m compress.vocab --model runs/s5 --corpus runs/corpus --keep 110000 --out runs/vocab\n"
-               "         python -m compress.vocab --model runs/s5 --corpus data/jsonl --coverage 0.999 --out runs/v",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer files)")
-    parser.add_argument("--corpus", help="saved dataset/DatasetDict, text files or jsonl/parquet to count tokens on")
-    parser.add_argument("--counts", help="reuse token counts saved by an earlier run (its OUT/scores directory)")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--keep", type=int, help="tokenizer ids to keep, required tokens included")
-    target.add_argument("--coverage", type=float, help="keep the fewest tokens covering this share of the corpus")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    parser.add_argument("--pad-to", type=int, metavar="N",
-                        help="pad vocabulary rows to a multiple of N (default 128). Padding rows are zero. Where the "
-                             "LM head has a bias (OpenBA) they get the bias padding_logit_bias (-1e4): probability 0. Where it has none (T5, "
-                             "Llama, Qwen2, Mistral, GPT-NeoX) they get logit 0, so they take probability mass in the "
-                             "softmax unless suppressed (generation suppresses them, scoring does not): exact "
-                             "log-likelihoods need --pad-to 1")
-    parser.add_argument("--tokenizer", help="tokenizer directory if not the model directory")
-    parser.add_argument("--keep-token", action="append", default=None, metavar="TOKEN", help="always keep TOKEN")
-    parser.add_argument("--config", help="YAML file with VocabConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--force", action="store_true", help="rerun even if --out holds a matching manifest")
-    return parser.parse_args(argv)
+def _keep_token_flag(parser) -> None:
+    parser.add_argument("--keep-token", dest="keep_tokens", action="append", default=None, metavar="TOKEN",
+                        help="always keep TOKEN (repeat for more)")
 
 
-def config_from_args(args: argparse.Namespace) -> VocabConfig:
-    overrides = list(args.set)
-    for name, value in (("keep", args.keep), ("coverage", args.coverage), ("pad_to", args.pad_to),
-                        ("corpus", args.corpus), ("counts", args.counts), ("tokenizer", args.tokenizer),
-                        ("keep_tokens", args.keep_token)):
-        if value is not None:
-            overrides.append(f"{name}={json.dumps(value)}")
-    if args.keep is not None or args.coverage is not None:
-        overrides.append(f"{'coverage' if args.keep is not None else 'keep'}=null")
-    return load_config(VocabConfig, args.config, overrides)
+def _keep_token_value(args) -> dict:
+    return {"keep_tokens": args.keep_tokens}
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = config_from_args(args)
-    manifest = prune_vocabulary(args.model, args.out, config, force=args.force)
-    print(summary_table(manifest.metrics))
-    print(f"saved -> {args.out}")
+def summary(manifest) -> str:
+    return summary_table(manifest.metrics)
+
+
+KIND = register_kind(StageKind(
+    name="vocab_prune",
+    stage="vocab",
+    module="compress.vocab",
+    config_cls=VocabConfig,
+    prepare=lambda config, inputs, progress: prepare(inputs["model"], config, progress=progress),
+    run=lambda prepared, work_dir: write_pruned(prepared, work_dir, prepared.config),
+    description="Prune a checkpoint's vocabulary to the tokens a corpus uses: slices the embedding and LM head, "
+                "rewrites the tokenizer (tokenizer.json, SentencePiece model), pads rows to a multiple.",
+    examples=(
+        "python -m compress.vocab --model runs/s5 --corpus runs/corpus --keep 110000 --out runs/vocab",
+        "python -m compress.vocab --model runs/s5 --corpus data/jsonl --coverage 0.999 --out runs/v",
+        "python -m compress.vocab --model runs/s5 --counts runs/vocab/scores --keep 90000 --out runs/v90k",
+    ),
+    inputs=(Input("model", "checkpoint directory (with its tokenizer files)"),),
+    summary=summary,
+    shape_after=shape_after,
+    flags=_keep_token_flag,
+    flag_values=_keep_token_value,
+    exclusive=(("keep", "coverage"),),
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ tokenizer, exact logits on kept tokens, tied and untied heads, identity when not
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -10,14 +11,15 @@ import pytest
 import sentencepiece as spm
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
 from compress.tokenizer_surgery import (read_tokenizer_files, required_tokens, sentencepiece_pieces,
                                        write_pruned_tokenizer)
-from compress.vocab import (VocabConfig, count_tokens, load_token_counts, main, prune_vocabulary, select_tokens,
-                            slice_vocabulary)
+from compress.vocab import (KIND, VocabConfig, count_tokens, load_token_counts, main, padded_size, prune_vocabulary,
+                            select_tokens, slice_vocabulary)
 from core.errors import UserError
+from core.planning import Estimate, PlannedModel
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.tokenizer import TokenizerConfig, mode_token_ids, sentinel_ids, train_tokenizer
 
@@ -493,21 +495,50 @@ def test_cli_prunes_a_checkpoint_and_prints_a_summary(openba_dir, corpus, workdi
     assert manifest["stage"] == "vocab" and manifest["metrics"]["tokens_after"] == 600
     assert manifest["metrics"]["rows_after"] == 640
     assert len(AutoTokenizer.from_pretrained(str(out))) == 600
+    plan = PlannedModel(AutoConfig.from_pretrained(str(openba_dir)))  # the dry run plans the same rows
+    assert KIND.shape_after(VocabConfig(keep=600), plan.shape, plan) == replace(plan.shape, vocab=640)
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(openba_dir), "--corpus", str(corpus_dir), "--keep", "10", "--out", str(workdir / "x")])
     assert exit_info.value.code == 2 and "error: keep=10" in capsys.readouterr().err
 
 
+def test_the_plan_bounds_a_coverage_prune_and_says_the_corpus_decides(llama_dirs, pruned_llamas):
+    for tied, (_, manifest) in pruned_llamas.items():
+        plan = PlannedModel(AutoConfig.from_pretrained(str(llama_dirs[tied])))
+        result = KIND.shape_after(VocabConfig(coverage=0.9), plan.shape, plan)
+        assert isinstance(result, Estimate) and "coverage 0.9" in result.note and "corpus" in result.note
+        assert manifest.metrics["rows_after"] <= result.shape.vocab == padded_size(plan.shape.vocab, 128)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep", "600", "--coverage", "0.9"], "give only one of keep"),
+    ([], "say how much to keep"),
+    (["--keep", "600", "--no-corpus"], "no corpus to count"),
+    (["--keep", "600", "--counts", "nowhere"], "no token counts at nowhere"),
+])
+def test_cli_refuses_bad_requests_before_writing(openba_dir, corpus, workdir, tmp_path, capsys, flags, message):
+    from tests.core.test_out_policy import refused
+
+    corpus_dir = workdir / "corpus-saved"
+    if not corpus_dir.exists():
+        corpus.save_to_disk(str(corpus_dir))
+    source = [] if "--no-corpus" in flags or "--counts" in flags else ["--corpus", str(corpus_dir)]
+    flags = [flag for flag in flags if flag != "--no-corpus"]
+    error = refused(lambda model, out: main(["--model", str(model), *source, *flags, "--out", str(out)]),
+                    openba_dir, tmp_path / "out", tmp_path, capsys)
+    assert message in error
+
+
 def test_cli_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "example: python -m compress.vocab" in capsys.readouterr().out
+    assert "examples:\n  python -m compress.vocab --model" in capsys.readouterr().out
 
 
 def test_cli_help_says_what_padding_costs_a_head_without_bias(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps lines, also at hyphens
     assert "they get logit 0, so they take probability mass in the softmax unless suppressed" in text
     assert "exact log-likelihoods need --pad-to 1" in text and "(-1e4): probability 0" in text
 
