@@ -6,25 +6,29 @@ every pruning command takes `--scores DIR` with the directory this writes.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import UserError, main_guard
+from core.cli import command
+from core.errors import UserError
+from core.kind import StageKind, register_kind
 from compress.calibration import CalibrationConfig
+
+UNITS = ("layers", "heads", "channels")
 
 
 @dataclass
 class ScoreConfig:
-    """Which scorer per unit (None: that unit is not scored) and the calibration data they see."""
+    """Which scorer per unit ("none" or null: that unit is not scored) and the calibration data they see."""
 
     layers: str | None = "block_influence"
     """Layer scorer: block_influence (ShortGPT), angular_distance (Gromov et al.), skip_loss (exact, one pass per
-    block), v2_heuristic (OpenBA-V2's rule), random, or pkg.module:function."""
+    block), v2_heuristic (OpenBA-V2's rule), random, pkg.module:function, or none."""
     heads: str | None = None
-    """Head scorer: activation (Minitron), wanda, taylor (needs a backward pass), random, or a dotted path."""
+    """Head scorer (default: not scored): activation (Minitron), wanda, taylor (needs a backward pass), random, or a
+    dotted path."""
     channels: str | None = None
-    """FFN channel scorer: activation, wanda, taylor, random, or a dotted path."""
+    """FFN channel scorer (default: not scored): activation, wanda, taylor, random, or a dotted path."""
     seed: int = 0
     """Seed for the random scorers."""
     calib: str | None = None
@@ -33,39 +37,13 @@ class ScoreConfig:
     """Tokenizer directory; default: the model directory."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
+    def __post_init__(self):
+        for unit in UNITS:  # "none" on the command line turns off a unit scored by default
+            if isinstance(getattr(self, unit), str) and getattr(self, unit).strip().lower() == "none":
+                setattr(self, unit, None)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m compress.score",
-        description="Score layers / attention heads / FFN channels of a checkpoint in one calibration pass; write "
-                    "scores.safetensors, scores.json, one PNG per stack and a manifest.",
-        epilog="example:\n  python -m compress.score --model ckpt --calib runs/corpus --out runs/scores "
-               "--layers block_influence --heads wanda --channels activation",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (any supported family)")
-    parser.add_argument("--out", required=True, help="directory for the scores (written atomically)")
-    parser.add_argument("--calib", help="calibration data: saved dataset, directory of text files, or a file")
-    parser.add_argument("--layers", help="layer scorer (default block_influence; 'none' to skip)")
-    parser.add_argument("--heads", help="head scorer (default: not scored)")
-    parser.add_argument("--channels", help="FFN channel scorer (default: not scored)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--config", help="YAML file with ScoreConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. calibration.seq_len=512")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    from core.config import from_dict, load_config, merge, to_dict
-
-    config = load_config(ScoreConfig, args.config, args.set)
-    flags = {"layers": args.layers, "heads": args.heads, "channels": args.channels, "calib": args.calib,
-             "tokenizer": args.tokenizer, "seed": args.seed}
-    given = {k: (None if v == "none" else v) for k, v in flags.items() if v is not None}
-    return from_dict(ScoreConfig, merge(to_dict(config), given))
+    def chosen(self) -> dict[str, str]:
+        return {unit: getattr(self, unit) for unit in UNITS if getattr(self, unit)}
 
 
 def summary_rows(scores) -> list[list]:
@@ -83,46 +61,63 @@ def summary_rows(scores) -> list[list]:
     return rows
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
+def prepare(config: ScoreConfig, model_dir: str | Path, progress: bool = True):
+    """Load the model and data and score them: an unknown or failing scorer (a user's too) and missing data stop
+    here, before the output directory exists. Returns the scores."""
     from core.adapters import get_adapter
     from compress.calibration import calibration_batches
     from compress.layer import load_inputs
-    from compress.plots import plot_scores
     from compress.scorers import get_scorer
     from compress.scoring import score_model
-    from core.stage import Stage, run_stage
-    from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    chosen = {unit: name for unit, name in (("layers", config.layers), ("heads", config.heads),
-                                            ("channels", config.channels)) if name}
+    chosen = config.chosen()
     if not chosen:
         raise UserError("nothing to score: name a scorer for --layers, --heads or --channels")
-    for unit, name in chosen.items():
-        get_scorer(unit, name)  # unknown names fail before the model is loaded
-    needs_data = any(get_scorer(u, n).needs for u, n in chosen.items())
-    if needs_data and config.calib is None:
+    scorers = {unit: get_scorer(unit, name) for unit, name in chosen.items()}  # unknown names fail before loading
+    if any(scorer.needs for scorer in scorers.values()) and config.calib is None:
         raise UserError("these scorers need calibration data: give --calib DATA")
-    model, tokenizer = load_inputs(args.model, config.tokenizer)
+    model, tokenizer = load_inputs(str(model_dir), config.tokenizer)
     get_adapter(model)
     calib = None
     if config.calib is not None:
         calib = calibration_batches(config.calib, tokenizer, model=model, config=config.calibration)
+    return score_model(model, calib, chosen, seed=config.seed, progress=progress)
 
-    # scored before the stage starts, so that a failing (user) scorer leaves nothing behind
-    scores = score_model(model, calib, chosen, seed=config.seed, progress=not args.no_progress)
 
-    def run(input_dir, work_dir, cfg):
-        scores.save(work_dir)
-        plots = plot_scores(scores, work_dir)
-        return {"scorers": chosen, "tensors": len(scores), "calibration_tokens": scores.meta["num_tokens"],
-                "calibration_loss": scores.meta["calibration_loss"], "plots": [p.name for p in plots]}
+def write_scores(scores, work_dir: Path) -> dict:
+    from compress.plots import plot_scores
 
-    run_stage(Stage("score", run, config), Path(args.model), args.out, force=True)
-    print(format_table(summary_rows(scores), ["unit", "scorer", "tensors", "units", "min", "mean", "max", "finite"]))
-    print(f"wrote {args.out}")
+    scores.save(work_dir)
+    plots = plot_scores(scores, work_dir)
+    return {"scorers": dict(scores.meta.get("scorers", {})), "tensors": len(scores),
+            "calibration_tokens": scores.meta["num_tokens"], "calibration_loss": scores.meta["calibration_loss"],
+            "plots": [p.name for p in plots], "summary": summary_rows(scores)}
+
+
+def summary(manifest) -> str:
+    from core.table import format_table
+
+    return format_table(manifest.metrics["summary"],
+                        ["unit", "scorer", "tensors", "units", "min", "mean", "max", "finite"])
+
+
+KIND = register_kind(StageKind(
+    name="score",
+    stage="score",
+    module="compress.score",
+    config_cls=ScoreConfig,
+    prepare=lambda config, inputs, progress: prepare(config, inputs["model"], progress),
+    run=lambda scores, work_dir: write_scores(scores, work_dir),
+    description="Score layers / attention heads / FFN channels of a checkpoint in one calibration pass; write "
+                "scores.safetensors, scores.json, one PNG per stack and a manifest.",
+    examples=(
+        "python -m compress.score --model ckpt --calib runs/corpus --out runs/scores --layers block_influence "
+        "--heads wanda --channels activation",
+        "python -m compress.score --model ckpt --calib runs/corpus --out runs/head-scores --layers none --heads taylor",
+    ),
+    summary=summary,
+))
+main = command(KIND)
 
 
 if __name__ == "__main__":

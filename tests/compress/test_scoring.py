@@ -357,6 +357,53 @@ def test_score_command_writes_scores_plots_and_manifest(tmp_path, capsys):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
+def test_score_command_turns_a_default_unit_off_with_none_and_keeps_a_finished_output(tmp_path, capsys):
+    from compress.score import main
+
+    build_tiny("llama").save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "scores"), "--layers", "none", "--heads",
+            "random", "--no-progress"]
+    main(argv)  # random scores need no calibration data
+    loaded = ImportanceScores.load(tmp_path / "scores")
+    assert loaded.names("layers") == [] and len(loaded.names("heads")) == 4
+    first = (tmp_path / "scores" / "manifest.json").read_text()
+    main(argv)
+    assert (tmp_path / "scores" / "manifest.json").read_text() == first
+    main([*argv, "--force"])
+    assert (tmp_path / "scores" / "manifest.json").read_text() != first
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown scorer", "unknown heads scorer 'nope'"),
+    ("no data", "need calibration data"),
+    ("nothing", "nothing to score"),
+    ("user files", "already holds files this stage did not write (mine.txt)"),
+    ("inside input", "lies inside it"),
+    ("a file", "exists and is not a directory"),
+    ("no model", "does not exist"),
+])
+def test_score_command_refuses_bad_input_before_writing(tmp_path, capsys, case, message):
+    from compress.score import main
+    from tests.core.test_out_policy import refused
+
+    model, out = tmp_path / "model", tmp_path / "scores"
+    build_tiny("llama").save_pretrained(model)
+    flags = {"unknown scorer": ["--heads", "nope"], "no data": [], "nothing": ["--layers", "none"]}.get(case, [])
+    if case == "user files":
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    elif case == "inside input":
+        out = model / "scores"
+    elif case == "a file":
+        out.write_text("a file")
+    elif case == "no model":
+        model = tmp_path / "nowhere"
+    scorers = [] if case in ("no data", "nothing") else ["--heads", "random", "--layers", "random"]  # need no data
+    error = refused(lambda m, o: main(["--model", str(m), "--out", str(o), *scorers, *flags, "--no-progress"]),
+                    model, out, tmp_path, capsys)
+    assert message in error
+
+
 def test_score_command_help_has_an_example(capsys):
     from compress.score import main
 
