@@ -7,25 +7,26 @@ width ratio r, solved so the final model lands nearest the target (hidden and FF
 `round_to`; heads keep r * `head_scale` of their kv groups). If the fixed cuts alone overshoot the target, depth is
 relaxed; a target below the smallest model the plan can reach is an error.
 
-Counts come from instantiating each planned config on the meta device (no memory, no weights); the family's field
-names come from its adapter (`config_shape` / `reshape_config`), so this module knows no family.
+Counts come from instantiating each planned config on the meta device (core.planning: no memory, no weights); the
+family's field names come from its adapter (`config_shape` / `reshape_config`), so this module knows no family.
 
     python -m compress.budget --preset openba-15b --target 3.4e9
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from core.adapters import Adapter, ModelShape, adapter_class
+from core.cli import tool
+from core.errors import UserError
+from core.kind import Input
+from core.planning import PlannedModel
+from compress.layer import parse_count
 from compress.neuron import round_width
-from core.errors import UserError, main_guard
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ class Plan:
                           for s in self.steps]}
 
 
-# --- counting ----------------------------------------------------------------------------------------------------
+# --- the model planned -------------------------------------------------------------------------------------------
 def load_base_config(source):
     """A config from a config object, an OpenBA preset name, or a checkpoint directory."""
     import core.openba
@@ -100,45 +101,35 @@ def load_base_config(source):
         return source
     if str(source) in core.openba.PRESETS:
         return core.openba.openba_config(str(source))
+    if not Path(source).exists():
+        raise UserError(f"'{source}' is neither a preset ({', '.join(core.openba.PRESETS)}) nor a model directory")
+    return model_config(source)
+
+
+def preset_config(name: str):
+    """The config of OpenBA preset `name`; an unknown name is an error that lists the presets."""
+    import difflib
+
+    import core.openba
+
+    if name not in core.openba.PRESETS:
+        close = difflib.get_close_matches(name, list(core.openba.PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown preset '{name}'{hint}; presets: {', '.join(core.openba.PRESETS)} (or give --model "
+                        "DIR to plan a checkpoint)")
+    return core.openba.openba_config(name)
+
+
+def model_config(directory: str | Path):
+    """A checkpoint's config (its config.json alone: no weights are read)."""
     from transformers import AutoConfig
 
     from core.checkpoint import read_model_config
 
-    read_model_config(source)  # clear errors for a missing directory or an unknown architecture
-    return AutoConfig.from_pretrained(str(source))
-
-
-def count_config(config, embedding_once: bool) -> int:
-    """Parameters of a model built from `config` on the meta device (tied tensors once; see BudgetConfig.counting)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from core.adapters import get_adapter
-    from core.checkpoint import count_parameters
-
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    count = count_parameters(model)
-    if embedding_once:
-        adapter = get_adapter(model)
-        head = adapter.output_head()
-        if head is not None and not adapter.tied():
-            count -= head.weight.numel()
-    return count
-
-
-class _Counter:
-    """Counts planned shapes of one base config, remembering each so a search never builds a shape twice."""
-
-    def __init__(self, cls: type[Adapter], config, embedding_once: bool):
-        self.cls, self.config, self.embedding_once = cls, config, embedding_once
-        self.cache: dict[str, int] = {}
-
-    def __call__(self, shape: ModelShape) -> int:
-        key = json.dumps(dataclasses.asdict(shape), sort_keys=True)
-        if key not in self.cache:
-            self.cache[key] = count_config(self.cls.reshape_config(self.config, shape), self.embedding_once)
-        return self.cache[key]
+    if not Path(directory).exists():
+        raise UserError(f"model directory {directory} does not exist (a named shape is given with --preset)")
+    read_model_config(directory)  # clear errors for a folder that is no checkpoint or an unknown architecture
+    return AutoConfig.from_pretrained(str(directory))
 
 
 # --- the plan ----------------------------------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def plan_budget(config_or_model_dir, target_params: float, options: BudgetConfig
     target = int(target_params)
     embedding_once = options.counting == "embedding_once" or (
         options.counting == "auto" and cls.reported_size_counts_embedding_once)
-    count = _Counter(cls, config, embedding_once)
+    count = PlannedModel(config, embedding_once).count
     start = cls.config_shape(config)
     start_params = count(start)
     if target >= start_params:
@@ -239,58 +230,58 @@ def plan_rows(plan: Plan) -> list[list]:
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from compress.layer import parse_count
+@dataclasses.dataclass
+class BudgetRequest(BudgetConfig):
+    """What `python -m compress.budget` plans: a target for a preset or a checkpoint, with the strategy's knobs."""
 
-    parser = argparse.ArgumentParser(
-        prog="python -m compress.budget",
-        description="Plan layer, width, head, hidden and vocabulary cuts that bring a model to a parameter target "
-                    "(OpenBA-V2's order and proportions by default). Prints the shape and count after each step.",
-        epilog="examples:\n"
-               "  python -m compress.budget --preset openba-15b --target 3.4e9\n"
-               "  python -m compress.budget --model ckpt --target 1.1B --vocab-ratio 1 --round-to 64 --out runs/plan",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a named shape, e.g. openba-15b")
-    source.add_argument("--model", help="checkpoint directory (its config.json is read; no weights)")
-    parser.add_argument("--target", required=True, type=parse_count, help="parameter target, e.g. 3.4e9 or 3.4B")
-    parser.add_argument("--depth-ratio", type=float, help="kept fraction of layers per stack (default 2/3)")
-    parser.add_argument("--head-scale", type=float, help="heads keep width ratio x this (default 0.8)")
-    parser.add_argument("--vocab-ratio", type=float, help="kept fraction of the vocabulary (default 0.44)")
-    parser.add_argument("--round-to", type=int, help="round hidden and FFN widths to a multiple (default 128)")
-    parser.add_argument("--counting", choices=["auto", "all", "embedding_once"], help="how parameters count")
-    parser.add_argument("--at-most", action="store_true", default=None, help="never exceed the target")
-    parser.add_argument("--out", help="also write plan.json and a manifest into this directory")
-    parser.add_argument("--config", help="YAML file with BudgetConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    return parser
+    target: int | None = dataclasses.field(default=None, metadata={"parse": lambda t: parse_count(t),
+                                                                   "metavar": "3.4B"})
+    """Parameter target, e.g. 3.4e9 or 3.4B (required)."""
+    preset: str | None = None
+    """A named shape to plan instead of a checkpoint (--model): openba-15b or openba-tiny."""
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> None:
-    from core.config import from_dict, load_config, merge, to_dict
-    from core.stage import Stage, run_stage
+def run_budget(request: BudgetRequest, inputs: dict) -> Plan:
+    """Check the request, plan, print the plan; with --out also write plan.json and a manifest there (the stage
+    contract's `--out` policy is checked before anything is planned or written)."""
+    from core.config import to_dict
+    from core.stage import Stage, check_output_location, run_stage
     from core.table import format_table
 
-    args = build_parser().parse_args(argv)
-    options = load_config(BudgetConfig, args.config, args.set)
-    flags = {"depth_ratio": args.depth_ratio, "head_scale": args.head_scale, "vocab_ratio": args.vocab_ratio,
-             "round_to": args.round_to, "counting": args.counting, "at_most": args.at_most}
-    options = from_dict(BudgetConfig, merge(to_dict(options), {k: v for k, v in flags.items() if v is not None}))
-    plan = plan_budget(args.preset or args.model, args.target, options)
+    model, out = inputs.get("model"), inputs.get("out")
+    if request.target is None:
+        raise UserError("give the parameter target: --target 3.4B (or 3.4e9)")
+    if (request.preset is None) == (model is None):
+        raise UserError("give exactly one of --preset NAME (a named shape, e.g. openba-15b) and --model DIR")
+    config = preset_config(request.preset) if request.preset is not None else model_config(model)
+    if out is not None:
+        check_output_location(out, "budget", [model])
+    plan = plan_budget(config, request.target, request)
     print(format_table(plan_rows(plan), ["step", "layers", "hidden", "FFN", "heads", "head dim", "vocab", "params",
                                          "/ target"]))
     print(f"{plan.family}: width ratio {plan.width_ratio:.3f}, parameters counted as '{plan.counting}'; "
           f"{plan.final.params:,} planned for a target of {plan.target:,}")
-    if args.out:
-        def run(input_dir, work_dir, cfg):
+    if out is not None:
+        def write(_input, work_dir, _config):
             (work_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
             return {"final_params": plan.final.params, "target": plan.target, "width_ratio": plan.width_ratio}
 
-        stage_config = {"source": args.preset or str(args.model), "target": plan.target, **to_dict(options)}
-        run_stage(Stage("budget", run, stage_config), None, args.out, force=True)
-        print(f"wrote {args.out}")
+        stage_config = {"model": str(model) if model is not None else None, **to_dict(request)}
+        run_stage(Stage("budget", write, stage_config), None, out)
+        print(f"wrote {out}")
+    return plan
+
+
+main = tool(
+    BudgetRequest, run_budget, "compress.budget",
+    description="Plan layer, width, head, hidden and vocabulary cuts that bring a model to a parameter target "
+                "(OpenBA-V2's order and proportions by default). Prints the shape and count after each step.",
+    examples=("python -m compress.budget --preset openba-15b --target 3.4e9",
+              "python -m compress.budget --model ckpt --target 1.1B --vocab-ratio 1 --round-to 64 --out runs/plan"),
+    inputs=(Input("model", "checkpoint directory (its config.json is read; no weights); or --preset", required=False),
+            Input("out", "also write plan.json and a manifest into this directory", required=False,
+                  is_checkpoint=False)),
+)
 
 
 if __name__ == "__main__":

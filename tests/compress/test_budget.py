@@ -6,9 +6,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from core.adapters import adapter_class
-from compress.budget import BudgetConfig, count_config, main, plan_budget
+from compress.budget import BudgetConfig, main, plan_budget
 from core.checkpoint import count_parameters
 from core.errors import UserError
+from core.planning import count_on_meta
 from tests.compress.conftest import build_tiny
 
 
@@ -51,9 +52,9 @@ def test_embedding_once_counting_drops_only_an_untied_head():
 
     config = core.openba.openba_config("openba-tiny", vocab_size=96)
     head = 96 * config.hidden_size
-    assert count_config(config, embedding_once=False) - count_config(config, embedding_once=True) == head
+    assert count_on_meta(config, embedding_once=False) - count_on_meta(config, embedding_once=True) == head
     t5 = build_tiny("t5").config  # tied: nothing to drop
-    assert count_config(t5, embedding_once=True) == count_config(t5, embedding_once=False)
+    assert count_on_meta(t5, embedding_once=True) == count_on_meta(t5, embedding_once=False)
 
 
 def test_at_most_never_exceeds_the_target():
@@ -103,6 +104,37 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "below the smallest model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nosuch", "--target", "3.4B"], "unknown preset 'nosuch'; presets: openba-15b, openba-tiny"),
+    (["--preset", "openba-15", "--target", "3.4B"], "did you mean 'openba-15b'?"),
+    (["--model", "{tmp}/nosuch", "--target", "3.4B"], "model directory {tmp}/nosuch does not exist"),
+    (["--model", "{tmp}", "--target", "3.4B"], "is not a model checkpoint: it has no config.json"),
+    (["--target", "3.4B"], "give exactly one of --preset NAME"),
+    (["--preset", "openba-15b", "--model", "{tmp}", "--target", "3.4B"], "give exactly one of --preset NAME"),
+    (["--preset", "openba-15b"], "give the parameter target"),
+    (["--preset", "openba-15b", "--target", "3.4X"], "not a parameter count: '3.4X'"),
+    (["--preset", "openba-15b", "--target", "3.4B", "--out", "{tmp}/mine"], "already holds files this stage did not"),
+    (["--preset", "openba-15b", "--target", "3.4B", "--out", "{tmp}/mine/notes.txt"], "is not a directory"),
+])
+def test_bad_requests_are_one_line_and_leave_every_file_as_it_was(tmp_path, capsys, argv, message):
+    from tests.core.test_out_policy import refused
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert message.replace("{tmp}", str(tmp_path)) in refused(lambda _m, _o: main(argv), None, None, tmp_path, capsys)
+
+
+def test_a_rerun_of_the_same_plan_keeps_its_output_and_a_new_target_replaces_it(tmp_path, capsys):
+    out = tmp_path / "plan"
+    main(["--preset", "openba-15b", "--target", "3.4B", "--out", str(out)])
+    first = (out / "manifest.json").read_text()
+    main(["--preset", "openba-15b", "--target", "3.4e9", "--out", str(out)])  # the same target, spelled otherwise
+    assert (out / "manifest.json").read_text() == first
+    main(["--preset", "openba-15b", "--target", "3B", "--out", str(out)])
+    assert json.loads((out / "plan.json").read_text())["target"] == 3_000_000_000
 
 
 def test_budget_module_holds_no_family_field_names():
