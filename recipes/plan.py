@@ -1,20 +1,22 @@
 """Dry run: the shapes, parameter counts and GPU memory of every stage, computed on the meta device.
 
-No weights are loaded: each stage's effect on the shape is applied to the config, the model is instantiated on the
-meta device to count parameters, and memory is estimated from the count (formulas below, stated as estimates).
+No weights are loaded. Each stage's config is resolved once from the recipe's args (the kind's own dataclass) and
+its kind says what shape it leaves (`StageKind.shape_after`); the shape is counted on the meta device
+(core.planning), and memory is estimated from the count (formulas below, stated as estimates). Where scores or a
+corpus decide a shape (a layer budget, vocabulary coverage, per-layer widths), the kind estimates it by the
+pruner's own rule and the plan marks the row and says what was assumed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from core.adapters import ModelShape, adapter_class
+from core.adapters import ModelShape
+from core.config import from_dict
 from core.errors import UserError
+from core.planning import PlannedModel, planned_shape
 from core.table import format_table, human_count
 from recipes.spec import RecipeConfig
 
@@ -47,52 +49,44 @@ def base_config(recipe: RecipeConfig):
     raise UserError(f"cannot find a model config at {source}")
 
 
-def count_on_meta(config) -> int:
-    """Unique parameters of a model built from `config` on the meta device (no memory is allocated)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def stage_kind(name: str):
+    """The registered stage kind `name` (core.kind), or None for a kind not registered there. The modules of the
+    kinds that change shapes are imported here, so that they have registered themselves."""
+    import compress.layer  # noqa: F401
+    import compress.neuron  # noqa: F401
+    import compress.vocab  # noqa: F401
+    import recipes.kinds  # noqa: F401  (the kinds a recipe can name)
+    from core.kind import KINDS
 
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    return sum({id(p): p.numel() for p in model.parameters()}.values())
+    return KINDS.get(name)
 
 
-def check_not_dropped(drops_so_far: dict[str, list[int]], original: list[int], stack: str) -> None:
+def check_not_dropped(drops_so_far: dict[str, list[int]], original: list[int], stack: str, depth: int) -> None:
     """OpenBA-V2 names every stage's layers by their index in the original 15B model (REFERENCE.md): an index an
-    earlier stage already dropped is a mistake in the plan (the layer pruner maps the rest to current positions)."""
+    earlier stage already dropped, or one the original model never had, is a mistake in the plan (the layer pruner
+    maps the rest to current positions)."""
+    missing = sorted(i for i in set(original) if not 0 <= i < depth)
+    if missing:
+        raise UserError(f"{stack} layers {missing} (original numbering) do not exist: the first model has {depth}")
     dropped = set(drops_so_far.get(stack, []))
     again = sorted(set(original) & dropped)
     if again:
         raise UserError(f"{stack} layers {again} (original numbering) were already dropped by an earlier stage")
 
 
-def shape_after(kind: str, args: dict[str, Any], shape: ModelShape, drops: dict[str, list[int]]) -> ModelShape:
-    """The shape a stage leaves, from its arguments alone (the plan never looks at weights)."""
-    if kind == "layer_prune":
-        depths = dict(shape.depths)
-        for stack, indices in (args.get("drop") or {}).items():
-            if args.get("drop_numbering") == "original":
-                check_not_dropped(drops, indices, stack)
+def stage_shape(spec, shape: ModelShape, model: PlannedModel,
+                drops: dict[str, list[int]]) -> tuple[ModelShape, str | None]:
+    """The shape stage `spec` leaves and, where scores or data decide it, the note saying what was assumed."""
+    kind = stage_kind(spec.kind)
+    if kind is None or kind.shape_after is None:
+        return shape, None
+    config = from_dict(kind.config_cls, dict(spec.args), prefix=f"stages.{spec.name}.args.")
+    if kind.name == "layer_prune" and config.drop and config.drop_numbering == "original":
+        for stack, indices in config.drop.items():
+            if stack in model.shape.depths:
+                check_not_dropped(drops, indices, stack, model.shape.depths[stack])
                 drops.setdefault(stack, []).extend(indices)
-            depths[stack] -= len(indices)
-        remove = args.get("remove") or {}
-        if isinstance(remove, int):
-            remove = {stack: remove for stack in depths}
-        for stack, count in remove.items():
-            depths[stack] -= count
-        if any(d < 1 for d in depths.values()):
-            raise UserError(f"layer pruning would leave a stack empty: {depths}")
-        return dataclasses.replace(shape, depths=depths)
-    if kind == "neuron_prune":
-        heads = args.get("heads") or shape.heads
-        kv = heads // shape.group_size  # whole kv groups are kept, so the group size is unchanged
-        return dataclasses.replace(shape, hidden=args.get("hidden") or shape.hidden,
-                                   ffn=args.get("ffn_width") or shape.ffn, heads=heads, kv_heads=kv)
-    if kind == "vocab_prune":
-        keep = args.get("keep") or shape.vocab
-        multiple = args.get("pad_to", 128) or 1
-        return dataclasses.replace(shape, vocab=-(-keep // multiple) * multiple)
-    return shape
+    return planned_shape(kind.shape_after(config, shape, model))
 
 
 def training_memory_gib(params: int, world: int, args: dict[str, Any], shape: ModelShape) -> float:
@@ -117,41 +111,47 @@ def untied_head(config, shape: ModelShape) -> int:
 
 
 def plan(recipe: RecipeConfig) -> list[dict[str, Any]]:
-    config = base_config(recipe)
-    adapter = adapter_class(config.model_type)
-    shape = adapter.config_shape(config)
+    """One row per stage (and one for the input): its shape, parameter count, memory estimate and, where the shape
+    is an estimate, the note saying what was assumed (stages after it start from that estimate)."""
+    model = PlannedModel(base_config(recipe))
+    shape = model.shape
     drops: dict[str, list[int]] = {}
     shapes = {}
-    rows = [{"stage": "input", "kind": "-", "shape": shape, "params": count_on_meta(config), "memory_gib": None,
-             "untied_head": untied_head(config, shape)}]
+    rows = [{"stage": "input", "kind": "-", "shape": shape, "params": model.count(shape), "memory_gib": None,
+             "untied_head": untied_head(model.config, shape), "note": None}]
     for spec in recipe.stages:
         if spec.input is not None:  # a baseline branching off an earlier stage starts from that stage's shape
             shape = shapes[spec.input]
-        shape = shape_after(spec.kind, spec.args, shape, drops)
+        shape, note = stage_shape(spec, shape, model, drops)
         shapes[spec.name] = shape
-        config = adapter.reshape_config(config, shape)
-        params = count_on_meta(config)
+        params = model.count(shape)
         if spec.kind in TRAINING_KINDS:
             memory = training_memory_gib(params, recipe.world_size, spec.args, shape)
         else:  # scoring/pruning: bf16 weights on one GPU plus a calibration batch's activations
             memory = (2 * params + 34 * shape.hidden * int(spec.args.get("seq_len", 2048))) / GIB
         rows.append({"stage": spec.name, "kind": spec.kind, "shape": shape, "params": params, "memory_gib": memory,
-                     "tokens": spec.tokens, "untied_head": untied_head(config, shape)})
+                     "tokens": spec.tokens, "untied_head": untied_head(model.config_for(shape), shape),
+                     "note": note})
     return rows
 
 
 def format_plan(rows: list[dict[str, Any]], world: int) -> str:
     table = []
+    notes = []
     first = rows[0]["params"]
     for row in rows:
         shape = row["shape"]
         depths = "/".join(str(d) for d in shape.depths.values())
+        stage = row["stage"]
+        if row.get("note"):
+            notes.append(f"{'*' * (len(notes) + 1)} {stage} (estimate): {row['note']}")
+            stage += " " + "*" * len(notes)
         table.append([
-            row["stage"], row["kind"], depths, shape.hidden, shape.ffn, f"{shape.heads}/{shape.kv_heads}", shape.vocab,
+            stage, row["kind"], depths, shape.hidden, shape.ffn, f"{shape.heads}/{shape.kv_heads}", shape.vocab,
             human_count(row["params"]), human_count(row["params"] - row["untied_head"]), f"{100 * (1 - row['params'] / first):.1f}%",
             human_count(row["tokens"]) if row.get("tokens") else "",
             "" if row["memory_gib"] is None else f"{row['memory_gib']:.1f}",
         ])
     headers = ["stage", "kind", "layers", "hidden", "ffn", "heads/kv", "vocab", "params", "w/o LM head", "removed", "tokens",
                f"GiB/GPU (est., ZeRO-3 x{world})"]
-    return format_table(table, headers)
+    return "\n".join([format_table(table, headers), *notes])
