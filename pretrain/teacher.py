@@ -33,7 +33,7 @@ from core.cli import command
 from core.config import config_hash
 from core.errors import UserError
 from core.kind import Input, StageKind, register_kind
-from core.stage import MANIFEST, Manifest, Stage, check_output_location, run_stage
+from core.stage import MANIFEST, Manifest, Stage, check_output_location, is_complete, run_stage
 from core.table import format_table, human_count
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.tokenizer import TokenizerConfig
@@ -293,7 +293,9 @@ def prepare(config: TeacherConfig, inputs: dict[str, Path | None], progress: boo
     if config.corpus_dir is not None:
         _load_texts(config, DEFAULT_CACHE)  # a saved DatasetDict with both splits (loading one writes nothing)
     cache_dir = Path(inputs.get("cache_dir") or DEFAULT_CACHE)
-    check_output_location(teacher_dir(config, cache_dir), "teacher")  # writable, and no stranger's folder
+    cached = teacher_dir(config, cache_dir)
+    if not is_complete(cached, config):  # to be trained there: a writable place, and no stranger's folder
+        check_output_location(cached, "teacher")
     return PreparedTeacher(config, cache_dir)
 
 
