@@ -88,7 +88,7 @@ def flatten(prefix: str, value) -> list[str]:
 def recipe_overrides(out: Path, recipe) -> list[str]:
     """What the rehearsal scales, stage by stage; layer indices, numbering and training engines stay the config's."""
     from core.config import from_dict
-    from recipes.kinds import get_kind
+    from recipes.kinds import recipe_kind
 
     corpus, gate = out / "data" / "corpus", out / "gate.yaml"
     overrides = [f"model={out / 'converted'}", f"run_dir={out / 'run'}", f"cache_dir={out / 'cache'}",
@@ -108,7 +108,7 @@ def recipe_overrides(out: Path, recipe) -> list[str]:
             overrides += flatten(prefix, {**SEQUENCE, "validation_batches": 1, "train": TRAIN})
             overrides.append(f"{prefix}.data.paths={json.dumps([str(corpus)])}")
         elif spec.kind == "align":
-            stated = from_dict(get_kind("align").config_cls, dict(spec.args))
+            stated = from_dict(recipe_kind("align").kind.config_cls, dict(spec.args))
             room = stated.logo.batches.max_response_tokens - stated.data.generation.max_new_tokens
             logo = {key: value for key, value in LOGO.items() if key != "data"}
             logo["batches"] = {**logo["batches"], "max_response_tokens": SAMPLED_TOKENS + room}

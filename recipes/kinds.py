@@ -1,22 +1,28 @@
-"""Stage kinds: the steps a recipe strings together, each the same function its own command line runs.
+"""The stage kinds a recipe strings together: the registered kinds of the commands, plus what a recipe knows.
 
-A kind pairs a config dataclass (the recipe's `args` are checked against it) with a stage function
-`run(input_dir, work_dir, config, context) -> metrics` that writes a checkpoint into `work_dir`. Nothing here
-re-implements a step; it only fills in what a recipe knows and a standalone command would be told: the calibration
-corpus, the teacher for distillation, the run's cache.
+Every kind is the one its command runs (core/kind.py: config dataclass, `prepare` that writes nothing, `run`); a
+recipe only fills in what a standalone command would be told: the calibration corpus, the training corpus, the
+teacher for distillation, the run's cache. `align` is the one recipe-only kind: preference rows from the run's
+corpus in the model's own tokens (as `python -m align.build_data`), then LOGO on them (as `python -m align.logo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+# importing a command's module registers its kind
+import align.build_data as build_data
+import align.logo as logo
+import compress.layer  # noqa: F401
+import compress.neuron  # noqa: F401
+import compress.vocab  # noqa: F401
+import pretrain.continual  # noqa: F401
+import pretrain.teacher  # noqa: F401
 from align.data import PreferenceDataConfig
-from align.logo import LogoConfig
 from core.errors import UserError
+from core.kind import Input, StageKind, get_kind, register_kind
 
 
 @dataclasses.dataclass
@@ -30,12 +36,17 @@ class Context:
     min_free_disk_gb: float = 1.0
 
 
-@dataclasses.dataclass
-class Kind:
-    config_cls: type
-    run: Callable[[Path | None, Path, Any, Context], dict[str, Any]]
-    resumable: bool = False
+@dataclasses.dataclass(frozen=True)
+class RecipeKind:
+    """A registered kind as a recipe runs it."""
+
+    kind: StageKind
     defaults: Callable[[dict[str, Any], Context], dict[str, Any]] = lambda args, context: args
+    """The stage's args with what the recipe knows filled in (before the config is built)."""
+    inputs: Callable[[Any, Context], dict[str, Path | None]] = lambda config, context: {}
+    """Inputs other than the checkpoint the stage reads (a teacher, a cache)."""
+    shares_work: bool = False
+    """Every process of a launched job runs it (training); otherwise the first process alone does."""
 
 
 def _with_calibration(args: dict[str, Any], context: Context) -> dict[str, Any]:
@@ -57,48 +68,16 @@ def _with_training_corpus(args: dict[str, Any], context: Context) -> dict[str, A
     return args
 
 
-def _copy_checkpoint(source: Path, work_dir: Path) -> None:
-    for item in source.iterdir():
-        if item.is_file() and item.name != "manifest.json":
-            shutil.copy2(item, work_dir / item.name)
+def _with_distillation_teacher(args: dict[str, Any], context: Context) -> dict[str, Any]:
+    """Distillation reads the recipe's teacher (its first stage's output, or the input model) unless args name one."""
+    args = _with_training_corpus(args, context)
+    if args.get("distill") is None or args.get("teacher") is not None or context.teacher_dir is None:
+        return args  # without a teacher anywhere, the kind's own check names what is missing
+    return {**args, "teacher": str(context.teacher_dir)}
 
 
-def run_teacher(input_dir, work_dir, config, context):
-    from pretrain.teacher import ensure_teacher, teacher_dir
-
-    cached = ensure_teacher(config, context.cache_dir)
-    _copy_checkpoint(cached, work_dir)
-    from core.stage import Manifest
-
-    return {"cached_at": str(teacher_dir(config, context.cache_dir)), **Manifest.read(cached).metrics}
-
-
-def run_layer_prune(input_dir, work_dir, config, context):
-    from compress.layer import layer_prune_stage
-
-    return layer_prune_stage(input_dir, work_dir, config)
-
-
-def run_neuron_prune(input_dir, work_dir, config, context):
-    from compress.neuron import neuron_prune_stage
-
-    return neuron_prune_stage(input_dir, work_dir, config)
-
-
-def run_vocab_prune(input_dir, work_dir, config, context):
-    from compress.vocab import prepare, write_pruned
-
-    return write_pruned(prepare(input_dir, config), work_dir, config)
-
-
-def run_train(input_dir, work_dir, config, context):
-    from pretrain.continual import continual_stage
-
-    if config.distill is not None and config.teacher is None:
-        if context.teacher_dir is None:
-            raise UserError("distillation needs a teacher: set args.teacher or start the recipe from a teacher stage")
-        config = dataclasses.replace(config, teacher=str(context.teacher_dir))
-    return continual_stage(input_dir, work_dir, config)
+def _teacher_input(config, context: Context) -> dict[str, Path | None]:
+    return {"teacher": Path(config.teacher) if config.teacher else None}
 
 
 @dataclasses.dataclass
@@ -107,7 +86,7 @@ class AlignStageConfig:
     `python -m align.build_data`), then LOGO training on them (`logo`, as `python -m align.logo`)."""
 
     data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
-    logo: LogoConfig = dataclasses.field(default_factory=LogoConfig)
+    logo: logo.LogoConfig = dataclasses.field(default_factory=logo.LogoConfig)
 
     def __post_init__(self):
         if self.data.own_mistakes and self.data.mistake_window != self.logo.position.window:
@@ -115,60 +94,86 @@ class AlignStageConfig:
                             f"(logo.position.window = {self.logo.position.window})")
 
 
-def run_align(input_dir, work_dir, config, context):
-    from align.build_data import BuildDataConfig, describe, load_texts
-    from align.data import build_preference_rows, check_build, save_rows
-    from align.logo import prepare, resolve_attention, train_logo
-    from core.checkpoint import load_model, load_tokenizer
+@dataclasses.dataclass
+class PreparedAlign:
+    config: AlignStageConfig
+    model_dir: Path
+    build: build_data.BuildDataConfig
+
+
+def prepare_align(config: AlignStageConfig, inputs: dict[str, Path | None], progress: bool = True) -> PreparedAlign:
+    """Checks that need no rows: the tokenizer fits the chunk sizes, the model and the attention LOGO needs. The
+    rows' own checks run when they are built (on the first process: a generator may sample them)."""
+    from core.checkpoint import load_tokenizer, read_model_config
+
+    model_dir = inputs["model"]
+    read_model_config(model_dir)
+    from align.data import check_build
+
+    check_build(config.data, load_tokenizer(model_dir))
+    logo.resolve_attention(config.logo, model_dir)
+    corpus = inputs.get("corpus")
+    build = build_data.BuildDataConfig(
+        tokenizer=str(model_dir), generator=str(model_dir) if config.data.needs_generator else None,
+        corpus_dir=str(corpus) if corpus else None, cache_dir=str(inputs["cache"]) if inputs.get("cache") else None,
+        data=config.data)
+    return PreparedAlign(config, model_dir, build)
+
+
+def run_align(prepared: PreparedAlign, work_dir: Path) -> dict[str, Any]:
+    """Rows once (the first process under a launcher; a resumed stage keeps the rows it built), then LOGO on every
+    process."""
     from recipes.first_process import on_first_process
 
     data_dir = work_dir / "preference_data"
 
-    def build_rows() -> dict[str, Any]:  # once, by the first process under a launcher; then every process trains
-        if (data_dir / "provenance.json").is_file():  # a resumed stage keeps the rows it already built
+    def build_rows() -> dict[str, Any]:
+        if (data_dir / "provenance.json").is_file():
             return {}
-        tokenizer = load_tokenizer(input_dir)
-        check_build(config.data, tokenizer)
-        build = BuildDataConfig(tokenizer=str(input_dir), corpus_dir=str(context.corpus_dir) if context.corpus_dir
-                                else None, cache_dir=str(context.cache_dir / "corpus"), data=config.data)
-        texts, doc_ids = load_texts(build)
-        # LOGO samples responses with the model being aligned; "rule" responses need no model (the CPU default)
-        generator = load_model(input_dir).eval() if config.data.needs_generator else None
-        rows, reasons = build_preference_rows(config.data, texts, doc_ids, tokenizer, generator)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        save_rows(rows, data_dir, {"config": dataclasses.asdict(config.data),
-                                   "generator": str(input_dir) if generator is not None else "rule",
-                                   "corpus_split": "train", "tokenizer": str(input_dir)})
-        return {"preference_data": describe(rows, reasons, tokenizer)}
+        return {"preference_data": build_data.write_rows(build_data.prepare(prepared.build), data_dir)}
 
     metrics = on_first_process(build_rows)
-    logo = resolve_attention(dataclasses.replace(config.logo, data=str(data_dir)), input_dir)
-    metrics.update(train_logo(prepare(input_dir, logo), work_dir, logo))
-    return metrics
+    config = dataclasses.replace(prepared.config.logo, data=str(data_dir))
+    trained = logo.train_logo(logo.prepare_stage(config, {"model": prepared.model_dir}), work_dir)
+    return {**metrics, **trained}
 
 
-@functools.lru_cache(maxsize=None)
-def _kinds() -> dict[str, Kind]:
-    from compress.layer import LayerPruneConfig
-    from compress.neuron import NeuronPruneConfig
-    from compress.vocab import VocabConfig
-    from pretrain.teacher import TeacherConfig
+ALIGN = register_kind(StageKind(
+    name="align",
+    stage="align",
+    module="recipes.openba_v2",
+    config_cls=AlignStageConfig,
+    prepare=prepare_align,
+    run=run_align,
+    description="LOGO preference rows from the run's corpus, then LOGO training (a recipe stage).",
+    inputs=(Input("model", "checkpoint to align"),
+            Input("corpus", "corpus the rows come from", required=False, is_checkpoint=False),
+            Input("cache", "corpus cache", required=False, is_checkpoint=False)),
+    resumable=True,
+))
 
-    kinds = {
-        "teacher": Kind(TeacherConfig, run_teacher),
-        "layer_prune": Kind(LayerPruneConfig, run_layer_prune, defaults=_with_calibration),
-        "neuron_prune": Kind(NeuronPruneConfig, run_neuron_prune, defaults=_with_calibration),
-        "vocab_prune": Kind(VocabConfig, run_vocab_prune, defaults=_with_corpus),
-    }
-    from pretrain.continual import ContinualConfig
+RECIPE_KINDS: dict[str, RecipeKind] = {
+    "teacher": RecipeKind(get_kind("teacher"), inputs=lambda config, context: {"cache_dir": context.cache_dir},
+                          shares_work=True),
+    "layer_prune": RecipeKind(get_kind("layer_prune"), defaults=_with_calibration),
+    "neuron_prune": RecipeKind(get_kind("neuron_prune"), defaults=_with_calibration),
+    "vocab_prune": RecipeKind(get_kind("vocab_prune"), defaults=_with_corpus),
+    "train": RecipeKind(get_kind("train"), defaults=_with_distillation_teacher, inputs=_teacher_input,
+                        shares_work=True),
+    "align": RecipeKind(ALIGN, shares_work=True, inputs=lambda config, context: {
+        "corpus": context.corpus_dir, "cache": context.cache_dir / "corpus"}),
+}
 
-    kinds["train"] = Kind(ContinualConfig, run_train, resumable=True, defaults=_with_training_corpus)
-    kinds["align"] = Kind(AlignStageConfig, run_align, resumable=True)
-    return kinds
+
+def recipe_kind(name: str) -> RecipeKind:
+    if name not in RECIPE_KINDS:
+        raise UserError(f"unknown stage kind '{name}' (kinds: {', '.join(RECIPE_KINDS)})")
+    return RECIPE_KINDS[name]
 
 
-def get_kind(name: str) -> Kind:
-    kinds = _kinds()
-    if name not in kinds:
-        raise UserError(f"unknown stage kind '{name}' (kinds: {', '.join(kinds)})")
-    return kinds[name]
+def resolve_config(name: str, args: dict[str, Any], context: Context, prefix: str):
+    """A stage's config, built once from its args and what the recipe knows."""
+    from core.config import from_dict
+
+    kind = recipe_kind(name)
+    return from_dict(kind.kind.config_cls, kind.defaults(dict(args), context), prefix=prefix)

@@ -26,8 +26,8 @@ from core.launch import launch
 from core.stage import Manifest, Stage, run_stages
 from eval.gate import GateFailed
 from recipes.first_process import on_first_process
-from recipes.kinds import Context, get_kind
-from recipes.plan import TRAINING_KINDS
+from core.kind import ScoreRequest
+from recipes.kinds import Context, recipe_kind, resolve_config
 from recipes.report import stage_table, write_report
 from recipes.spec import RecipeConfig, StageSpec
 
@@ -56,18 +56,18 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
 
 
 def check_recipe(recipe: RecipeConfig, context: Context, require_model: bool = True) -> list[tuple[StageSpec, Any, Any]]:
-    """Resolve every stage's config and gate before anything runs: a typo in stage 6 fails at start."""
+    """Resolve every stage's config and gate once, before anything runs: a typo in stage 6 fails at start."""
     resolved = []
     for spec in recipe.stages:
-        kind = get_kind(spec.kind)
-        args = kind.defaults(dict(spec.args), context)
-        config = from_dict(kind.config_cls, args, prefix=f"stages.{spec.name}.args.")
+        config = resolve_config(spec.kind, spec.args, context, prefix=f"stages.{spec.name}.args.")
         gate = None
         if spec.gate is not None:
             if spec.gate not in recipe.gates:
                 raise UserError(f"stage '{spec.name}' names gate '{spec.gate}', which the recipe does not define "
                                 f"(gates: {', '.join(recipe.gates) or 'none'})")
             gate = load_gate(recipe.gates[spec.gate], spec.gate)
+        if spec.score is not None:
+            from_dict(ScoreRequest, dict(spec.score), prefix=f"stages.{spec.name}.score.")
         resolved.append((spec, config, gate))
     if recipe.model is None and (not recipe.stages or recipe.stages[0].kind != "teacher"):
         raise UserError("the recipe has no input: set `model` (a checkpoint directory) or start with a teacher stage")
@@ -99,26 +99,56 @@ def previous_gate(run_dir: Path, names: list[str], index: int) -> Path | None:
     return None
 
 
-def gated(spec: StageSpec, config: Any, gate, context: Context, names: list[str], index: int):
-    """The stage function: run the kind, then the gate on its output; a failing gate raises (nothing published).
+def protocol_stage(spec: StageSpec, config: Any, gate, context: Context, names: list[str], index: int) -> Stage:
+    """The stage of one recipe entry: its kind's `prepare` before anything is written, then `run`, the optional
+    importance scores of the output, and the gate; a failing gate raises, so nothing is published.
 
-    Under a launcher every process runs the recipe: training kinds train on every process (each its share of the
-    data, the first one writing the checkpoint), while a prune and every gate run on the first process alone."""
-    kind = get_kind(spec.kind)
+    Under a launcher every process runs the recipe: training kinds prepare and train on every process (each its
+    share of the data, the first one writing the checkpoint), while a prune and every gate run on the first
+    process alone and every process leaves with the outcome."""
+    recipe_kind_ = recipe_kind(spec.kind)
+    kind = recipe_kind_.kind
+    score = None
+    if spec.score is not None:
+        score = from_dict(ScoreRequest, {"calib": str(context.corpus_dir) if context.corpus_dir else None,
+                                         **dict(spec.score)})
 
-    def run(input_dir: Path | None, work_dir: Path, _stage_config) -> dict[str, Any]:
-        check_disk(work_dir, input_dir, context)
-        if spec.kind in TRAINING_KINDS:
-            metrics = kind.run(input_dir, work_dir, config, context) or {}
-        else:
-            metrics = on_first_process(lambda: kind.run(input_dir, work_dir, config, context) or {})
-        if gate is not None:  # against the stage it read: the previous one, or the one a baseline branches off
-            upto = names.index(spec.input) + 1 if spec.input else index
-            baseline = previous_gate(context.run_dir, names, upto)
-            metrics["gate"] = on_first_process(lambda: run_stage_gate(work_dir, gate, baseline))
-        return metrics
+    def prepare(input_dir: Path | None):
+        check_disk(context.run_dir, input_dir, context)
+        inputs = {**recipe_kind_.inputs(config, context)}
+        if kind.checkpoint_input:
+            inputs[kind.checkpoint_input] = input_dir
+        if recipe_kind_.shares_work:
+            prepared = kind.prepare(config, inputs, True)
+        else:  # held by the first process only; a failure there fails every process
+            held: dict[str, Any] = {}
+            on_first_process(lambda: held.update(prepared=kind.prepare(config, inputs, True)))
+            prepared = held.get("prepared")
 
-    return run
+        def run(_input: Path | None, work_dir: Path, _stage_config) -> dict[str, Any]:
+            if recipe_kind_.shares_work:
+                metrics = kind.run(prepared, work_dir) or {}
+            else:
+                metrics = on_first_process(lambda: kind.run(prepared, work_dir) or {})
+            if score is not None:
+                from compress.score import score_checkpoint
+
+                metrics["importance"] = on_first_process(lambda: score_checkpoint(work_dir, score, True))
+            if gate is not None:  # against the stage it read: the previous one, or the one a baseline branches off
+                upto = names.index(spec.input) + 1 if spec.input else index
+                baseline = previous_gate(context.run_dir, names, upto)
+                metrics["gate"] = on_first_process(lambda: run_stage_gate(work_dir, gate, baseline))
+            return metrics
+
+        return run
+
+    def unprepared(*_):
+        raise RuntimeError("a recipe stage runs through its prepare step")
+
+    stage_config = {"kind": spec.kind, "args": to_dict(config), "gate": to_dict(gate) if gate is not None else None}
+    if spec.score is not None:
+        stage_config["score"] = to_dict(score)
+    return Stage(spec.name, unprepared, stage_config, resumable=kind.resumable, input=spec.input, prepare=prepare)
 
 
 def run_stage_gate(work_dir: Path, gate, baseline: Path | None) -> dict[str, Any]:
@@ -148,16 +178,10 @@ def check_disk(work_dir: Path, input_dir: Path | None, context: Context) -> None
                         f"about {(2 * need + margin) / 2**30:.1f} GiB needed")
 
 
-def build_stages(recipe: RecipeConfig, context: Context) -> list[Stage]:
-    resolved = check_recipe(recipe, context)
+def build_stages(resolved: list[tuple[StageSpec, Any, Any]], context: Context) -> list[Stage]:
     names = [spec.name for spec, _, _ in resolved]
-    stages = []
-    for index, (spec, config, gate) in enumerate(resolved):
-        stage_config = {"kind": spec.kind, "args": to_dict(config),
-                        "gate": to_dict(gate) if gate is not None else None}
-        stages.append(Stage(spec.name, gated(spec, config, gate, context, names, index), stage_config,
-                            resumable=get_kind(spec.kind).resumable, input=spec.input))
-    return stages
+    return [protocol_stage(spec, config, gate, context, names, index)
+            for index, (spec, config, gate) in enumerate(resolved)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,10 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         print(format_plan(plan(recipe), recipe.world_size))
         return
     run_dir = Path(recipe.run_dir)
-    check_recipe(recipe, Context(run_dir, run_dir))  # every stage's config and gate, before any work
-    run_dir.mkdir(parents=True, exist_ok=True)
     context = make_context(recipe, run_dir)
-    stages = build_stages(recipe, context)
+    resolved = check_recipe(recipe, context)  # every stage's config and gate, once, before any work
+    check_selection([spec.name for spec in recipe.stages], args.start, args.stop, args.only)
+    ensure_corpus(recipe, context)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = build_stages(resolved, context)
     started = time.time()
 
     first = launch().rank == 0  # under a launcher every process runs the stages; the first reports them
@@ -215,27 +241,46 @@ def main(argv: list[str] | None = None) -> None:
         print(f"finished in {time.time() - started:.0f}s; report: {report}")
 
 
+def check_selection(names: list[str], start: str | None, stop: str | None, only: str | None) -> None:
+    """--from / --to / --only name stages of this recipe (checked before the run directory exists)."""
+    for name in (start, stop, only):
+        if name is not None and name not in names:
+            raise UserError(f"no stage named '{name}' (stages: {', '.join(names)})")
+
+
+def teacher_stage_config(recipe: RecipeConfig):
+    first = recipe.stages[0] if recipe.stages else None
+    if recipe.model is None and first is not None and first.kind == "teacher":
+        return first, from_dict(recipe_kind("teacher").kind.config_cls, dict(first.args),
+                                prefix=f"stages.{first.name}.args.")
+    return first, None
+
+
 def make_context(recipe: RecipeConfig, run_dir: Path) -> Context:
     """Shared inputs: the offline corpus the teacher trained on (calibration, vocabulary counts, recovery data) and
-    the teacher itself (the first stage's output, or the input model) for distillation."""
-    from pretrain.corpus import load_or_build_corpus
+    the teacher itself (the first stage's output, or the input model) for distillation. Paths only: the corpus is
+    built by `ensure_corpus` once every stage has been checked."""
     from pretrain.teacher import DEFAULT_CACHE
 
     cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else DEFAULT_CACHE
     context = Context(run_dir=run_dir, cache_dir=cache_dir, min_free_disk_gb=recipe.min_free_disk_gb)
-    first = recipe.stages[0] if recipe.stages else None
-    if recipe.model is None and first is not None and first.kind == "teacher":
-        teacher = from_dict(get_kind("teacher").config_cls, dict(first.args), prefix=f"stages.{first.name}.args.")
-        if teacher.corpus_dir is not None:
-            context.corpus_dir = Path(teacher.corpus_dir)
-        else:
-            corpus_config = teacher.corpus
-            load_or_build_corpus(corpus_config, cache_dir / "corpus")
-            context.corpus_dir = cache_dir / "corpus" / f"corpus-{corpus_config.fingerprint()}"
+    first, teacher = teacher_stage_config(recipe)
+    if teacher is not None:
+        context.corpus_dir = (Path(teacher.corpus_dir) if teacher.corpus_dir is not None
+                              else cache_dir / "corpus" / f"corpus-{teacher.corpus.fingerprint()}")
         context.teacher_dir = run_dir / first.name
     else:
         context.teacher_dir = Path(recipe.model) if recipe.model else None
     return context
+
+
+def ensure_corpus(recipe: RecipeConfig, context: Context) -> None:
+    """Build the embedded corpus in the cache if the recipe's teacher trains on it and it is not there yet."""
+    from pretrain.corpus import load_or_build_corpus
+
+    _, teacher = teacher_stage_config(recipe)
+    if teacher is not None and teacher.corpus_dir is None:
+        load_or_build_corpus(teacher.corpus, context.cache_dir / "corpus")
 
 
 if __name__ == "__main__":

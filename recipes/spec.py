@@ -16,13 +16,18 @@ class StageSpec:
     name: str
     """Unique stage name; also the stage's output directory under the run directory."""
     kind: str
-    """Which step runs: see `recipes.kinds.KINDS` (teacher, layer_prune, neuron_prune, vocab_prune, train, align)."""
+    """Which step runs: see `recipes.kinds.RECIPE_KINDS` (teacher, layer_prune, neuron_prune, vocab_prune, train,
+    align)."""
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Arguments for the kind's config dataclass (unknown keys are errors naming the key)."""
     input: str | None = None
     """Read this earlier stage's output instead of the previous stage's (baselines that branch off the chain)."""
     gate: str | None = None
     """Name of a gate in `gates` run on this stage's output; a failure stops the recipe and publishes nothing."""
+    score: dict[str, Any] | None = None
+    """Importance scores of this stage's output (core.kind.ScoreRequest: `scorers: {layers: block_influence,
+    heads: activation}`, `calib`, `num_samples`, `seq_len`), saved in its `importance/` folder; the recipe's
+    corpus is the calibration data unless `calib` names other data. Any kind takes it, training and LOGO too."""
     tokens: float | None = None
     """Training tokens the paper spent on this stage (documentation and dry-run planning only)."""
     note: str = ""

@@ -1,0 +1,72 @@
+"""Recipe stages run through the stage protocol: prepare before anything is written, optional importance scores of
+any stage's output, and the same refusals as the commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from recipes.openba_v2 import main
+from tests.compress.conftest import build_tiny
+from tests.compress.test_neuron import calibration_file, save_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    save_with_tokenizer(build_tiny("llama"), root / "llama")
+    calibration_file(root / "calib.txt")
+    return root
+
+
+def write_recipe(path, model, run_dir, stages):
+    path.write_text(yaml.safe_dump({"name": "t", "run_dir": str(run_dir), "model": str(model), "stages": stages,
+                                    "min_free_disk_gb": 0.01}))
+    return path
+
+
+def test_any_stage_can_score_its_output(llama, tmp_path):
+    calib = str(llama / "calib.txt")
+    stages = [
+        {"name": "layers", "kind": "layer_prune", "args": {"drop": {"decoder": [1]}},
+         "score": {"scorers": {"layers": "block_influence", "heads": "activation"}, "calib": calib,
+                   "num_samples": 4, "seq_len": 32}},
+        {"name": "train", "kind": "train",
+         "args": {"objective": "causal", "input_length": 64, "target_length": 32, "data": {"paths": [calib]},
+                  "train": {"steps": 2, "save_every": 0,
+                                                                               "eval_every": 0}},
+         "score": {"scorers": {"layers": "block_influence"}, "calib": calib, "num_samples": 4, "seq_len": 32}},
+    ]
+    config = write_recipe(tmp_path / "r.yaml", llama / "llama", tmp_path / "run", stages)
+    main(["--config", str(config)])
+    for name, units in (("layers", {"layers", "heads"}), ("train", {"layers"})):
+        out = tmp_path / "run" / name
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert set(manifest["metrics"]["importance"]["scorers"]) == units
+        scores = json.loads((out / "importance" / "scores.json").read_text())
+        assert scores["tensors"]["layers.decoder"]["shape"] == [3]  # the pruned model's blocks, scored after it ran
+        assert scores["tensors"]["layers.decoder"]["finite"]
+        assert ("heads.decoder.self.0" in scores["tensors"]) == ("heads" in units)
+        assert list((out / "importance").glob("*.png"))
+
+
+def test_a_stage_whose_inputs_fail_to_prepare_writes_nothing(llama, tmp_path, capsys):
+    stages = [{"name": "layers", "kind": "layer_prune", "args": {"remove": 1, "calib": str(tmp_path / "missing")}}]
+    config = write_recipe(tmp_path / "r.yaml", llama / "llama", tmp_path / "run", stages)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "layers").exists() and not (tmp_path / "run" / "layers.partial").exists()
+
+
+def test_an_unknown_stage_selection_writes_no_run_directory(llama, tmp_path, capsys):
+    stages = [{"name": "layers", "kind": "layer_prune", "args": {"drop": {"decoder": [1]}}}]
+    config = write_recipe(tmp_path / "r.yaml", llama / "llama", tmp_path / "run", stages)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--from", "nosuch"])
+    assert exit_info.value.code == 2
+    assert "no stage named 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
