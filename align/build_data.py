@@ -142,6 +142,7 @@ def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 KIND = register_kind(StageKind(
     name="logo_data",
+    writes_checkpoint=False,
     stage="logo-data",
     module="align.build_data",
     config_cls=BuildDataConfig,

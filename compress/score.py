@@ -103,6 +103,7 @@ def summary(manifest) -> str:
 
 KIND = register_kind(StageKind(
     name="score",
+    writes_checkpoint=False,
     stage="score",
     module="compress.score",
     config_cls=ScoreConfig,

@@ -126,9 +126,10 @@ def build_parser(kind: StageKind) -> tuple[argparse.ArgumentParser, list[str]]:
                         help="override a config field, e.g. calibration.num_samples=32 (after --config)")
     parser.add_argument("--force", action="store_true", help="rerun even if --out holds this stage's finished output")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--score", action="append", default=[], metavar="UNIT=SCORER",
-                        help="also score the output's layers / heads / channels (saved in OUT/importance)")
-    parser.add_argument("--score-calib", help="calibration data for --score")
+    if kind.writes_checkpoint:
+        parser.add_argument("--score", action="append", default=[], metavar="UNIT=SCORER",
+                            help="also score the output's layers / heads / channels (saved in OUT/importance)")
+        parser.add_argument("--score-calib", help="calibration data for --score")
     # DeepSpeed's launcher passes each process its rank as a flag; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser, named
@@ -155,7 +156,7 @@ def config_from_args(kind: StageKind, args: argparse.Namespace, named: list[str]
 
 
 def score_request(args: argparse.Namespace) -> ScoreRequest | None:
-    if not args.score:
+    if not getattr(args, "score", None):
         return None
     scorers = {}
     for item in args.score:

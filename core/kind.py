@@ -84,6 +84,8 @@ class StageKind:
     """Parsed namespace -> config fields from those flags."""
     exclusive: tuple[tuple[str, ...], ...] = ()
     """Groups of fields of which a command line value replaces the others given in a YAML file (one target)."""
+    writes_checkpoint: bool = True
+    """The output is a checkpoint (so it can be scored with `--score`); False for data, scores and gate results."""
     verdict: Callable[[Any], str | None] | None = None
     """Manifest -> why the finished stage's outcome is a failure (a gate that did not pass), or None. The command
     prints it as `error: ...` after the summary and exits 1; the output stays published (it is the evidence)."""

@@ -437,6 +437,7 @@ def _gate_flags(parser: argparse.ArgumentParser) -> None:
 
 KIND = register_kind(StageKind(
     name="gate",
+    writes_checkpoint=False,
     stage="gate",
     module="eval.gate",
     config_cls=GateRun,

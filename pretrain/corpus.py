@@ -438,6 +438,7 @@ def _list_values(args: argparse.Namespace) -> dict:
 
 KIND = register_kind(StageKind(
     name="corpus",
+    writes_checkpoint=False,
     stage="corpus",
     module="pretrain.corpus",
     config_cls=CorpusConfig,

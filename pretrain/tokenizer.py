@@ -404,6 +404,7 @@ def summary(manifest: Manifest) -> str:
 
 KIND = register_kind(StageKind(
     name="tokenizer",
+    writes_checkpoint=False,
     stage="tokenizer",
     module="pretrain.tokenizer",
     config_cls=TokenizerBuildConfig,
