@@ -29,6 +29,9 @@ from core.model_card import command_line, count_checkpoint_parameters, write_mod
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"  # inside a partial directory: the config (hash, identity) the partial work belongs to
+MANIFEST_FORMAT = 2
+"""Format of manifest.json and pending.json. 1: before identities (a stage is keyed by its raw config hash, at its
+own path); 2: `identity`, `parameters`, `command`. Readers branch on this number, in `_key_of` and `upgrade`."""
 LIBRARIES = ("torch", "transformers", "datasets", "deepspeed", "lm_eval", "sentencepiece", "tokenizers", "peft")
 
 
@@ -47,12 +50,14 @@ class Manifest:
     status: str = "complete"
     identity: str = ""
     """Hash of the config with every path to a stage directory replaced by that stage's identity (`stage_identity`):
-    equal across copies of a run directory; empty in manifests written before it existed."""
+    equal across copies of a run directory; empty in format-1 manifests."""
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     """`before` (the input checkpoint) and `after` (the output), counted from the safetensors headers for every
     stage alike; None where a side is not a safetensors model (no input, data outputs)."""
     command: str = ""
     """The command line that ran the stage (the model card shows it)."""
+    format: int = 1
+    """MANIFEST_FORMAT of the code that wrote it (`read` infers it for manifests written before the number)."""
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -66,6 +71,8 @@ class Manifest:
         path = Path(directory) / MANIFEST
         try:
             data = json.loads(path.read_text())
+            if isinstance(data, dict) and "format" not in data:  # written before the number: identity tells
+                data["format"] = 2 if data.get("identity") else 1
             return cls(**data)
         except FileNotFoundError:
             raise UserError(f"no {MANIFEST} in {directory}: the stage that writes it has not completed") from None
@@ -135,17 +142,32 @@ def _complete_manifest(output_dir: Path, config: Any, input_dir: str | Path | No
         return None
     if manifest.status != "complete":
         return None
-    key, stored = (stage_identity, manifest.identity) if manifest.identity else (config_hash, manifest.config_hash)
+    key, stored = _key_of(manifest)
     exact = stored == key(config)
     if not exact and not _same_with_new_defaults(manifest.config, config, key):
         return None
-    if (not exact or not manifest.identity) and not _read_stages_older(config, manifest):
+    if (not exact or manifest.format < 2) and not _read_stages_older(config, manifest):
         return None
 
     def identity(inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != "dir"}
 
     return manifest if identity(manifest.inputs) == identity(_describe_input(input_dir)) else None
+
+
+def _key_of(manifest: Manifest) -> tuple[Callable[[Any], str], str]:
+    """How a manifest keys its stage: format 2 by identity (movable run directories), format 1 by raw config hash."""
+    if manifest.format >= 2:
+        return stage_identity, manifest.identity
+    return config_hash, manifest.config_hash
+
+
+def upgrade(manifest: Manifest, config: Any) -> Manifest:
+    """A format-1 manifest that matched at its own path, in today's format: its identity is this config's (the same
+    work, so copies of its run directory keep the stage too)."""
+    if manifest.format >= MANIFEST_FORMAT:
+        return manifest
+    return dataclasses.replace(manifest, identity=stage_identity(config), format=MANIFEST_FORMAT)
 
 
 def _names_a_path(value: str) -> bool:
@@ -329,25 +351,26 @@ def _own_partial(output_dir: Path) -> None:
 
 
 def completed(output_dir: str | Path, config: Any, input_dir: str | Path | None = None) -> Manifest | None:
-    """The manifest of a stage that is complete for this config and input (`is_complete`), else None. One written
-    before manifests carried an `identity` gets it now (it matched at its own path), so copies of its run directory
-    keep the stage too."""
+    """The manifest of a stage that is complete for this config and input (`is_complete`), else None; one of an
+    older format is upgraded in place (`upgrade`)."""
     manifest = _complete_manifest(Path(output_dir), config, input_dir)
     if manifest is None:
         return None
-    if not manifest.identity and launch().rank == 0:
-        manifest = dataclasses.replace(manifest, identity=stage_identity(config))
+    if manifest.format < MANIFEST_FORMAT and launch().rank == 0:
+        manifest = upgrade(manifest, config)
         manifest.write(output_dir)
     return manifest
 
 
 def _pending_matches(pending: Path, digest: str, identity: str) -> bool:
-    """Partial work of the same config: its identity (so a copied run directory resumes) or, in a partial directory
-    written before pending files carried one, its raw config hash."""
+    """Partial work of the same config: its identity (so a copied run directory resumes), or in a format-1 partial
+    directory its raw config hash."""
     if not pending.is_file():
         return False
     stored = json.loads(pending.read_text())
-    return stored.get("identity") == identity if "identity" in stored else stored.get("config_hash") == digest
+    if stored.get("format", 2 if "identity" in stored else 1) >= 2:
+        return stored.get("identity") == identity
+    return stored.get("config_hash") == digest
 
 
 def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Manifest:
@@ -361,7 +384,8 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
         if partial.exists() and not resumes:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest, "identity": identity}))
+        pending.write_text(json.dumps({"stage": stage.name, "config_hash": digest, "identity": identity,
+                                       "format": MANIFEST_FORMAT}))
     _barrier()
 
     started = time.time()
@@ -387,6 +411,7 @@ def _run_unlocked(stage: Stage, input_dir: Path | None, output_dir: Path) -> Man
         },
         versions=library_versions(),
         identity=identity,
+        format=MANIFEST_FORMAT,
         parameters={"before": parameters_before, "after": count_checkpoint_parameters(partial)},
         command=command_line(),
     )

@@ -325,7 +325,7 @@ def test_a_manifest_from_before_identities_gains_one_so_its_copies_resume(tmp_pa
 
     run(tmp_path / "a")
     for name in ("data", "train"):  # as written before manifests carried an identity
-        old = dataclasses.replace(Manifest.read(tmp_path / "a" / name), identity="")
+        old = dataclasses.replace(Manifest.read(tmp_path / "a" / name), identity="", format=1)
         old.write(tmp_path / "a" / name)
     shutil.copytree(tmp_path / "a", tmp_path / "copy-of-old")
     run(tmp_path / "copy-of-old")
@@ -358,5 +358,6 @@ def test_partial_training_copied_under_another_name_resumes(tmp_path):
         seen.clear()
         run(tmp_path / "c")
     pending = partial_dir(tmp_path / "c" / "train") / "pending.json"
-    pending.write_text(json.dumps({k: v for k, v in json.loads(pending.read_text()).items() if k != "identity"}))
+    pending.write_text(json.dumps({k: v for k, v in json.loads(pending.read_text()).items()
+                                   if k not in ("identity", "format")}))
     assert run(tmp_path / "c").timings["resumed"] is True and seen == [0, 2]
