@@ -619,7 +619,8 @@ def _widths_cell(before: list[int], after: list[int]) -> str:
     return f"{describe(before)} -> {describe(after)}"
 
 
-def summary_rows(metrics: dict) -> list[list]:
+def summary_rows(metrics: dict, parameters: dict) -> list[list]:
+    """The table printed after a prune; `parameters` is the manifest's (the stage contract counts them)."""
     from core.table import human_count
 
     rows = []
@@ -629,7 +630,7 @@ def summary_rows(metrics: dict) -> list[list]:
                      _widths_cell(before["heads"], after["heads"]), "",
                      human_count(metrics["stack_params_before"][stack]), human_count(metrics["stack_params_after"][stack])])
     rows.append(["model (all)", "", "", "", _widths_cell([metrics["hidden_before"]], [metrics["hidden_after"]]),
-                 human_count(metrics["params_before"]), human_count(metrics["params_after"])])
+                 human_count(parameters["before"]), human_count(parameters["after"])])
     return rows
 
 
@@ -705,7 +706,7 @@ def prepare_neuron_prune(model_dir: str | Path, config: NeuronPruneConfig, progr
             save_file({HIDDEN_SCORES: hidden.float().contiguous()}, str(work_dir / "scores" / HIDDEN_FILE))
         plot_scores(scores, work_dir / "scores")
         after = count_parameters(model)
-        return {"params_before": before["params"], "params_after": after, "kept_fraction": after / before["params"],
+        return {"kept_fraction": after / before["params"],
                 "stack_params_before": before["stack"], "stack_params_after": stack_parameters(model),
                 "widths_before": before["widths"], "widths_after": widths_of(adapter),
                 "hidden_before": before["hidden"], "hidden_after": adapter.input_embeddings().embedding_dim,
@@ -725,7 +726,7 @@ def summary(manifest) -> str:
     from core.table import format_table
 
     metrics = manifest.metrics
-    table = format_table(summary_rows(metrics),
+    table = format_table(summary_rows(metrics, manifest.parameters),
                          ["part", "layers", "FFN width", "heads", "hidden", "params before", "params after"])
     solved = metrics["solved_ratio"]
     note = f", solved width ratio {solved:.3f}" if solved is not None else ""

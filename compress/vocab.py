@@ -617,8 +617,6 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
     """Slice the model, rewrite the tokenizer, save both and the counts into `work_dir`; return the metrics."""
     from transformers import AutoTokenizer
 
-    from core.checkpoint import count_parameters
-
     model, keep = prepared.model, prepared.selection.keep
     old_to_new = {old: new for new, old in enumerate(keep)}
     padding = slice_vocabulary(model, keep, config.pad_to, config.padding_logit_bias)
@@ -637,7 +635,6 @@ def write_pruned(prepared: PreparedPrune, work_dir: Path, config: VocabConfig) -
         "rows_before": prepared.rows_before, "rows_after": padding["rows"],
         "padding_rows": padding["padding_rows"], "padding_masked": padding["padding_masked"], "tied": padding["tied"],
         "padding_logit_bias": config.padding_logit_bias,
-        "parameters_before": prepared.parameters_before, "parameters_after": count_parameters(model),
         "corpus": prepared.counts.description,
         "corpus_documents": prepared.counts.documents, "corpus_tokens": prepared.counts.total,
         "corpus_coverage": prepared.selection.coverage,
@@ -661,14 +658,15 @@ def prune_vocabulary(model_dir: str | Path, out_dir: str | Path, config: VocabCo
     return run_stage(stage, Path(model_dir), out_dir, force=True)
 
 
-def summary_table(metrics: dict) -> str:
-    """Before/after numbers as a table, then what the padding rows hold and why tokens were forced."""
+def summary_table(metrics: dict, parameters: dict) -> str:
+    """Before/after numbers as a table, then what the padding rows hold and why tokens were forced; `parameters` is
+    the manifest's (the stage contract counts them)."""
     check = metrics.get("check", {})
     rows = [
         ("tokenizer ids", metrics["tokens_before"], metrics["tokens_after"]),
         ("model vocab rows", metrics["rows_before"], metrics["rows_after"]),
-        ("parameters", human_count(metrics["parameters_before"]), human_count(metrics["parameters_after"])),
-        ("parameter ratio", 1.0, metrics["parameters_after"] / metrics["parameters_before"]),
+        ("parameters", human_count(parameters["before"]), human_count(parameters["after"])),
+        ("parameter ratio", 1.0, parameters["after"] / parameters["before"]),
         ("corpus coverage", 1.0, metrics["corpus_coverage"]),
     ]
     if check.get("documents"):
@@ -733,7 +731,7 @@ def _keep_token_value(args) -> dict:
 
 
 def summary(manifest) -> str:
-    return summary_table(manifest.metrics)
+    return summary_table(manifest.metrics, manifest.parameters)
 
 
 KIND = register_kind(StageKind(

@@ -193,8 +193,6 @@ def tool(config_cls: type, run, module: str, description: str, examples: tuple[s
          inputs: tuple = ()):
     """`main(argv=None)` of a command that writes no stage output (a planner, a report): the same generated flags,
     `--config` and `--set`, then `run(config, inputs)`, which prints what it found."""
-    from core.kind import Input  # noqa: F401  (inputs are core.kind.Input)
-
     def main(argv: list[str] | None = None) -> None:
         epilog = "examples:\n" + "\n".join(f"  {example}" for example in examples) if examples else ""
         parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description, epilog=epilog,

@@ -314,8 +314,6 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 def _new_rows(tensor, start: int, rows: int, trained: int):
     """`tensor` with rows start.. set to the mean of its first `trained` rows, grown to `rows` rows if needed."""
-    import torch
-
     if tensor.shape[0] < rows:
         grown = tensor.new_zeros((rows, *tensor.shape[1:]))
         grown[: tensor.shape[0]] = tensor

@@ -72,9 +72,9 @@ def test_a_chain_of_stages_gets_cards_that_chain_lineage_and_match_their_manifes
     assert meta["base_model"] == str(layered)
     assert meta["lineage"] == [str(layered), str(model_dir), "meta-llama/Llama-2-7b-hf"]
     assert meta["license"] == "llama2" and "structured-pruning" in meta["tags"]
-    assert second.parameters == {"before": after, "after": second.metrics["params_after"]}
-    assert second.metrics["params_before"] == after
-    assert f"| before | {after:,} |" in body and f"| after | {second.metrics['params_after']:,} |" in body
+    assert second.parameters["before"] == after
+    assert second.parameters["after"] == count_parameters(load_model(pruned))
+    assert f"| before | {after:,} |" in body and f"| after | {second.parameters['after']:,} |" in body
     assert "decoder: FFN width 128 -> 64, heads 8 -> 4" in body
     assert second.command and f"```bash\n{second.command}\n```" in body
 
