@@ -116,6 +116,19 @@ def flatten_rows(batch: dict) -> dict:
     return {k: (v.reshape(1, -1) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def for_attention_kernel(batch: dict, attn_implementation: str, encoder_decoder: bool) -> dict:
+    """The batch as the attention kernel needs it. Under a varlen flash kernel, packed decoder-only rows (positions
+    that restart per example, no attention mask) become one row: transformers reads the examples from position ids
+    only at batch size 1, and at batch size > 1 it would let one document attend to another. Anything else, and
+    sdpa/eager (which build block-diagonal masks per row), pass unchanged."""
+    input_ids = batch.get("input_ids")
+    packed = "position_ids" in batch and "attention_mask" not in batch
+    if (encoder_decoder or not packed or not isinstance(input_ids, torch.Tensor) or input_ids.shape[0] == 1
+            or not str(attn_implementation).startswith("flash")):
+        return batch
+    return flatten_rows(batch)
+
+
 def segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Segment index per token (0, 1, ...) from positions that restart per example (transformers' own rule)."""
     from transformers.masking_utils import find_packed_sequence_indices

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import UserError
+from pretrain.packing import for_attention_kernel
 from pretrain.trainer.batches import DataStream, count_tokens, default_loss, objective_of, target_tokens, tensors_of
 from pretrain.trainer.checkpointing import (check_resumable, check_world_size, latest_checkpoint, read_trainer_state,
                                             restore, save_training_checkpoint, seed_everything)
@@ -116,7 +117,7 @@ class Trainer:
 
         self.model.to(runtime.device)
         self.master_weights_upcast = upcast_half_weights(self.model, config, runtime)
-        attn = apply_attn_implementation(self.model, config.attn_implementation, runtime.device)
+        attn = self.attn = apply_attn_implementation(self.model, config.attn_implementation, runtime.device)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model.config, "use_cache"):
@@ -212,6 +213,8 @@ class Trainer:
         local = {"loss": 0.0, "weight": sum(weights), "tokens": 0, "objectives": {}, "metrics": {}}
         for batch, weight in zip(batches, weights):
             tensors = {**batch, **tensors_of(batch, runtime.device)}
+            tensors = for_attention_kernel(tensors, self.attn, bool(getattr(self.model.config, "is_encoder_decoder",
+                                                                            False)))
             with engine.autocast():
                 loss, metrics = self.loss_fn(engine.module, tensors)
             if not torch.isfinite(loss):
