@@ -1,8 +1,9 @@
-"""Tiny models and preference batches for the align tests (models from tests/compress/conftest.py)."""
+"""Preference batches, data settings and the shared workspace (corpus, byte tokenizer, checkpoints, preference
+rows) of the align tests; models and tokenizers come from tests/factory.py."""
 
 import torch
 
-from tests.compress.conftest import VOCAB, build_tiny  # noqa: F401  (re-exported for the align tests)
+from tests.factory import VOCAB
 
 
 def preference_batch(rows: int = 2, responses: int = 3, prompt: int = 10, length: int = 4, seed: int = 0,

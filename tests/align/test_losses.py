@@ -9,7 +9,8 @@ import torch
 from align.losses import LossConfig, ResponseLogps, logo_preset, preference_loss
 from align.packing import response_logps
 from core.errors import UserError
-from tests.align.conftest import build_tiny, preference_batch
+from tests.align.conftest import preference_batch
+from tests.factory import tiny_model
 
 # two rows, preferred + two dis-preferred responses: summed log-probs and token counts
 SUMS = [[-4.0, -9.0, -12.0], [-6.0, -5.0, -16.0]]
@@ -93,7 +94,7 @@ def test_gradient_raises_preferred_and_lowers_rejected_log_likelihood(name):
 
 
 def test_a_logo_step_on_a_tiny_model_raises_the_preferred_log_likelihood():
-    model = build_tiny("llama").train()
+    model = tiny_model("llama").train()
     batch = preference_batch(rows=2, responses=3)
     config = logo_preset("mistral-7b")  # beta 2.5: a random model's margins sit in the sigmoid's slope
     before = response_logps(model, batch).mean_logp.detach()

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 from align.packing import packed_layout, response_logps, shared_context_mask
 from core.errors import UserError
-from tests.align.conftest import build_tiny, preference_batch
+from tests.align.conftest import preference_batch
+from tests.factory import tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "openba", "qwen2"])
 @pytest.mark.parametrize("gap", [False, True])
 def test_shared_context_equals_separate_sequences(family, gap):
-    model = build_tiny(family)
+    model = tiny_model(family)
     batch = preference_batch(gap=gap)
     with torch.no_grad():
         shared = response_logps(model, batch, shared=True)
@@ -24,7 +25,7 @@ def test_shared_context_equals_separate_sequences(family, gap):
 
 
 def test_shared_context_equals_separate_with_eager_attention():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     model.config._attn_implementation = "eager"  # an additive float mask instead of a boolean one
     batch = preference_batch(gap=True)
     with torch.no_grad():
@@ -34,7 +35,7 @@ def test_shared_context_equals_separate_with_eager_attention():
 
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_separate_path_equals_a_hand_loop_over_full_logits(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     batch = preference_batch(gap=True)
     with torch.no_grad():
         separate = response_logps(model, batch, shared=False)
@@ -59,7 +60,7 @@ def test_separate_path_equals_a_hand_loop_over_full_logits(family):
 
 def test_gapped_positions_without_a_mask_would_cut_attention_in_transformers():
     """Why the packed and separate paths always pass a mask: transformers reads a jump as a new document."""
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     ids = torch.randint(3, 90, (1, 12))
     positions = torch.cat([torch.arange(6), 40 + torch.arange(6)])[None]
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_mask_lets_each_response_see_the_prompt_and_itself_only():
 
 
 def test_rows_without_rejected_or_with_empty_responses_are_errors():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     batch = preference_batch()
     with pytest.raises(UserError, match="M >= 1"):
         response_logps(model, {**batch, "response_ids": batch["response_ids"][:, :1],
@@ -97,14 +98,14 @@ def test_rows_without_rejected_or_with_empty_responses_are_errors():
 
 
 def test_flash_attention_cannot_take_the_shared_context_mask():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="4D attention mask"):
         response_logps(model, preference_batch())
 
 
 def test_t5_without_decoder_positions_shares_the_encoder_by_repeating_its_output():
-    model = build_tiny("t5")
+    model = tiny_model("t5")
     batch = {k: v for k, v in preference_batch().items() if k != "position_ids"}  # relative buckets: no positions
     with torch.no_grad():
         torch.testing.assert_close(response_logps(model, batch).sum_logp,
@@ -119,7 +120,7 @@ def test_t5_without_decoder_positions_shares_the_encoder_by_repeating_its_output
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_responses_still_read_the_context_before_a_position_gap(family):
     """A synthesised gap must not cut attention: changing the first chunk changes every response's score."""
-    model = build_tiny(family)
+    model = tiny_model(family)
     batch = preference_batch(gap=True)  # positions jump by 40 in the middle of the prompt
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][:, :3] = (changed["input_ids"][:, :3] + 7) % 90 + 3

@@ -10,7 +10,7 @@ from compress.budget import BudgetConfig, main, plan_budget
 from core.checkpoint import count_parameters
 from core.errors import UserError
 from core.planning import count_on_meta
-from tests.compress.conftest import build_tiny
+from tests.factory import VOCAB, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_openba_plan_steps_follow_the_papers_stages(openba_plan):
 
 
 def test_planned_counts_equal_the_parameters_of_a_real_model():
-    config = build_tiny("llama").config
+    config = tiny_config("llama")
     plan = plan_budget(config, 80_000, BudgetConfig(round_to=8))
     shape = plan.final.shape
     real = AutoModelForCausalLM.from_config(adapter_class("llama").reshape_config(config, shape))
@@ -48,12 +48,10 @@ def test_planned_counts_equal_the_parameters_of_a_real_model():
 
 
 def test_embedding_once_counting_drops_only_an_untied_head():
-    import core.openba
-
-    config = core.openba.openba_config("openba-tiny", vocab_size=96)
-    head = 96 * config.hidden_size
+    config = tiny_config("openba")
+    head = VOCAB * config.hidden_size
     assert count_on_meta(config, embedding_once=False) - count_on_meta(config, embedding_once=True) == head
-    t5 = build_tiny("t5").config  # tied: nothing to drop
+    t5 = tiny_config("t5")  # tied: nothing to drop
     assert count_on_meta(t5, embedding_once=True) == count_on_meta(t5, embedding_once=False)
 
 
@@ -64,7 +62,7 @@ def test_at_most_never_exceeds_the_target():
 
 
 def test_families_without_head_or_hidden_pruning_cut_only_what_they_can():
-    config = build_tiny("gpt_neox").config
+    config = tiny_config("gpt_neox")
     plan = plan_budget(config, 90_000, BudgetConfig(round_to=8))
     shape = plan.final.shape
     assert (shape.hidden, shape.heads) == (64, 4)
@@ -73,7 +71,7 @@ def test_families_without_head_or_hidden_pruning_cut_only_what_they_can():
 
 
 def test_a_target_the_fixed_cuts_overshoot_keeps_more_layers():
-    config = build_tiny("llama").config
+    config = tiny_config("llama")
     start = plan_budget(config, 150_000, BudgetConfig(round_to=8)).steps[0].params
     plan = plan_budget(config, int(0.9 * start), BudgetConfig(round_to=8))
     assert plan.final.shape.depths["decoder"] >= 3  # 2/3 of 4 layers would cut too much: depth relaxed

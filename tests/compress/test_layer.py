@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from core.adapters import get_adapter
 from compress.layer import main, prune_layers
 from compress.scoring import ImportanceScores, score_model
 from core.checkpoint import count_parameters
 from core.errors import UserError
-from tests.compress.conftest import FAMILIES, VOCAB, build_tiny, model_inputs
 from tests.compress.test_scoring import calib_for, char_tokenizer, sample_texts
+from tests.factory import FAMILIES, VOCAB, model_inputs, tiny_model
 
 
 def block_states(model) -> dict[str, list[dict[str, torch.Tensor]]]:
@@ -40,20 +40,13 @@ def make_identity(model, stack: str, index: int) -> None:
                 linear.bias.zero_()
 
 
-def deep_llama(layers: int = 8):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(config).eval()
-
-
 def layer_scores(**stacks) -> ImportanceScores:
     return ImportanceScores({f"layers.{s}": torch.tensor(v, dtype=torch.float32) for s, v in stacks.items()})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_block_made_identity_has_zero_influence_and_is_the_one_removed(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     make_identity(model, "decoder", 2)
     scores = score_model(model, calib_for(model), {"layers": "block_influence"}, progress=False)
     influence = scores.layer_scores("decoder")
@@ -68,7 +61,7 @@ def test_a_block_made_identity_has_zero_influence_and_is_the_one_removed(family)
 
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_removing_nothing_is_the_identity(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     inputs = model_inputs(model)
     before, states = logits(model, inputs), block_states(model)
     scores = score_model(model, None, {"layers": "random"}, progress=False)
@@ -82,7 +75,7 @@ def test_removing_nothing_is_the_identity(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_surviving_blocks_are_untouched_and_the_reloaded_model_matches_exactly(family, tmp_path):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     original = block_states(model)
     stacks = {stack: len(adapter.blocks(stack)) for stack in adapter.stacks}
@@ -109,7 +102,7 @@ def test_surviving_blocks_are_untouched_and_the_reloaded_model_matches_exactly(f
 
 
 def test_iterative_mode_rescores_the_pruned_model_after_each_removal():
-    model = deep_llama(8)
+    model = tiny_model("llama", num_hidden_layers=8)
     first = layer_scores(decoder=[9, 1, 2, 3, 4, 5, 6, 9])  # one-shot would remove blocks 1 and 2
     seen = []
 
@@ -122,11 +115,11 @@ def test_iterative_mode_rescores_the_pruned_model_after_each_removal():
     assert seen == [7]  # rescored once, between the two removals, on the smaller model
     assert removed == {"decoder": [1, 6]}
     assert model.config.original_layer_indices == {"decoder": [0, 2, 3, 4, 5, 7]}
-    assert prune_layers(deep_llama(8), first, 2) == {"decoder": [1, 2]}
+    assert prune_layers(tiny_model("llama", num_hidden_layers=8), first, 2) == {"decoder": [1, 2]}
 
 
 def test_iterative_mode_with_real_scores_removes_the_lowest_block_of_each_rescored_model():
-    model = deep_llama(6)
+    model = tiny_model("llama", num_hidden_layers=6)
     calib = calib_for(model)
     calls = []
 
@@ -137,7 +130,7 @@ def test_iterative_mode_with_real_scores_removes_the_lowest_block_of_each_rescor
     removed = prune_layers(model, rescore(model), 2, iterative=True, rescore_fn=rescore)
     assert len(calls) == 2 and len(model.model.layers) == 4
     # replay by hand: the lowest interior block, then the lowest interior block of the rescored smaller model
-    replay = deep_llama(6)
+    replay = tiny_model("llama", num_hidden_layers=6)
     first = int(rescore(replay).layer_scores("decoder")[1:-1].argmin()) + 1
     prune_layers(replay, None, drop={"decoder": [first]})
     second_position = int(rescore(replay).layer_scores("decoder")[1:-1].argmin()) + 1
@@ -146,28 +139,25 @@ def test_iterative_mode_with_real_scores_removes_the_lowest_block_of_each_rescor
 
 
 def test_a_parameter_budget_removes_lowest_blocks_across_stacks_until_it_fits():
-    model = build_tiny("openba")  # 2 encoder (both protected), 6 decoder blocks
+    model = tiny_model("openba")  # 2 encoder (both protected), 6 decoder blocks
     total = count_parameters(model)
     block = sum(p.numel() for p in model.decoder.block[1].parameters())
     scores = layer_scores(encoder=[1, 1], decoder=[9, 3, 1, 2, 4, 9])
     removed = prune_layers(model, scores, target_params=total - 2 * block)
     assert removed == {"encoder": [], "decoder": [2, 3]}
     assert count_parameters(model) <= total - 2 * block
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     removed = prune_layers(model, scores, target_params=total - 2 * block + 1)  # one block short of the budget
     assert removed["decoder"] == [2, 3]
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     removed = prune_layers(model, scores, target_params=total - block - 1)
     assert removed["decoder"] == [2, 3]  # the first removal leaves it one parameter over: a second goes
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     assert prune_layers(model, scores, target_params=total) == {"encoder": [], "decoder": []}
 
 
 def test_explicit_drop_lists_in_original_numbering_replay_the_papers_stages():
-    from core.openba import openba_config
-
-    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=VOCAB, num_layers=4,
-                                                            num_decoder_layers=10)).eval()
+    model = tiny_model("openba", num_layers=4, num_decoder_layers=10)
     original = block_states(model)
     assert prune_layers(model, None, drop={"decoder": [3, 6]}) == {"encoder": [], "decoder": [3, 6]}
     # stage 2 names original blocks 8 and 9: positions 6 and 7 of the 8 remaining
@@ -182,7 +172,7 @@ def test_explicit_drop_lists_in_original_numbering_replay_the_papers_stages():
 
 
 def test_bad_requests_are_user_errors_and_leave_the_model_unchanged():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     scores = layer_scores(decoder=[1, 2, 3, 4])
     states = block_states(model)
     bad = [
@@ -219,7 +209,7 @@ def saved(tmp_path):
         (calib / f"{i}.txt").write_text(text)
 
     def save(family):
-        model = build_tiny(family)
+        model = tiny_model(family)
         path = tmp_path / family
         model.save_pretrained(path)
         char_tokenizer().save_pretrained(path)
@@ -251,7 +241,7 @@ def test_layer_command_prunes_a_saved_llama_end_to_end(saved, tmp_path, capsys):
     lowest = int(scores.layer_scores("decoder")[1:-1].argmin()) + 1
     assert manifest["metrics"]["removed"] == {"decoder": [lowest]} and manifest["stage"] == "layer-prune"
     assert (out / "scores" / "scores_decoder.png").is_file()
-    expected = build_tiny("llama")
+    expected = tiny_model("llama")
     prune_layers(expected, scores, 1)
     inputs = model_inputs(expected)
     assert torch.equal(logits(pruned, inputs), logits(expected, inputs))
@@ -313,11 +303,9 @@ def test_layer_command_help_has_examples(capsys):
 def test_stage_function_chains_drop_lists_counted_in_the_original_model(tmp_path):
     """The recipe path: two layer-prune stages under run_stage, the second naming blocks of the first model."""
     from compress.layer import LayerPruneConfig, layer_prune_stage
-    from core.openba import openba_config
     from core.stage import Stage, run_stage
 
-    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=VOCAB, num_layers=4,
-                                                            num_decoder_layers=10)).eval()
+    model = tiny_model("openba", num_layers=4, num_decoder_layers=10)
     model.save_pretrained(tmp_path / "base")
     char_tokenizer().save_pretrained(tmp_path / "base")
     stages = [("s1", LayerPruneConfig(drop={"encoder": [2], "decoder": [3, 6]})),

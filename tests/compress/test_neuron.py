@@ -8,7 +8,7 @@ from core.adapters import get_adapter
 from compress.neuron import hidden_scores, prune_neurons, round_width
 from core.checkpoint import count_parameters
 from core.errors import UserError
-from tests.compress.conftest import build_tiny, model_inputs
+from tests.factory import calibration_file, model_inputs, save_with_tokenizer, tiny_model
 
 
 def logits(model, inputs):
@@ -45,7 +45,7 @@ def halving(adapter):
 
 
 def test_keeping_every_unit_is_the_identity(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     inputs = model_inputs(model)
     before = logits(model, inputs)
     adapter = get_adapter(model)
@@ -56,7 +56,7 @@ def test_keeping_every_unit_is_the_identity(family):
 
 
 def test_pruning_zeroed_channels_and_kv_groups_leaves_logits_unchanged(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     scores = random_scores(model)
     for stack, i, block in adapter.all_blocks():
@@ -79,7 +79,7 @@ def test_pruning_zeroed_channels_and_kv_groups_leaves_logits_unchanged(family):
 
 
 def test_surviving_llama_weights_are_the_original_rows_and_columns():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     adapter = get_adapter(model)
     block = adapter.blocks("decoder")[2]
     attn, mlp = block.self_attn, block.mlp
@@ -102,7 +102,7 @@ def test_surviving_llama_weights_are_the_original_rows_and_columns():
 
 
 def test_surviving_openba_weights_follow_the_fused_layouts():
-    model = build_tiny("openba")  # fc_in = [gate; up], qkv rows grouped per head as [q_h; k_h; v_h]
+    model = tiny_model("openba")  # fc_in = [gate; up], qkv rows grouped per head as [q_h; k_h; v_h]
     block = model.decoder.block[1]
     fc_in, qkv, kv = (m.weight.detach().clone() for m in (block.mlp.fc_in, block.self_attn.qkv, block.inter_attn.kv))
     scores = random_scores(model)
@@ -120,7 +120,7 @@ def fc_qkv_rows(weight, heads, rows_per_head):
 
 
 def test_pruned_model_reloads_with_equal_logits(family, tmp_path):
-    model = build_tiny(family)
+    model = tiny_model(family)
     prune_neurons(model, random_scores(model), **halving(get_adapter(model)))
     inputs = model_inputs(model)
     reloaded = reload(model, tmp_path)
@@ -129,7 +129,7 @@ def test_pruned_model_reloads_with_equal_logits(family, tmp_path):
 
 
 def test_gqa_llama_keeps_whole_kv_groups_and_reloads(tmp_path):
-    model = build_tiny("llama")  # 8 query heads, 4 kv heads
+    model = tiny_model("llama")  # 8 query heads, 4 kv heads
     prune_neurons(model, random_scores(model), heads=4)
     attention = model.model.layers[0].self_attn
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
@@ -140,7 +140,7 @@ def test_gqa_llama_keeps_whole_kv_groups_and_reloads(tmp_path):
 
 
 def test_per_layer_openba_widths_follow_the_global_ranking_and_reload(tmp_path):
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     scores = random_scores(model)
     scores["channels.decoder.0"] += 1.0  # decoder layer 0's channels beat every other layer's
     scores["channels.decoder.5"] -= 1.0  # decoder layer 5's channels lose to every other layer's
@@ -154,26 +154,21 @@ def test_per_layer_openba_widths_follow_the_global_ranking_and_reload(tmp_path):
 
 
 def test_t5_keeps_one_head_set_per_stack_ranked_by_the_summed_score():
-    model = build_tiny("t5")
+    model = tiny_model("t5")
     scores = random_scores(model)
     for i in range(3):
         scores[f"heads.encoder.self.{i}"] = torch.tensor([0.0, 1.0, 0.0, 0.5]) if i else torch.tensor([1.0, 0, 0, 0.6])
     prune_neurons(model, scores, heads=2)
     bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
     assert bias.shape[1] == 2
-    original = build_tiny("t5").encoder.block[1].layer[0].SelfAttention.q.weight
+    original = tiny_model("t5").encoder.block[1].layer[0].SelfAttention.q.weight
     # summed over layers: head 0 -> 1.0, head 1 -> 2.0, head 3 -> 1.6: heads 1 and 3 survive in every layer
     kept = torch.cat([original[16:32], original[48:64]])
     assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, kept)
 
 
 def test_hidden_pruning_keeps_a_tied_llama_head_tied_and_reloads(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", tie_word_embeddings=True)
     prune_neurons(model, random_scores(model), hidden=32, heads=4, ffn_width=64)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     inputs = model_inputs(model)
@@ -181,7 +176,7 @@ def test_hidden_pruning_keeps_a_tied_llama_head_tied_and_reloads(tmp_path):
 
 
 def test_hidden_pruning_keeps_the_top_scored_dimensions(tmp_path):
-    model = build_tiny("qwen2")
+    model = tiny_model("qwen2")
     scores = random_scores(model)
     embed = model.model.embed_tokens.weight.detach().clone()
     prune_neurons(model, scores, hidden=40, round_to=8)
@@ -198,13 +193,13 @@ def test_round_width_rounds_to_the_nearest_multiple_and_never_to_zero():
 
 
 def test_rounded_widths_are_multiples():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     prune_neurons(model, random_scores(model), ffn_ratio=0.3, hidden_ratio=0.3, round_to=32)
     assert model.config.ffn_hidden_size == 160 and model.config.hidden_size == 64  # 153.6 -> 160, 57.6 -> 64
 
 
 def test_budget_solves_the_largest_width_ratio_under_the_target():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     before = count_parameters(model)
     result = prune_neurons(model, random_scores(model), target_params=int(0.7 * before))
     assert result.params_after == count_parameters(model) <= 0.7 * before
@@ -225,7 +220,7 @@ def test_budget_solves_the_largest_width_ratio_under_the_target():
     ({}, "nothing to prune"),
 ])
 def test_bad_requests_are_user_errors_that_leave_the_model_unchanged(request_, message):
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     inputs = model_inputs(model)
     before = logits(model, inputs)
     with pytest.raises(UserError, match=message):
@@ -235,7 +230,7 @@ def test_bad_requests_are_user_errors_that_leave_the_model_unchanged(request_, m
 
 
 def test_families_that_cannot_prune_heads_or_hidden_say_why():
-    model = build_tiny("gpt_neox")
+    model = tiny_model("gpt_neox")
     with pytest.raises(UserError, match="head pruning is not supported"):
         prune_neurons(model, random_scores(model), heads=2)
     with pytest.raises(UserError, match="hidden-dimension pruning is not supported"):
@@ -243,7 +238,7 @@ def test_families_that_cannot_prune_heads_or_hidden_say_why():
 
 
 def test_scores_of_another_model_are_refused():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     scores = random_scores(model)
     scores["channels.decoder.1"] = torch.rand(100)
     with pytest.raises(UserError, match="another model"):
@@ -255,7 +250,7 @@ def test_scores_of_another_model_are_refused():
 
 
 def test_activation_hidden_scores_find_the_loudest_residual_dimension():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     model.model.embed_tokens.weight.data[:, 5] += 50.0  # dimension 5 carries a large value through every block
     batches = [{"input_ids": model_inputs(model)["input_ids"]}]
     scores = hidden_scores(model, batches, progress=False)
@@ -264,30 +259,6 @@ def test_activation_hidden_scores_find_the_loudest_residual_dimension():
 
 
 # --- command line --------------------------------------------------------------------------------------------------
-WORDS = [f"w{i}" for i in range(93)]
-
-
-def save_with_tokenizer(model, directory):
-    """A tiny checkpoint with a word-level tokenizer whose 96 ids match the tiny model's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>")
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-
-
-def calibration_file(path):
-    generator = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, 93, (40,), generator=generator)) for _ in range(12)]
-    path.write_text("\n".join(lines))
-    return path
-
-
 def run_cli(argv):
     from compress.neuron import main
 
@@ -299,7 +270,7 @@ def test_cli_prunes_by_activation_and_the_output_loads_with_plain_auto_classes(t
 
     from compress.neuron import load_scores
 
-    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    save_with_tokenizer(tiny_model("llama"), tmp_path / "model")
     out = tmp_path / "pruned"
     run_cli(["--model", str(tmp_path / "model"), "--calib", str(calibration_file(tmp_path / "calib.txt")),
              "--ffn-width", "64", "--heads", "4", "--hidden", "32", "--out", str(out)])
@@ -310,14 +281,14 @@ def test_cli_prunes_by_activation_and_the_output_loads_with_plain_auto_classes(t
     assert AutoTokenizer.from_pretrained(str(out))("w1 w2")["input_ids"] == [4, 5]
     # the same scores applied in memory give the same model
     scores, hidden = load_scores(out / "scores")
-    expected = build_tiny("llama")
+    expected = tiny_model("llama")
     prune_neurons(expected, {**scores.tensors, "hidden": hidden}, ffn_width=64, heads=4, hidden=32)
     inputs = model_inputs(expected)
     assert torch.equal(logits(reloaded, inputs), logits(expected, inputs))
 
 
 def test_cli_random_scorer_needs_no_data_and_prunes_openba(tmp_path, capsys):
-    build_tiny("openba").save_pretrained(str(tmp_path / "model"))
+    tiny_model("openba").save_pretrained(str(tmp_path / "model"))
     out = tmp_path / "pruned"
     run_cli(["--model", str(tmp_path / "model"), "--scorer", "random", "--ffn-width", "250", "--heads", "4",
              "--hidden", "100", "--round-to", "32", "--out", str(out)])
@@ -338,7 +309,7 @@ def test_cli_random_scorer_needs_no_data_and_prunes_openba(tmp_path, capsys):
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, family, extra, message):
     from tests.core.test_out_policy import refused
 
-    save_with_tokenizer(build_tiny(family), tmp_path / "model")
+    save_with_tokenizer(tiny_model(family), tmp_path / "model")
     error = refused(lambda model, out: run_cli(["--model", str(model), "--out", str(out), *extra]),
                     tmp_path / "model", tmp_path / "pruned", tmp_path, capsys)
     assert message in error
@@ -351,7 +322,7 @@ def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path,
 
     from tests.core.test_out_policy import refused
 
-    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    save_with_tokenizer(tiny_model("llama"), tmp_path / "model")
     calibration_file(tmp_path / "calib.txt")
 
     def prune(model, out):
@@ -369,14 +340,14 @@ def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path,
     for model, out, message in cases:
         assert message in refused(prune, model, out, tmp_path, capsys)
     deeper = tmp_path / "deeper"  # config.json names a layer the weights do not hold
-    save_with_tokenizer(build_tiny("llama"), deeper)
+    save_with_tokenizer(tiny_model("llama"), deeper)
     config = json.loads((deeper / "config.json").read_text())
     (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
     assert "missing from the weights" in refused(prune, deeper, tmp_path / "out", tmp_path, capsys)
 
 
 def test_a_finished_prune_is_kept_unless_forced(tmp_path, capsys):
-    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    save_with_tokenizer(tiny_model("llama"), tmp_path / "model")
     argv = ["--model", str(tmp_path / "model"), "--scorer", "random", "--ffn-width", "64", "--out",
             str(tmp_path / "pruned")]
     run_cli(argv)

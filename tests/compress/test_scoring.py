@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from core.adapters import get_adapter
 from compress.calibration import calibration_batches, calibration_pass
@@ -16,7 +16,7 @@ from compress.plots import plot_scores
 from compress.scorers import available_scorers, get_scorer, register_scorer, v2_removal_order
 from compress.scoring import ImportanceScores, score_model
 from core.errors import UserError
-from tests.compress.conftest import FAMILIES, VOCAB, build_tiny, model_inputs
+from tests.factory import FAMILIES, VOCAB, model_inputs, tiny_model
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 CHARS = string.digits + string.ascii_letters + string.punctuation[:28] + " \n\t"
@@ -59,7 +59,7 @@ def expected_shapes(model) -> dict[str, int]:
 
 # --- calibration -----------------------------------------------------------------------------------------------
 def test_calibration_batches_are_full_windows_with_labels():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     calib = calib_for(model, seq_len=24, num_samples=5, batch_size=2)
     assert [b["input_ids"].shape for b in calib] == [(2, 24), (2, 24), (1, 24)]
     assert calib.num_tokens == 5 * 24
@@ -70,7 +70,7 @@ def test_calibration_batches_are_full_windows_with_labels():
 
 
 def test_encoder_decoder_samples_are_split_between_the_stacks():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     calib = calibration_batches(datasets.Dataset.from_dict({"text": sample_texts()}), char_tokenizer(), seq_len=20,
                                 num_samples=2, batch_size=2, model=model)
     batch = calib.batches[0]
@@ -80,7 +80,7 @@ def test_encoder_decoder_samples_are_split_between_the_stacks():
 
 
 def test_calibration_reads_text_files_saved_datasets_and_corpus_splits(tmp_path):
-    model, tokenizer = build_tiny("llama"), char_tokenizer()
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
     texts = sample_texts()
     (tmp_path / "txt").mkdir()
     for i, text in enumerate(texts):
@@ -96,7 +96,7 @@ def test_calibration_reads_text_files_saved_datasets_and_corpus_splits(tmp_path)
 
 
 def test_empty_calibration_data_is_a_user_error(tmp_path):
-    model, tokenizer = build_tiny("llama"), char_tokenizer()
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
     with pytest.raises(UserError, match="empty"):
         calibration_batches(datasets.Dataset.from_dict({"text": ["", "  \n"]}), tokenizer, 16, 2, 2, model=model)
     (tmp_path / "empty.txt").write_text("")
@@ -115,7 +115,7 @@ def _empty_dir(tmp_path):
 
 
 def test_calibration_in_another_tokenizer_is_a_user_error():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     with pytest.raises(UserError, match="another tokenizer"):
         calibration_batches(datasets.Dataset.from_dict({"text": sample_texts()}), char_tokenizer(VOCAB + 64), 16, 2,
                             2, model=model)
@@ -127,7 +127,7 @@ def test_calibration_in_another_tokenizer_is_a_user_error():
 # --- statistics and scorers ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scores_have_the_shape_of_every_unit_and_are_finite(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     calib = calib_for(model)
     expected = expected_shapes(model)
     for scorers in ({"layers": "block_influence", "heads": "wanda", "channels": "activation"},
@@ -143,9 +143,9 @@ def test_scores_have_the_shape_of_every_unit_and_are_finite(family):
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_every_scorer_gives_the_cpu_scores_on_a_cuda_model(family):
     """Scorers mix per-column stats with weights and gradients; on a GPU model these must meet on one device."""
-    model = build_tiny(family)
+    model = tiny_model(family)
     calib = calib_for(model)
-    gpu_model = build_tiny(family).cuda()
+    gpu_model = tiny_model(family).cuda()
     gpu_model.load_state_dict(model.state_dict())
     for unit in ("layers", "heads", "channels"):
         for name in available_scorers(unit):
@@ -157,7 +157,7 @@ def test_every_scorer_gives_the_cpu_scores_on_a_cuda_model(family):
 
 
 def test_block_influence_matches_a_hand_computation_that_skips_padding():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # right padding: these positions must not count
@@ -175,7 +175,7 @@ def test_block_influence_matches_a_hand_computation_that_skips_padding():
 
 
 def test_zeroed_channel_and_head_score_zero_under_activation_wanda_and_taylor():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     block = model.model.layers[1]
     with torch.no_grad():
         block.mlp.up_proj.weight[5].zero_()  # channel 5 never fires
@@ -194,7 +194,7 @@ def test_zeroed_channel_and_head_score_zero_under_activation_wanda_and_taylor():
 
 
 def test_wanda_channel_scores_equal_weight_norm_times_input_norm():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     calib = calib_for(model)
     seen = []
     down = model.model.layers[2].mlp.down_proj
@@ -210,7 +210,7 @@ def test_wanda_channel_scores_equal_weight_norm_times_input_norm():
 
 
 def test_taylor_channel_scores_equal_weight_times_gradient_of_the_calibration_loss():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     calib = calib_for(model, num_samples=2, batch_size=2)
     scores = score_model(model, calib, {"channels": "taylor"}, progress=False)
     batch = calib.batches[0]
@@ -223,7 +223,7 @@ def test_taylor_channel_scores_equal_weight_times_gradient_of_the_calibration_lo
 
 
 def test_scoring_leaves_no_hooks_gradients_or_changed_flags():
-    model = build_tiny("t5")
+    model = tiny_model("t5")
     model.shared.weight.requires_grad_(False)
     calib = calib_for(model)
     inputs = model_inputs(model)
@@ -238,7 +238,7 @@ def test_scoring_leaves_no_hooks_gradients_or_changed_flags():
 
 
 def test_skip_loss_is_zero_for_a_block_that_is_already_an_identity():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     block = model.model.layers[2]
     with torch.no_grad():
         block.self_attn.o_proj.weight.zero_()
@@ -249,7 +249,7 @@ def test_skip_loss_is_zero_for_a_block_that_is_already_an_identity():
 
 
 def test_v2_heuristic_keeps_first_and_last_and_spreads_the_dropped_layers():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     scores = score_model(model, None, {"layers": "v2_heuristic"}, progress=False).layer_scores("decoder")
     assert min(scores[0], scores[-1]) > scores[1:-1].max()
     order = v2_removal_order(36)
@@ -260,7 +260,7 @@ def test_v2_heuristic_keeps_first_and_last_and_spreads_the_dropped_layers():
 
 
 def test_random_scores_are_seeded():
-    model = build_tiny("qwen2")
+    model = tiny_model("qwen2")
     one = score_model(model, None, {"layers": "random", "heads": "random"}, seed=3, progress=False)
     two = score_model(model, None, {"layers": "random", "heads": "random"}, seed=3, progress=False)
     other = score_model(model, None, {"layers": "random"}, seed=4, progress=False)
@@ -284,7 +284,7 @@ norm_per_channel.needs = ("act_norm",)
 
 
 def test_user_scorers_by_decorator_and_by_dotted_path():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     calib = calib_for(model)
     assert "test_depth_first" in available_scorers("layers")
     scores = score_model(model, calib, {"layers": "test_depth_first",
@@ -298,7 +298,7 @@ def test_user_scorers_by_decorator_and_by_dotted_path():
 
 
 def test_unknown_scorers_and_bad_user_scorers_are_user_errors():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     with pytest.raises(UserError, match="unknown layers scorer 'block_influense'"):
         score_model(model, calib_for(model), {"layers": "block_influense"}, progress=False)
     with pytest.raises(UserError, match="cannot import"):
@@ -317,7 +317,7 @@ def three_scores(ctx):
 
 # --- files -----------------------------------------------------------------------------------------------------
 def test_scores_round_trip_through_safetensors_and_json_and_plot(tmp_path):
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     scores = score_model(model, calib_for(model), {"layers": "block_influence", "heads": "activation",
                                                    "channels": "wanda"}, progress=False)
     scores.save(tmp_path)
@@ -335,7 +335,7 @@ def test_scores_round_trip_through_safetensors_and_json_and_plot(tmp_path):
 def test_score_command_writes_scores_plots_and_manifest(tmp_path, capsys):
     from compress.score import main
 
-    model, tokenizer = build_tiny("llama"), char_tokenizer()
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "calib").mkdir()
@@ -360,7 +360,7 @@ def test_score_command_writes_scores_plots_and_manifest(tmp_path, capsys):
 def test_score_command_turns_a_default_unit_off_with_none_and_keeps_a_finished_output(tmp_path, capsys):
     from compress.score import main
 
-    build_tiny("llama").save_pretrained(tmp_path / "model")
+    tiny_model("llama").save_pretrained(tmp_path / "model")
     argv = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "scores"), "--layers", "none", "--heads",
             "random", "--no-progress"]
     main(argv)  # random scores need no calibration data
@@ -387,7 +387,7 @@ def test_score_command_refuses_bad_input_before_writing(tmp_path, capsys, case, 
     from tests.core.test_out_policy import refused
 
     model, out = tmp_path / "model", tmp_path / "scores"
-    build_tiny("llama").save_pretrained(model)
+    tiny_model("llama").save_pretrained(model)
     flags = {"unknown scorer": ["--heads", "nope"], "no data": [], "nothing": ["--layers", "none"]}.get(case, [])
     if case == "user files":
         out.mkdir()
@@ -413,10 +413,7 @@ def test_score_command_help_has_an_example(capsys):
 
 
 def test_forward_statistics_of_every_unit_come_from_one_forward_per_batch():
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama")
     calls = []
     handle = model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
     calib = calib_for(model, num_samples=4, batch_size=2)

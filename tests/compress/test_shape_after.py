@@ -14,8 +14,8 @@ from core.adapters import get_adapter
 from core.checkpoint import count_parameters
 from core.errors import UserError
 from core.planning import Estimate, PlannedModel, planned_shape
-from tests.compress.conftest import build_tiny
 from tests.compress.test_neuron import halving, random_scores
+from tests.factory import tiny_model
 
 
 def planned(model) -> PlannedModel:
@@ -36,7 +36,7 @@ def layer_scores(model, seed=0) -> ImportanceScores:
 
 # --- neuron pruning ------------------------------------------------------------------------------------------------
 def test_ratios_and_rounding_plan_the_shape_and_count_the_pruner_makes(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     targets = halving(get_adapter(model))
     config = NeuronPruneConfig(**targets, round_to=8)
     plan = planned(model)
@@ -47,7 +47,7 @@ def test_ratios_and_rounding_plan_the_shape_and_count_the_pruner_makes(family):
 
 
 def test_counts_round_as_the_pruner_rounds():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     plan = planned(model)
     shape = NEURON.shape_after(NeuronPruneConfig(ffn_width=250, hidden=100, heads=4, round_to=32), plan.shape, plan)
     assert (shape.ffn, shape.hidden, shape.heads) == (256, 96, 4)  # as test_cli_random_scorer_needs_no_data...
@@ -55,7 +55,7 @@ def test_counts_round_as_the_pruner_rounds():
 
 @pytest.mark.parametrize("family", ["llama", "t5", "openba"])
 def test_a_budget_plans_exactly_the_widths_the_pruner_solves_for(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     plan = planned(model)
     target = int(0.7 * count_parameters(model))
     shape = NEURON.shape_after(NeuronPruneConfig(target_params=target), plan.shape, plan)
@@ -64,7 +64,7 @@ def test_a_budget_plans_exactly_the_widths_the_pruner_solves_for(family):
 
 
 def test_per_layer_widths_are_an_estimate_that_says_so():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     plan = planned(model)
     result = NEURON.shape_after(NeuronPruneConfig(ffn_ratio=0.5, per_layer=True), plan.shape, plan)
     assert isinstance(result, Estimate) and "per_layer" in result.note
@@ -80,7 +80,7 @@ def test_per_layer_widths_are_an_estimate_that_says_so():
     ("llama", NeuronPruneConfig(target_params=1000), "out of reach"),
 ])
 def test_neuron_requests_the_pruner_refuses_are_refused_by_the_plan(family, config, message):
-    model = build_tiny(family)
+    model = tiny_model(family)
     plan = planned(model)
     with pytest.raises(UserError, match=message):
         NEURON.shape_after(config, plan.shape, plan)
@@ -93,7 +93,7 @@ def test_neuron_requests_the_pruner_refuses_are_refused_by_the_plan(family, conf
     LayerPruneConfig(drop={"decoder": [1, 2]}),
 ])
 def test_drops_and_counts_plan_the_depths_the_pruner_leaves(config):
-    model = build_tiny("t5")
+    model = tiny_model("t5")
     plan = planned(model)
     shape = LAYER.shape_after(config, plan.shape, plan)
     prune_layers(model, layer_scores(model), config.remove, drop=config.drop)
@@ -101,7 +101,7 @@ def test_drops_and_counts_plan_the_depths_the_pruner_leaves(config):
 
 
 def test_a_layer_budget_is_an_estimate_with_the_exact_count_to_reach_it():
-    model = build_tiny("t5")  # 3 encoder and 4 decoder blocks; decoder blocks are larger (cross-attention)
+    model = tiny_model("t5")  # 3 encoder and 4 decoder blocks; decoder blocks are larger (cross-attention)
     plan = planned(model)
     start = plan.count(plan.shape)
     target = start - 1  # one block of any stack is enough
@@ -109,7 +109,7 @@ def test_a_layer_budget_is_an_estimate_with_the_exact_count_to_reach_it():
     assert isinstance(result, Estimate) and "1 blocks" in result.note and "scores choose" in result.note
     assert sum(result.shape.depths.values()) == 6 and plan.count(result.shape) <= target
     # the pruner, whichever block its scores pick, also stops after one block
-    pruned = build_tiny("t5")
+    pruned = tiny_model("t5")
     prune_layers(pruned, layer_scores(pruned), target_params=target)
     assert sum(shape_of(pruned).depths.values()) == 6
 
@@ -122,7 +122,7 @@ def test_a_layer_budget_is_an_estimate_with_the_exact_count_to_reach_it():
 
 
 def test_a_budget_already_met_keeps_every_block_exactly():
-    model = build_tiny("llama")
+    model = tiny_model("llama")
     plan = planned(model)
     shape, note = planned_shape(LAYER.shape_after(LayerPruneConfig(target_params=10**9), plan.shape, plan))
     assert shape == plan.shape and note is None
@@ -136,6 +136,6 @@ def test_a_budget_already_met_keeps_every_block_exactly():
     (LayerPruneConfig(target_params=1000), "cannot reach 1,000 parameters by removing layers"),
 ])
 def test_layer_requests_the_pruner_refuses_are_refused_by_the_plan(config, message):
-    plan = planned(build_tiny("llama"))
+    plan = planned(tiny_model("llama"))
     with pytest.raises(UserError, match=message):
         LAYER.shape_after(config, plan.shape, plan)

@@ -12,8 +12,8 @@ from core.adapters import get_adapter
 from compress.calibration import CalibrationConfig, calibration_batches
 from compress.neuron import prune_neurons
 from core.checkpoint import load_tokenizer
-from tests.compress.conftest import build_tiny, model_inputs
-from tests.compress.test_neuron import calibration_file, logits, run_cli, save_with_tokenizer
+from tests.compress.test_neuron import logits, run_cli
+from tests.factory import calibration_file, model_inputs, save_with_tokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -53,20 +53,20 @@ def energy_by_hand(model, calib) -> dict[tuple[str, int], torch.Tensor]:
 @pytest.mark.parametrize("family", ["llama", "openba"])
 def test_example_scorer_keeps_the_channels_it_ranks_highest_and_the_output_reloads(family, tmp_path,
                                                                                      examples_on_path, capsys):
-    save_with_tokenizer(build_tiny(family), tmp_path / "model")
+    save_with_tokenizer(tiny_model(family), tmp_path / "model")
     calib_path = calibration_file(tmp_path / "calib.txt")
     out = tmp_path / "pruned"
     run_cli(["--model", str(tmp_path / "model"), "--calib", str(calib_path), "--scorer", SCORER,
              "--ffn-width", str(KEPT[family]), "--out", str(out)])
     assert "kept" in capsys.readouterr().out
 
-    original = build_tiny(family)
+    original = tiny_model(family)
     calib = calibration_batches(str(calib_path), load_tokenizer(tmp_path / "model"), model=original,
                                 config=CalibrationConfig(num_samples=4, seq_len=32))
     expected_scores = energy_by_hand(original, calib)
     auto = AutoModelForSeq2SeqLM if family == "openba" else AutoModelForCausalLM
     reloaded = auto.from_pretrained(str(out)).eval()
-    before, after = get_adapter(build_tiny(family)), get_adapter(reloaded)
+    before, after = get_adapter(tiny_model(family)), get_adapter(reloaded)
     for (stack, index, old_block), (_, _, new_block) in zip(before.all_blocks(), after.all_blocks()):
         ranked = torch.argsort(expected_scores[(stack, index)], descending=True)
         kept = ranked[:KEPT[family]].sort().values
@@ -78,7 +78,7 @@ def test_example_scorer_keeps_the_channels_it_ranks_highest_and_the_output_reloa
         [v.num_heads for _, _, b in before.all_blocks() for v in before.attentions(b)]
 
     # the same prune in memory, from the hand-computed scores, gives the reloaded model's outputs
-    in_memory = build_tiny(family)
+    in_memory = tiny_model(family)
     names = {f"channels.{stack}.{index}": values for (stack, index), values in expected_scores.items()}
     prune_neurons(in_memory, names, ffn_width=KEPT[family])
     inputs = model_inputs(in_memory)
@@ -86,7 +86,7 @@ def test_example_scorer_keeps_the_channels_it_ranks_highest_and_the_output_reloa
 
 
 def test_a_channel_scorer_asked_for_heads_is_one_line_naming_the_flag(tmp_path, examples_on_path, capsys):
-    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    save_with_tokenizer(tiny_model("llama"), tmp_path / "model")
     calib_path = calibration_file(tmp_path / "calib.txt")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["--model", str(tmp_path / "model"), "--calib", str(calib_path), "--scorer", SCORER,
@@ -99,7 +99,7 @@ def test_a_channel_scorer_asked_for_heads_is_one_line_naming_the_flag(tmp_path, 
 
 
 def test_a_budget_with_a_channel_scorer_solves_the_ffn_width_when_heads_are_held(tmp_path, examples_on_path, capsys):
-    save_with_tokenizer(build_tiny("llama"), tmp_path / "model")
+    save_with_tokenizer(tiny_model("llama"), tmp_path / "model")
     calib_path = calibration_file(tmp_path / "calib.txt")
     argv = ["--model", str(tmp_path / "model"), "--calib", str(calib_path), "--scorer", SCORER,
             "--target-params", "120000", "--out", str(tmp_path / "pruned")]

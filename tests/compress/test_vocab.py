@@ -11,8 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from compress.tokenizer_surgery import (read_tokenizer_files, required_tokens, sentencepiece_pieces,
                                        write_pruned_tokenizer)
@@ -22,6 +21,7 @@ from core.errors import UserError
 from core.planning import Estimate, PlannedModel
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.tokenizer import TokenizerConfig, mode_token_ids, sentinel_ids, train_tokenizer
+from tests.factory import VOCAB, model_inputs, tiny_model
 
 SP_VOCAB = 1000
 BPE_VOCAB = 800
@@ -71,21 +71,16 @@ def _save(model, tokenizer_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def openba_dir(sp_tokenizer_dir, workdir):
-    from core.openba import openba_config
-
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=SP_VOCAB))
+    model = tiny_model("openba", vocab_size=SP_VOCAB)
     with torch.no_grad():  # a trained head's bias is not zero; make it matter in the logits comparison
         model.lm_head.bias.normal_()
     return _save(model, sp_tokenizer_dir, workdir / "openba")
 
 
 def _llama_dir(bpe_tokenizer_dir, workdir, tied: bool) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=BPE_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    return _save(LlamaForCausalLM(config), bpe_tokenizer_dir, workdir / f"llama-tied-{tied}")
+    model = tiny_model("llama", vocab_size=BPE_IDS, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return _save(model, bpe_tokenizer_dir, workdir / f"llama-tied-{tied}")
 
 
 @pytest.fixture(scope="session")
@@ -97,11 +92,9 @@ def llama_dirs(bpe_tokenizer_dir, workdir):
 def t5_tied_dir(sp_tokenizer_dir, workdir):
     """T5 ties its LM head to the embedding shared by encoder and decoder; like t5-base (32128 rows for 32100
     tokens) it has more rows than the tokenizer has ids."""
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=SP_VOCAB + 24, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                      eos_token_id=1, tie_word_embeddings=True)
-    return _save(T5ForConditionalGeneration(config), sp_tokenizer_dir, workdir / "t5-tied")
+    model = tiny_model("t5", vocab_size=SP_VOCAB + 24, num_layers=2, num_decoder_layers=2, pad_token_id=0,
+                       eos_token_id=1, tie_word_embeddings=True)
+    return _save(model, sp_tokenizer_dir, workdir / "t5-tied")
 
 
 @pytest.fixture(scope="session")
@@ -320,9 +313,7 @@ def test_logits_on_kept_tokens_equal_the_original(name, openba_dir, pruned_openb
 
 
 def test_slice_vocabulary_keeps_kept_logits_for_every_family(family, tmp_path):
-    from tests.compress.conftest import VOCAB, build_tiny, model_inputs
-
-    model = build_tiny(family)
+    model = tiny_model(family)
     keep = sorted(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:50].tolist())
     inputs = model_inputs(model)
     old_to_new = torch.full((VOCAB,), -1, dtype=torch.long)

@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from compress.tokenizer_surgery import parse_fields, read_tokenizer_files, sentencepiece_pieces
 from compress.vocab import main
@@ -25,6 +25,7 @@ from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.objectives.base import SpecialIds
 from pretrain.objectives.denoising import spans_to_example
 from pretrain.tokenizer import mode_token_ids, round_piece_scores, sentinel_ids
+from tests.factory import tiny_model
 
 PIECES = 800
 SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
@@ -105,16 +106,10 @@ def save_t5_style_tokenizer(proto: bytes, out: Path, layout: str) -> None:
 
 
 def build_model(layout: str, rows: int):
-    torch.manual_seed(0)
     if layout == "t5":  # Flan-T5 (T5 v1.1): gated-GELU, untied LM head
-        config = T5Config(vocab_size=rows, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                          num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        return T5ForConditionalGeneration(config)
-    from core.openba import openba_config
-
-    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=rows, hidden_size=64,
-                                                            kv_channels=16, ffn_hidden_size=128))
+        return tiny_model("t5", vocab_size=rows, num_layers=2, num_decoder_layers=2, tie_word_embeddings=False,
+                          pad_token_id=0, eos_token_id=1)
+    model = tiny_model("openba", vocab_size=rows, hidden_size=64, kv_channels=16, ffn_hidden_size=128)
     with torch.no_grad():  # a trained head's bias is not zero; make it matter
         model.lm_head.bias.normal_()
     return model

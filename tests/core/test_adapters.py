@@ -13,7 +13,7 @@ from core.adapters import ADAPTERS, adapter_class, get_adapter, register_adapter
 from core.adapters.llama import Qwen2MistralAdapter
 from core.errors import UserError
 from tests.child_env import ROOT, child_env
-from tests.compress.conftest import FAMILIES, build_tiny, model_inputs
+from tests.factory import FAMILIES, model_inputs, tiny_model
 
 
 @pytest.fixture(params=FAMILIES)
@@ -37,7 +37,7 @@ def hidden_size(model):
 
 
 def test_keeping_every_block_head_channel_and_hidden_dim_is_the_identity(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     inputs = model_inputs(model)
     before = logits(model, inputs)
     adapter = get_adapter(model)
@@ -55,7 +55,7 @@ def test_keeping_every_block_head_channel_and_hidden_dim_is_the_identity(family)
 
 
 def test_pruned_blocks_channels_and_heads_reload_with_equal_logits(family, tmp_path):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     for stack in adapter.stacks:
         adapter.keep_blocks(stack, [0, len(adapter.blocks(stack)) - 1])
@@ -70,7 +70,7 @@ def test_pruned_blocks_channels_and_heads_reload_with_equal_logits(family, tmp_p
 
 
 def test_pruning_a_zeroed_kv_group_leaves_logits_unchanged():
-    model = build_tiny("llama")  # 8 query heads in 4 kv groups of 2
+    model = tiny_model("llama")  # 8 query heads in 4 kv groups of 2
     adapter = get_adapter(model)
     view = adapter.attentions(adapter.blocks("decoder")[1])[0]
     columns = torch.arange(2 * view.group_size * view.head_dim, 3 * view.group_size * view.head_dim)  # group 2
@@ -84,7 +84,7 @@ def test_pruning_a_zeroed_kv_group_leaves_logits_unchanged():
 
 
 def test_hidden_pruning_keeps_exactly_the_chosen_rows_and_columns(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     if not adapter.supports_hidden_pruning:
         with pytest.raises(UserError, match="hidden"):
@@ -110,7 +110,7 @@ def test_hidden_pruning_keeps_exactly_the_chosen_rows_and_columns(family):
 
 
 def test_hidden_pruned_model_reloads_with_equal_logits(family, tmp_path):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     if not adapter.supports_hidden_pruning:
         pytest.skip(adapter.hidden_pruning_reason())
@@ -124,7 +124,7 @@ def test_hidden_pruned_model_reloads_with_equal_logits(family, tmp_path):
 
 
 def test_hidden_index_out_of_range_or_empty_is_a_user_error_before_any_change():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     adapter = get_adapter(model)
     with pytest.raises(UserError, match="out of range"):
         adapter.keep_hidden(torch.tensor([0, 999]))
@@ -134,7 +134,7 @@ def test_hidden_index_out_of_range_or_empty_is_a_user_error_before_any_change():
 
 
 def test_config_shape_round_trips_through_reshape_config(family):
-    config = build_tiny(family).config
+    config = tiny_model(family).config
     cls = adapter_class(config.model_type)
     shape = cls.config_shape(config)
     smaller = dataclasses.replace(shape, depths={s: d - 1 for s, d in shape.depths.items()}, ffn=shape.ffn // 2,
@@ -145,24 +145,24 @@ def test_config_shape_round_trips_through_reshape_config(family):
 
 
 def test_shapes_a_family_config_cannot_hold_are_user_errors():
-    llama = build_tiny("llama").config
+    llama = tiny_model("llama").config
     shape = adapter_class("llama").config_shape(llama)
     with pytest.raises(UserError, match="divisible"):  # LlamaConfig: hidden 64 % 6 heads
         adapter_class("llama").reshape_config(llama, dataclasses.replace(shape, heads=6, kv_heads=3))
     with pytest.raises(UserError, match="key/value groups"):
         adapter_class("qwen2").reshape_config(llama, dataclasses.replace(shape, heads=6, kv_heads=4))
-    neox = build_tiny("gpt_neox").config
+    neox = tiny_model("gpt_neox").config
     neox_shape = adapter_class("gpt_neox").config_shape(neox)
     with pytest.raises(UserError, match="GPT-NeoX"):
         adapter_class("gpt_neox").reshape_config(neox, dataclasses.replace(neox_shape, hidden=32))
 
 
 def test_every_family_is_covered():
-    assert {get_adapter(build_tiny(f)).config.model_type for f in FAMILIES} == set(FAMILIES)
+    assert {get_adapter(tiny_model(f)).config.model_type for f in FAMILIES} == set(FAMILIES)
 
 
 def test_the_tables_name_every_norm_and_every_linear_of_the_blocks(family):
-    model = build_tiny(family)
+    model = tiny_model(family)
     adapter = get_adapter(model)
     norms = {id(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
     assert {id(n) for n in adapter.hidden_norms()} == norms
@@ -175,7 +175,7 @@ def test_the_tables_name_every_norm_and_every_linear_of_the_blocks(family):
 
 
 def test_per_layer_config_lists_follow_the_kept_blocks_and_a_new_depth():
-    model = build_tiny("qwen2")
+    model = tiny_model("qwen2")
     model.config.layer_types = ["full_attention", "sliding_attention"] * 2
     model.config.max_window_layers = 3
     adapter = get_adapter(model)
@@ -189,7 +189,7 @@ def test_per_layer_config_lists_follow_the_kept_blocks_and_a_new_depth():
 
 
 def test_openba_per_layer_widths_collapse_to_the_plain_fields_once_uniform():
-    model = build_tiny("openba")
+    model = tiny_model("openba")
     adapter = get_adapter(model)
     width = model.config.ffn_hidden_size
     adapter.keep_channels(adapter.mlp(adapter.blocks("decoder")[0]), torch.arange(width // 2))

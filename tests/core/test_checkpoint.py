@@ -81,10 +81,10 @@ FAMILY_WIDTH_KEYS = {"llama": "intermediate_size", "qwen2": "intermediate_size",
 def test_weights_that_disagree_with_the_config_are_an_error_never_random_initialisation(family, change, message,
                                                                                          tmp_path, capsys):
     from compress.layer import main as layer_main
-    from tests.compress.conftest import build_tiny
+    from tests.factory import tiny_model
 
     directory = tmp_path / family
-    build_tiny(family).save_pretrained(directory)
+    tiny_model(family).save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     key = FAMILY_WIDTH_KEYS[family] if change == "wider" else FAMILY_DEPTH_KEYS[family]
     config[key] += {"deeper": 1, "shallower": -1, "wider": 8}[change]

@@ -11,8 +11,7 @@ import yaml
 from core.checkpoint import count_parameters, load_model
 from core.stage import Manifest, Stage, run_stage
 from tests.child_env import ROOT, child_env
-from tests.compress.conftest import build_tiny
-from tests.compress.test_neuron import calibration_file, save_with_tokenizer
+from tests.factory import calibration_file, save_with_tokenizer, tiny_model
 
 HUB_CARD = """---
 base_model: meta-llama/Llama-2-7b-hf
@@ -35,7 +34,7 @@ def card_of(directory):
 
 def test_a_chain_of_stages_gets_cards_that_chain_lineage_and_match_their_manifests(tmp_path):
     model_dir, calib = tmp_path / "llama", calibration_file(tmp_path / "calib.txt")
-    save_with_tokenizer(build_tiny("llama"), model_dir)
+    save_with_tokenizer(tiny_model("llama"), model_dir)
     (model_dir / "README.md").write_text(HUB_CARD)
 
     # stage 1: layer pruning, as a user types it
@@ -53,7 +52,7 @@ def test_a_chain_of_stages_gets_cards_that_chain_lineage_and_match_their_manifes
     assert {"openba-v2", "pruning", "layer-pruning", "llama"} <= set(meta["tags"])
     before, after = manifest.parameters["before"], manifest.parameters["after"]
     assert (before, after) == (manifest.metrics["before"]["total"], manifest.metrics["after"]["total"])
-    assert (before, after) == (count_parameters(build_tiny("llama")), count_parameters(load_model(layered)))
+    assert (before, after) == (count_parameters(tiny_model("llama")), count_parameters(load_model(layered)))
     assert f"| before | {before:,} |" in body and f"| after | {after:,} |" in body
     removed = manifest.metrics["removed"]["decoder"]
     assert f"removed decoder blocks {removed} (4 -> 3 blocks)" in body
@@ -81,7 +80,7 @@ def test_a_chain_of_stages_gets_cards_that_chain_lineage_and_match_their_manifes
 
 def test_a_recipe_stage_card_shows_its_gate_and_replaces_the_card_it_copied(tmp_path):
     source = tmp_path / "source"
-    save_with_tokenizer(build_tiny("llama"), source)
+    save_with_tokenizer(tiny_model("llama"), source)
     (source / "README.md").write_text(HUB_CARD)
     gate_table = ("**Gate `offline`: passed**\n\n| task | metric | value |\n| --- | --- | --- |\n"
                   "| probe | acc | 0.75 |\n")
@@ -101,7 +100,7 @@ def test_a_recipe_stage_card_shows_its_gate_and_replaces_the_card_it_copied(tmp_
     assert "## Gate\n\n" + gate_table.rstrip() in body
     assert "objective `causal`: 3 steps" in body and "Made by stage `recover_1` (kind `train`)" in body
     assert "A model someone published" not in body  # the copied input card was replaced, its lineage kept
-    assert manifest.parameters["before"] == manifest.parameters["after"] == count_parameters(build_tiny("llama"))
+    assert manifest.parameters["before"] == manifest.parameters["after"] == count_parameters(tiny_model("llama"))
 
 
 def test_a_stage_that_writes_data_gets_no_card_and_a_card_of_the_stage_own_is_kept(tmp_path):
@@ -112,7 +111,7 @@ def test_a_stage_that_writes_data_gets_no_card_and_a_card_of_the_stage_own_is_ke
     assert not (tmp_path / "rows" / "README.md").exists() and data.parameters == {"before": None, "after": None}
 
     def own_notes(_input, work_dir, _config):
-        save_with_tokenizer(build_tiny("llama"), work_dir)
+        save_with_tokenizer(tiny_model("llama"), work_dir)
         (work_dir / "README.md").write_text("Trained on the night shift.\n")
         return {}
 
@@ -127,7 +126,7 @@ def test_a_command_called_as_a_function_records_the_command_it_stands_for(tmp_pa
     from compress.layer import main as layer_main
 
     model_dir, out = tmp_path / "llama", tmp_path / "layered"
-    save_with_tokenizer(build_tiny("llama"), model_dir)
+    save_with_tokenizer(tiny_model("llama"), model_dir)
     argv = ["--model", str(model_dir), "--drop", "decoder=1", "--out", str(out), "--no-progress"]
     layer_main(argv)
     expected = shlex.join(["python", "-m", "compress.layer", *argv])

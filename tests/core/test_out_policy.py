@@ -10,8 +10,7 @@ import pytest
 
 from core.errors import UserError
 from core.stage import Stage, check_output_location, run_stage
-from tests.compress.conftest import build_tiny
-from tests.compress.test_neuron import calibration_file, save_with_tokenizer
+from tests.factory import calibration_file, save_with_tokenizer, tiny_model
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -23,7 +22,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("models") / "llama"
-    save_with_tokenizer(build_tiny("llama"), directory)
+    save_with_tokenizer(tiny_model("llama"), directory)
     calibration_file(directory.parent / "corpus.txt")
     return directory
 

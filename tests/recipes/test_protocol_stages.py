@@ -9,14 +9,13 @@ import pytest
 import yaml
 
 from recipes.openba_v2 import main
-from tests.compress.conftest import build_tiny
-from tests.compress.test_neuron import calibration_file, save_with_tokenizer
+from tests.factory import calibration_file, save_with_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    save_with_tokenizer(build_tiny("llama"), root / "llama")
+    save_with_tokenizer(tiny_model("llama"), root / "llama")
     calibration_file(root / "calib.txt")
     return root
 
