@@ -16,11 +16,10 @@ import io
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import PreTrainedTokenizerFast
+
+from tests.factory import tiny_model
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "t5")
 BPE_VOCAB = 400
@@ -100,13 +99,6 @@ def t5_tokenizer(texts: list[str], directory: Path) -> PreTrainedTokenizerFast:
                                    clean_up_tokenization_spaces=False)
 
 
-def _decoder_only(config_cls, model_cls, rows: int, tokenizer, **extra):
-    fields = dict(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return model_cls(config_cls(**{**fields, **extra}))
-
-
 def stock_checkpoint(family: str, directory: Path, texts: list[str], seed: int = 0, **model_overrides) -> Path:
     """Save a tiny random `family` model and its family's kind of tokenizer into `directory`."""
     directory = Path(directory)
@@ -122,24 +114,20 @@ def stock_checkpoint(family: str, directory: Path, texts: list[str], seed: int =
         tokenizer = t5_tokenizer(texts, directory)
     else:
         raise ValueError(family)
-    torch.manual_seed(seed)
     size = len(tokenizer)
-    if family == "llama":
-        model = _decoder_only(LlamaConfig, LlamaForCausalLM, size, tokenizer, num_key_value_heads=2,
-                              **model_overrides)
-    elif family == "qwen2":  # Qwen2 pads its embedding beyond the tokenizer (151936 rows for 151665 ids)
-        model = _decoder_only(Qwen2Config, Qwen2ForCausalLM, size + 16, tokenizer, num_key_value_heads=2,
-                              **model_overrides)
-    elif family == "mistral":
-        model = _decoder_only(MistralConfig, MistralForCausalLM, size, tokenizer, num_key_value_heads=2,
-                              sliding_window=256, **model_overrides)
-    elif family == "gpt_neox":
-        model = _decoder_only(GPTNeoXConfig, GPTNeoXForCausalLM, size, tokenizer, **model_overrides)
-    else:  # t5 ships 32128 rows for 32100 ids
-        fields = dict(vocab_size=size + 28, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                      eos_token_id=1)
-        model = T5ForConditionalGeneration(T5Config(**{**fields, **model_overrides}))
+    if family == "t5":  # t5 ships 32128 rows for 32100 ids
+        shape = dict(vocab_size=size + 28, num_layers=2, num_decoder_layers=2, pad_token_id=0, eos_token_id=1)
+    else:  # two blocks of 4 heads, 1024 positions, the tokenizer's special ids
+        shape = dict(vocab_size=size, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+        if family != "gpt_neox":  # the others group their heads for keys and values
+            shape["num_key_value_heads"] = 2
+        if family == "qwen2":  # Qwen2 pads its embedding beyond the tokenizer (151936 rows for 151665 ids)
+            shape["vocab_size"] = size + 16
+        if family == "mistral":
+            shape["sliding_window"] = 256
+    model = tiny_model(family, seed, **{**shape, **model_overrides})
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return directory

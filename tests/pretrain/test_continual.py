@@ -11,12 +11,11 @@ import torch
 
 from core.checkpoint import save_checkpoint
 from core.config import from_dict
-from core.openba import openba_config
-from core.openba.modeling_openba import OpenBAForConditionalGeneration
 from pretrain.continual import ContinualConfig, continual_stage, process_shard
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
 from pretrain.data import DataConfig
 from pretrain.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+from tests.factory import tiny_model
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -28,9 +27,7 @@ def _corpus(tmp_path: Path) -> Path:
 def _model(tmp_path: Path, corpus: Path) -> Path:
     tok_dir = train_tokenizer(datasets.load_from_disk(str(corpus)), TokenizerConfig(vocab_size=512, max_training_chars=200_000), tmp_path / "tok")
     tokenizer = load_tokenizer(tok_dir)
-    torch.manual_seed(0)
-    model = OpenBAForConditionalGeneration(openba_config("openba-tiny", vocab_size=len(tokenizer), hidden_size=32,
-                                                         num_decoder_layers=2, ffn_hidden_size=64))
+    model = tiny_model("openba", vocab_size=len(tokenizer), hidden_size=32, num_decoder_layers=2, ffn_hidden_size=64)
     return save_checkpoint(model, tokenizer, tmp_path / "model")
 
 

@@ -9,7 +9,6 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSeq2SeqLM
 
 import pretrain.continual
 from compress.vocab import VocabConfig, prune_vocabulary
@@ -18,6 +17,7 @@ from core.stage import Manifest
 from pretrain.objectives import DistillationConfig, DistillationLoss, student_to_teacher_ids
 from pretrain.objectives.distillation import output_vocab_size
 from pretrain.tokenizer import TokenizerConfig, train_tokenizer
+from tests.factory import tiny_model
 
 TEMPERATURE = 2.0  # DistillationConfig's default, which --teacher turns on
 
@@ -25,16 +25,12 @@ TEMPERATURE = 2.0  # DistillationConfig's default, which --teacher turns on
 @pytest.fixture(scope="module")
 def teachers(stock_dirs, stock_corpus, tmp_path_factory):
     """{"llama": the stock Llama (byte-level BPE), "openba": a tiny OpenBA with the project's SentencePiece}."""
-    from core.openba import openba_config
-
     root = tmp_path_factory.mktemp("distill-teachers")
     corpus = datasets.load_from_disk(str(stock_corpus))
     tokenizer = load_tokenizer(train_tokenizer(corpus, TokenizerConfig(vocab_size=600, max_training_chars=150_000),
                                                root / "sp"))
-    torch.manual_seed(0)
-    openba = AutoModelForSeq2SeqLM.from_config(openba_config(
-        "openba-tiny", vocab_size=len(tokenizer), hidden_size=32, kv_channels=8, num_heads=4, ffn_hidden_size=64,
-        num_layers=1, num_decoder_layers=2))
+    openba = tiny_model("openba", vocab_size=len(tokenizer), hidden_size=32, kv_channels=8, num_heads=4,
+                        ffn_hidden_size=64, num_layers=1, num_decoder_layers=2)
     with torch.no_grad():
         openba.lm_head.bias.normal_()
     return {"llama": stock_dirs("llama"), "openba": save_checkpoint(openba, tokenizer, root / "openba")}

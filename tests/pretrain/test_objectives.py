@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.errors import UserError
 from pretrain.objectives import (
@@ -39,6 +38,7 @@ from pretrain.objectives import (
     ul2_denoisers,
     ul2_mixture,
 )
+from tests.factory import tiny_model
 
 SENTINELS = tuple(range(1000, 1100))
 IDS = SpecialIds(SENTINELS, {"R": 900, "S": 901, "X": 902}, eos=1, pad=0)
@@ -240,11 +240,8 @@ def test_dynamic_ul2_eval_fn_reweights_the_mixture_from_per_denoiser_losses():
         DynamicUL2(mixture, {"R-1": []}, DynamicUL2Config(target_losses=[1.0, 1.0]))
 
 
-def tiny_llama(vocab: int = 64, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(vocab: int = 64, seed: int = 0):
+    return tiny_model("llama", seed, vocab_size=vocab)
 
 
 def test_token_mean_loss_averages_over_target_tokens_like_the_model():
@@ -351,13 +348,9 @@ def test_distillation_config_rejects_bad_values():
 
 
 def test_dynamic_ul2_on_a_tiny_openba_measures_each_denoiser_on_fixed_batches():
-    from transformers import AutoModelForSeq2SeqLM
-
-    from core.openba import openba_config
     from pretrain.objectives import batches_per_objective
 
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=1104))
+    model = tiny_model("openba", vocab_size=1104)
     documents = [list(range(3 + i, 90 + i)) for i in range(6)]
     mixture = ul2_mixture(SpecialIds(SENTINELS, {"R": 1100, "S": 1101, "X": 1102}))
     batches = batches_per_objective(documents, mixture, 1, batch_size=2, input_length=40, target_length=24,

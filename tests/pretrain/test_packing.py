@@ -4,9 +4,7 @@ labels, and the share of real tokens on the corpus."""
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
-from core.openba import openba_config
 from pretrain.objectives import (
     IGNORE_INDEX,
     CausalLM,
@@ -26,6 +24,7 @@ from pretrain.packing import (
     positions_from_segments,
     segments_from_positions,
 )
+from tests.factory import tiny_model
 
 VOCAB = 1200
 IDS = SpecialIds(tuple(range(1000, 1100)), {"R": 1100, "S": 1101, "X": 1102}, eos=1, pad=0)
@@ -36,19 +35,15 @@ def documents(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]
     return [rng.integers(3, 900, int(n)).tolist() for n in rng.integers(low, high, count)]
 
 
-def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation=attn)
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(attn: str = "sdpa"):
+    """Two blocks of hidden 32 over a vocabulary that holds the UL2 ids of IDS."""
+    return tiny_model("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
 
 
 def tiny_openba(attn: str = "sdpa"):
-    torch.manual_seed(0)
-    config = openba_config("openba-tiny", vocab_size=1104, hidden_dropout=0.0, attention_dropout=0.0,
-                           attn_implementation=attn)
-    return AutoModelForSeq2SeqLM.from_config(config).eval()
+    """The openba-tiny preset over a vocabulary that holds the UL2 ids of IDS."""
+    return tiny_model("openba", vocab_size=1104, attn_implementation=attn)
 
 
 def causal_batch(seq_len: int = 64, rows: int = 2):

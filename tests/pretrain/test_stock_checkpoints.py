@@ -16,6 +16,7 @@ from core.stage import Manifest, partial_dir
 from pretrain.continual import ContinualConfig, add_special_tokens, build_mixture, main
 from pretrain.objectives import ObjectiveBatches
 from pretrain.tokenizer import MODE_TOKENS, mode_token_ids, sentinel_ids
+from tests.factory import tiny_model
 from tests.pretrain.stock import FAMILIES
 
 DECODER_ONLY = [f for f in FAMILIES if f != "t5"]
@@ -74,13 +75,8 @@ def test_add_sentinels_adds_the_missing_ul2_tokens_with_mean_initialised_rows(fa
     """Llama grows by 103 rows; Qwen2 reuses its 16 padding rows and grows by the rest; T5 has its sentinels and
     padding rows for the three mode tokens; OpenBA (with a head bias) grows and gets the mean bias."""
     if family == "openba":
-        from core.openba import openba_config
-
         tokenizer = load_tokenizer(stock_dirs("llama"))
-        torch.manual_seed(0)
-        model = AutoModelForSeq2SeqLM.from_config(openba_config(
-            "openba-tiny", vocab_size=len(tokenizer), hidden_size=32, kv_channels=8, num_heads=4, ffn_hidden_size=64,
-            num_layers=1, num_decoder_layers=1))
+        model = tiny_model("openba", vocab_size=len(tokenizer))
         with torch.no_grad():
             model.lm_head.bias.normal_()
     else:

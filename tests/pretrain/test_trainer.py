@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 from core.config import load_config
 from core.errors import UserError
-from core.openba import openba_config
 from pretrain.schedules import build_scheduler, learning_rate
 from pretrain.trainer import Trainer, TrainConfig, read_metrics, target_tokens
+from tests.factory import tiny_model
 
 VOCAB = 64
 
@@ -26,18 +25,18 @@ def one_thread():
 
 
 def tiny_openba(seed: int = 0, **overrides):
-    """A two-layer OpenBA (hidden 32) that trains in milliseconds per step."""
-    torch.manual_seed(seed)
+    """A two-layer OpenBA (hidden 32) that trains in milliseconds per step; 64 encoder and 32 decoder positions, so
+    the length checks have a limit to find."""
     shape = dict(vocab_size=VOCAB, hidden_size=32, kv_channels=8, num_heads=2, ffn_hidden_size=64, num_layers=1,
                  num_decoder_layers=1, max_seq_length=64, decoder_max_seq_length=32)
-    return AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", **{**shape, **overrides}))
+    return tiny_model("openba", seed, **{**shape, **overrides})
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
-    return LlamaForCausalLM(config)
+    """A two-layer Llama (hidden 32) with 64 positions."""
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    return tiny_model("llama", seed, **{**shape, **overrides})
 
 
 def seq2seq_batches(count: int, rows: int = 4, source: int = 12, target: int = 6, seed: int = 0, objective=None):
@@ -436,14 +435,10 @@ def test_labels_that_are_all_ignored_are_a_user_error(tmp_path):
 
 def test_default_loss_keeps_packed_documents_apart():
     """With a KV cache transformers would let packed documents attend to each other: default_loss turns it off."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from pretrain.objectives import token_mean_loss
     from pretrain.trainer import default_loss
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, use_cache=True)).eval()
+    model = tiny_llama(use_cache=True)
     ids = torch.randint(3, 64, (1, 12))
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([list(range(5)) + list(range(7))])}
     batch["labels"][0, 5] = -100  # no prediction across the document boundary
@@ -468,9 +463,7 @@ def test_fp16_weights_train_as_float32_master_weights(tmp_path):
     """An fp16 checkpoint (the OpenBA release's dtype) must train: without a loss scale fp16 AdamW overflows."""
     from pretrain.trainer import Trainer, TrainConfig
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).half()
+    model = tiny_llama().half()
     before = {k: v.float().clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 64, (4, 16))
     data = [{"input_ids": ids, "labels": ids}] * 8
