@@ -5,7 +5,7 @@ import pytest
 
 from align.text_rows import PROMPT_TOKENS, continuation_rows
 from core.errors import UserError
-from tests.align.conftest import byte_tokenizer
+from tests.factory import byte_tokenizer
 
 TEXTS = ["short", "".join(f"line {i}: the value is {i * 7}\n" for i in range(200)),
          "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(150))]

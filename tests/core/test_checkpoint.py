@@ -6,18 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.checkpoint import load_model, save_checkpoint
 from core.errors import UserError
+from tests.factory import tiny_model
 
 
 @pytest.fixture()
 def tiny_llama_dir(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama")
     out = save_checkpoint(model, None, tmp_path / "llama")
     return model, out
 
@@ -81,7 +78,6 @@ FAMILY_WIDTH_KEYS = {"llama": "intermediate_size", "qwen2": "intermediate_size",
 def test_weights_that_disagree_with_the_config_are_an_error_never_random_initialisation(family, change, message,
                                                                                          tmp_path, capsys):
     from compress.layer import main as layer_main
-    from tests.factory import tiny_model
 
     directory = tmp_path / family
     tiny_model(family).save_pretrained(directory)

@@ -11,28 +11,24 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from core.openba import (
-    OpenBAConfig,
     OpenBAForConditionalGeneration,
     OpenBAModel,
     count_parameters,
     megatron_swiglu_width,
     openba_config,
 )
+from tests.factory import tiny_model
 
 VOCAB = 256
 
+# Smaller than `openba-tiny` so each test takes milliseconds; same proportions (attention width 80 != 64). A larger
+# init than 0.02 makes logits far from uniform, so the comparisons below are not trivially met.
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, kv_channels=16, num_heads=5, ffn_hidden_size=128, num_layers=2,
+             num_decoder_layers=4, initializer_range=0.2)
 
-def tiny(**overrides) -> OpenBAConfig:
-    """Smaller than `openba-tiny` so each test takes milliseconds; same proportions (attention width 80 != 64)."""
-    shape = dict(vocab_size=VOCAB, hidden_size=64, kv_channels=16, num_heads=5, ffn_hidden_size=128)
-    return openba_config("openba-tiny", **{**shape, "num_layers": 2, "num_decoder_layers": 4, **overrides})
 
-
-def build(config: OpenBAConfig, seed: int = 0) -> OpenBAForConditionalGeneration:
-    torch.manual_seed(seed)
-    # a larger init than 0.02 makes logits far from uniform, so the comparisons below are not trivially met
-    config.initializer_range = 0.2
-    return OpenBAForConditionalGeneration(config).eval()
+def tiny(**overrides) -> OpenBAForConditionalGeneration:
+    return tiny_model("openba", **{**SHAPE, **overrides})
 
 
 def tokens(*shape, seed=1):
@@ -40,7 +36,7 @@ def tokens(*shape, seed=1):
 
 
 def test_save_then_auto_load_gives_identical_logits(tmp_path):
-    model = build(tiny())
+    model = tiny()
     inputs, labels = tokens(2, 7), tokens(2, 5, seed=2)
     model.save_pretrained(tmp_path)
     loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)
@@ -57,9 +53,8 @@ def test_save_then_auto_load_gives_identical_logits(tmp_path):
 
 
 def test_per_layer_shapes_build_save_and_reload(tmp_path):
-    config = tiny(encoder_ffn_sizes=[96, 40], decoder_ffn_sizes=[128, 64, 8, 100], encoder_head_counts=[5, 2],
-                  decoder_head_counts=[1, 5, 3, 4])  # fmt: skip
-    model = build(config)
+    model = tiny(encoder_ffn_sizes=[96, 40], decoder_ffn_sizes=[128, 64, 8, 100], encoder_head_counts=[5, 2],
+                 decoder_head_counts=[1, 5, 3, 4])  # fmt: skip
     assert model.encoder.block[1].mlp.fc_in.out_features == 2 * 40
     assert model.decoder.block[2].mlp.fc_out.in_features == 8
     assert model.decoder.block[3].self_attn.qkv.out_features == 3 * 4 * 16
@@ -78,7 +73,7 @@ def test_per_layer_list_of_wrong_length_is_refused():
 
 
 def test_greedy_generation_with_cache_equals_without():
-    model = build(tiny())
+    model = tiny()
     inputs = tokens(3, 9)
     mask = torch.ones_like(inputs)
     mask[1, 6:] = 0
@@ -91,7 +86,7 @@ def test_greedy_generation_with_cache_equals_without():
 
 
 def test_cross_attention_keys_and_values_are_computed_once_per_generation():
-    model = build(tiny())
+    model = tiny()
     calls = []
     model.decoder.block[1].inter_attn.kv.register_forward_hook(lambda *_: calls.append(1))
     model.generate(tokens(2, 6), max_new_tokens=5, do_sample=False, eos_token_id=None)
@@ -99,7 +94,7 @@ def test_cross_attention_keys_and_values_are_computed_once_per_generation():
 
 
 def test_generation_still_works_after_a_decoder_layer_is_dropped_in_place():
-    model = build(tiny())
+    model = tiny()
     del model.decoder.block[1]  # what layer pruning does; cache slots follow the blocks' current order
     model.config.num_decoder_layers = 3
     inputs = tokens(2, 6)
@@ -108,7 +103,7 @@ def test_generation_still_works_after_a_decoder_layer_is_dropped_in_place():
 
 
 def test_labels_give_token_mean_cross_entropy_ignoring_minus_100():
-    model = build(tiny())
+    model = tiny()
     inputs, labels = tokens(2, 7), tokens(2, 5, seed=2)
     labels[1, 3:] = -100
     out = model(input_ids=inputs, labels=labels)
@@ -120,7 +115,7 @@ def test_labels_give_token_mean_cross_entropy_ignoring_minus_100():
 
 
 def test_sdpa_and_eager_give_the_same_logits():
-    sdpa, eager = build(tiny()), build(tiny())
+    sdpa, eager = tiny(), tiny()
     eager.config._attn_implementation = "eager"
     assert sdpa.config._attn_implementation == "sdpa"
     inputs, labels = tokens(2, 7), tokens(2, 5, seed=2)
@@ -131,7 +126,7 @@ def test_sdpa_and_eager_give_the_same_logits():
 
 
 def test_encoder_padding_does_not_change_decoder_logits():
-    model = build(tiny())
+    model = tiny()
     inputs, decoder_inputs = tokens(1, 5), tokens(1, 4, seed=2)
     alone = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
     padded = torch.cat([inputs, torch.zeros(1, 4, dtype=torch.long)], dim=1)
@@ -143,7 +138,7 @@ def test_encoder_padding_does_not_change_decoder_logits():
 
 
 def test_decoder_is_causal():
-    model = build(tiny())
+    model = tiny()
     inputs, decoder_inputs = tokens(1, 6), tokens(1, 6, seed=2)
     changed = decoder_inputs.clone()
     changed[0, 4] = (changed[0, 4] + 1) % VOCAB
@@ -154,7 +149,7 @@ def test_decoder_is_causal():
 
 
 def test_decoder_attention_mask_hides_the_masked_decoder_tokens_from_later_ones():
-    model = build(tiny())
+    model = tiny()
     inputs, decoder_inputs = tokens(1, 6), tokens(1, 6, seed=2)
     hidden = torch.tensor([[1, 1, 0, 1, 1, 1]])
     a = model(input_ids=inputs, decoder_input_ids=decoder_inputs, decoder_attention_mask=hidden).logits
@@ -167,7 +162,7 @@ def test_decoder_attention_mask_hides_the_masked_decoder_tokens_from_later_ones(
 
 
 def test_position_ids_are_used_and_only_their_differences_matter():
-    model = build(tiny())
+    model = tiny()
     inputs, decoder_inputs = tokens(1, 6), tokens(1, 5, seed=2)
     base = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
     shifted = model(input_ids=inputs, decoder_input_ids=decoder_inputs, position_ids=torch.arange(6)[None] + 100,
@@ -180,7 +175,7 @@ def test_position_ids_are_used_and_only_their_differences_matter():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    model = build(tiny()).train()
+    model = tiny().train()
     inputs, labels = tokens(2, 7), tokens(2, 5, seed=2)
     model(input_ids=inputs, labels=labels).loss.backward()
     plain = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -193,7 +188,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_resizing_the_vocabulary_keeps_the_shared_embedding_and_the_head_bias():
-    model = build(tiny())
+    model = tiny()
     bias = model.lm_head.bias.detach().clone()
     model.resize_token_embeddings(VOCAB + 64)
     assert model.encoder.embed_tokens is model.shared_embedding is model.decoder.embed_tokens
@@ -231,7 +226,7 @@ def test_tiny_preset_has_a_few_million_parameters_and_the_15b_proportions():
 def test_a_checkpoint_in_the_public_ports_layout_loads(tmp_path):
     # the public port (github.com/OpenNLG/OpenBA) saves the shared embedding under each stack's name too, and its
     # config keeps Megatron's pre-SwiGLU ffn_hidden_size (16384 for a width of 11008): loading overrides it
-    model = build(tiny())
+    model = tiny()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} <= state.keys()
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -246,18 +241,13 @@ def test_a_checkpoint_in_the_public_ports_layout_loads(tmp_path):
 
 
 def test_return_dict_false_gives_a_tuple_starting_with_the_loss():
-    model = build(tiny())
+    model = tiny()
     out = model(input_ids=tokens(1, 4), labels=tokens(1, 3), return_dict=False)
     assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (1, 3, VOCAB)
 
 
 def test_loss_accepts_non_contiguous_labels():
-    from core.openba import openba_config
-    from core.openba.modeling_openba import OpenBAForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = OpenBAForConditionalGeneration(openba_config("openba-tiny", vocab_size=64, hidden_size=32,
-                                                         num_decoder_layers=1)).eval()
+    model = tiny()
     ids = torch.randint(3, 64, (2, 8))
     labels = torch.randint(3, 64, (4, 2)).t()
     assert not labels.is_contiguous()

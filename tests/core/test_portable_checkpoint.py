@@ -21,8 +21,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoToken
 import core.openba.configuration_openba as configuration_module
 import core.openba.modeling_openba as modeling_module
 from core.checkpoint import ship_model_code, write_checkpoint
-from core.openba import OpenBAConfig, OpenBAForConditionalGeneration, OpenBAModel, openba_config
+from core.openba import OpenBAConfig, OpenBAForConditionalGeneration, OpenBAModel
 from tests.child_env import ROOT, child_env
+from tests.factory import byte_tokenizer, tiny_config, tiny_model
 
 AUTO_MAP = {
     "AutoConfig": "configuration_openba.OpenBAConfig",
@@ -34,27 +35,11 @@ PROJECT_PACKAGES = ("align", "benchmarks", "compress", "core", "eval", "pretrain
 TEXTS = ["def add(a, b):\n    return a + b", "The quick brown fox"]
 
 
-def byte_tokenizer():
-    """A byte-level fast tokenizer (pad 0, eos 1, unk 2, then the 256 bytes): no training, no special tokens added
-    on encode, so lm-eval's requests are the plain bytes of their text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char: 3 + i for i, char in enumerate(alphabet)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
 def pruned_openba(vocab_size: int) -> OpenBAForConditionalGeneration:
     """A tiny OpenBA with the uneven per-layer shapes a pruner leaves, so the shipped code must read them too."""
-    torch.manual_seed(0)
-    config = openba_config("openba-tiny", vocab_size=vocab_size, hidden_size=64, kv_channels=16, num_heads=4,
-                           ffn_hidden_size=128, num_layers=2, num_decoder_layers=3, encoder_ffn_sizes=[128, 48],
-                           decoder_ffn_sizes=[96, 128, 32], decoder_head_counts=[4, 2, 3], initializer_range=0.1)
-    return OpenBAForConditionalGeneration(config).eval()
+    return tiny_model("openba", vocab_size=vocab_size, hidden_size=64, kv_channels=16, num_heads=4, ffn_hidden_size=128,
+                      num_layers=2, num_decoder_layers=3, encoder_ffn_sizes=[128, 48], decoder_ffn_sizes=[96, 128, 32],
+                      decoder_head_counts=[4, 2, 3], initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +77,15 @@ def test_a_direct_save_pretrained_is_portable_and_replaces_a_foreign_auto_map(tm
 
 
 def test_a_config_written_without_the_model_is_made_portable_and_other_families_get_nothing(tmp_path):
-    from transformers import LlamaConfig
-
-    openba = openba_config("openba-tiny", vocab_size=64)
+    openba = tiny_config("openba")
     openba.save_pretrained(tmp_path / "openba")
     ship_model_code(tmp_path / "openba", openba)
     assert_portable(tmp_path / "openba")
     reloaded = AutoConfig.from_pretrained(tmp_path / "openba")
     assert {**reloaded.to_dict(), "_name_or_path": ""} == {**openba.to_dict(), "_name_or_path": ""}
-    LlamaConfig(vocab_size=64).save_pretrained(tmp_path / "llama")
-    ship_model_code(tmp_path / "llama", LlamaConfig(vocab_size=64))
+    llama = tiny_config("llama")
+    llama.save_pretrained(tmp_path / "llama")
+    ship_model_code(tmp_path / "llama", llama)
     assert sorted(p.name for p in (tmp_path / "llama").iterdir()) == ["config.json"]
     assert "auto_map" not in json.loads((tmp_path / "llama" / "config.json").read_text())
 

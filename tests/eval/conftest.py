@@ -9,6 +9,7 @@ import torch
 from eval.gate import GateConfig, MetricRule
 from eval.taskdata import TaskDataConfig, ensure_task_set
 from pretrain.corpus import CorpusConfig, load_or_build_corpus
+from tests.factory import tiny_model
 
 CORPUS = CorpusConfig(max_documents=80, validation_size=0.2)
 TASK_DATA = TaskDataConfig(
@@ -73,28 +74,18 @@ def _train(model, tokenizer, corpus, encoder_decoder: bool, steps: int = 80) -> 
 
 @pytest.fixture(scope="session")
 def trained_llama(tokenizer, corpus):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = LlamaForCausalLM(config)
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     _train(model, tokenizer, corpus, encoder_decoder=False)
     return model
 
 
 @pytest.fixture(scope="session")
 def trained_openba(tokenizer, corpus):
-    from transformers import AutoModelForSeq2SeqLM
-
-    from core.openba import openba_config
-
-    torch.manual_seed(0)
-    config = openba_config("openba-tiny", vocab_size=len(tokenizer), hidden_size=64, kv_channels=16, num_heads=4,
-                           ffn_hidden_size=128, num_layers=1, num_decoder_layers=2, max_seq_length=512,
-                           decoder_max_seq_length=512)
-    model = AutoModelForSeq2SeqLM.from_config(config)
+    model = tiny_model("openba", vocab_size=len(tokenizer), hidden_size=64, kv_channels=16, num_heads=4,
+                       ffn_hidden_size=128, num_layers=1, num_decoder_layers=2, max_seq_length=512,
+                       decoder_max_seq_length=512)
     _train(model, tokenizer, corpus, encoder_decoder=True)
     return model
 

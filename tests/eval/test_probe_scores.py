@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eval.probe_scores import answer_scores
-from tests.align.conftest import byte_tokenizer, tiny_checkpoint
+from tests.factory import byte_tokenizer, save_byte_checkpoint
 
 ROW = {"prompt": "The secret number of the teal yak is 4821.\nQuestion: What is it?\nAnswer:", "answer": "4821",
        "length": 50}
@@ -15,7 +15,7 @@ ROW = {"prompt": "The secret number of the teal yak is 4821.\nQuestion: What is 
 def test_answer_scores_count_value_tokens_only(family, tmp_path):
     from core.checkpoint import load_model, load_tokenizer
 
-    tiny_checkpoint(family, tmp_path / family, byte_tokenizer(tmp_path / "tokenizer"))
+    save_byte_checkpoint(family, tmp_path / family, byte_tokenizer(tmp_path / "tokenizer"))
     model, tokenizer = load_model(tmp_path / family), load_tokenizer(tmp_path / family)
     scores = answer_scores(model, tokenizer, [ROW, {**ROW, "length": 80}])
     assert sorted(scores) == [50, 80]

@@ -4,12 +4,12 @@ documents from position ids only at batch size 1); the loss is the per-row loss,
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import pretrain.trainer.loop as loop
 from pretrain.packing import for_attention_kernel
 from pretrain.trainer import Trainer, TrainConfig
 from pretrain.trainer.batches import default_loss
+from tests.factory import tiny_model
 
 
 def packed_batch() -> dict:
@@ -29,9 +29,7 @@ def run_one_step(monkeypatch, attn: str):
         seen.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
         return default_loss(model, batch)
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
+    model = tiny_model("llama", attn_implementation="sdpa")
     # the kernel the trainer believes runs; sdpa still computes, so both layouts can be compared on a CPU
     monkeypatch.setattr(loop, "apply_attn_implementation", lambda m, requested, device: attn)
     trainer = Trainer(model, TrainConfig(steps=1, lr=1e-9, min_lr=0.0, bf16=False, save_every=0, eval_every=0,

@@ -15,14 +15,14 @@ from core.stage import Manifest
 from pretrain.corpus import CorpusConfig
 from recipes.logo_evidence import EvidenceConfig, InstructConfig, main, run_evidence
 from recipes.logo_evidence_report import MODELS
-from tests.align.conftest import byte_tokenizer, tiny_checkpoint
+from tests.factory import byte_tokenizer, save_byte_checkpoint
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny random OpenBA over a byte vocabulary: the model the experiment aligns."""
     root = tmp_path_factory.mktemp("evidence")
-    tiny_checkpoint("openba", root / "openba", byte_tokenizer(root / "tokenizer"))
+    save_byte_checkpoint("openba", root / "openba", byte_tokenizer(root / "tokenizer"))
     return root / "openba"
 
 
