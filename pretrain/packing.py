@@ -71,10 +71,23 @@ def _pad_positions(positions: list[int], length: int) -> list[int]:
     return positions + list(range(length - len(positions)))
 
 
+def fitted_length(longest: int, limit: int, multiple: int) -> int:
+    """The longest row rounded up to `multiple` (kernels like aligned shapes), never past the configured `limit`."""
+    return min(-(-max(longest, 1) // multiple) * multiple, limit)
+
+
 def collate_packed(rows: Sequence[PackedRow], encoder_decoder: bool, input_length: int, target_length: int | None,
-                   pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for packed rows (see the module docstring for which keys each architecture gets)."""
+                   pad_id: int, fit_to_rows: bool = False, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Tensors for packed rows (see the module docstring for which keys each architecture gets).
+
+    `fit_to_rows` (encoder-decoder): each side is as long as its longest row (rounded up to `multiple`, at most
+    the configured length) instead of the configured length. A denoiser's target/input ratio is fixed (S: ~1/3,
+    X-1: ~1), so with fixed 570/380 sides one of them is mostly padding whatever the denoiser mix; fitted sides
+    hold only the real tokens and their rounding."""
     tensor = lambda lists: torch.tensor(lists, dtype=torch.long)  # noqa: E731
+    if encoder_decoder and fit_to_rows:
+        input_length = fitted_length(max(len(r.inputs) for r in rows), input_length, multiple)
+        target_length = fitted_length(max(len(r.targets) for r in rows), target_length, multiple)
     if not encoder_decoder:
         return {
             "input_ids": tensor([_pad(r.inputs, input_length, pad_id) for r in rows]),

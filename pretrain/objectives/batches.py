@@ -31,8 +31,11 @@ class ObjectiveBatches:
 
     `packed=False`: one example per row, padded to the fixed lengths. `packed=True`: rows filled with several
     examples (see pretrain/packing.py); a row is closed when the objective cannot fit even its smallest example.
-    Encoder-decoder lengths: `input_length` (encoder) and `target_length` (decoder); decoder-only models use
-    `input_length` for inputs and targets together.
+    Encoder-decoder lengths: `input_length` (encoder) and `target_length` (decoder) are the most a row holds;
+    packed batches are cut to their longest row per side, so a batch of S-denoising (targets ~1/3 of the inputs)
+    fills the encoder and a short decoder, and an X batch (targets ~ inputs) a shorter encoder and the decoder:
+    one denoiser per batch is what makes both sides full. Decoder-only models use `input_length` for inputs and
+    targets together.
 
     `state_dict()` holds the document position, the offset in the current document, the RNG and the mixture
     weights; `load_state_dict` continues with exactly the batches an uninterrupted run would have produced.
@@ -112,7 +115,8 @@ class ObjectiveBatches:
                     else:
                         row.add_decoder_only(features["input_ids"], features["labels"])
                 rows.append(row)
-            batch = collate_packed(rows, self.encoder_decoder, self.input_length, self.target_length, self.pad_id)
+            batch = collate_packed(rows, self.encoder_decoder, self.input_length, self.target_length, self.pad_id,
+                                   fit_to_rows=True)
         for key, value in padding_stats(batch, self.pad_id).items():
             self.stats[key] += value
         self.stats["batches"] += 1

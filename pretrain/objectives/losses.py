@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
 from pretrain.objectives.base import IGNORE_INDEX
 
 
@@ -18,12 +19,25 @@ def model_inputs(model, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of a batch that go into the model (not labels, "objective" or counters), and use_cache=False;
     decoder inputs for encoder-decoders are the labels shifted right, as the model itself would make them."""
     inputs = {k: batch[k] for k in MODEL_KEYS if isinstance(batch.get(k), torch.Tensor)}
+    if "encoder_segment_ids" in inputs and not reads_segment_ids(model):
+        raise UserError(f"{type(model).__name__} cannot take packed encoder-decoder rows: set packed: false (only "
+                        f"OpenBA reads segment ids; transformers' T5 has one encoder mask for self- and cross-attention)")
     # a cache (transformers creates one whenever config.use_cache) turns off position-based packing detection in
     # `masking_utils`: packed decoder-only rows would silently attend across documents
     inputs["use_cache"] = False
     if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     return inputs
+
+
+def reads_segment_ids(model) -> bool:
+    """Whether the model's forward takes `encoder_segment_ids` by name: a model that only swallows unknown keywords
+    (`**kwargs`) would ignore them and let packed examples attend to each other."""
+    import inspect
+
+    for wrapper in ("_orig_mod", "module"):  # torch.compile and DDP / DeepSpeed wrappers forward any keyword
+        model = getattr(model, wrapper, model)
+    return "encoder_segment_ids" in inspect.signature(type(model).forward).parameters
 
 
 def shifted_labels(model, labels: torch.Tensor) -> torch.Tensor:
