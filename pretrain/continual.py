@@ -50,6 +50,7 @@ from pretrain.objectives import (
     ul2_mixture,
 )
 from pretrain.objectives.distillation import output_vocab_size
+from pretrain.objectives.losses import reads_segment_ids
 from pretrain.trainer import TrainConfig, Trainer
 
 
@@ -84,7 +85,8 @@ class ContinualConfig:
     target_length: int = 380
     """Decoder tokens per row (encoder-decoder only). V2 S1-S4: 380."""
     packed: bool = True
-    """Pack several examples per row with document-aware masks (no cross-example attention, positions restart)."""
+    """Pack several examples per row with document-aware masks (no cross-example attention, positions restart).
+    Encoder-decoders need segment-id masks (OpenBA); transformers' T5 has none and needs packed: false."""
     init: Literal["checkpoint", "scratch"] = "checkpoint"
     """"scratch" re-initialises the weights (same shape and tokenizer): the from-scratch baseline."""
     add_sentinels: bool = False
@@ -257,6 +259,9 @@ def prepare(config: ContinualConfig, inputs: dict[str, Path], progress: bool = T
     model, tokenizer = load_student(model_dir, config)
     added_tokens = add_special_tokens(model, tokenizer, config)
     encoder_decoder = is_encoder_decoder(model)
+    if encoder_decoder and config.packed and not reads_segment_ids(model):
+        raise UserError(f"{type(model).__name__} cannot train on packed rows (it has no segment-id masks for "
+                        f"cross-attention): set packed: false")
     long_context = apply_long_context(model, config.long_context) if config.long_context != LongContextConfig() else {}
     mixture = build_mixture(config, tokenizer)
     options = dict(input_length=config.input_length, target_length=config.target_length if encoder_decoder else None,

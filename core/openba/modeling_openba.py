@@ -31,9 +31,11 @@ supported: its padded and varlen paths have not been checked against these two o
 Packed documents: `encoder_segment_ids` / `decoder_segment_ids` (batch, seq) number the documents of a packed row
 1, 2, ... (0 = padding). Encoder self-attention stays within a segment, decoder self-attention is causal within a
 segment, cross-attention reaches only the encoder tokens of the same segment, and positions restart per segment
-unless given. The masks are transformers' own builders with an `and_mask_function`; positions are never handed to
-the builders (see `OpenBAStack.forward`). With `config.segment_attention` "auto" and flash-attn installed, CUDA
-half-precision tensors take `flash_attn_varlen_func` over the non-padding tokens instead (`SegmentLayout`).
+unless given. Under sdpa and eager the masks are built in one broadcast (`segment_mask`, equal to what
+transformers' builders make with `same_segment`), under other kernels by the builders with an `and_mask_function`;
+positions are never handed to the builders (see `OpenBAStack.forward`). With `config.segment_attention` "auto"
+and flash-attn installed, CUDA half-precision tensors take `flash_attn_varlen_func` over the non-padding tokens
+instead (`SegmentLayout`).
 
 This file and configuration_openba.py are copied beside the weights of every saved checkpoint (`save_pretrained`),
 so stock transformers and lm-eval load it with `trust_remote_code=True` where this project is not installed. Hence
@@ -98,6 +100,21 @@ def same_segment(query_segments: torch.Tensor, key_segments: torch.Tensor):
         return (query == key_segments[batch_idx, kv_idx]) | (query == 0)
 
     return allowed
+
+
+def segment_mask(query_segments, key_segments, key_padding, causal: bool, implementation: str, dtype):
+    """The mask transformers' builders make from `same_segment` and the key padding mask, built in one broadcast
+    (the builders evaluate the mask function index by index, several times slower on packed rows): boolean
+    (batch, 1, query, key) for sdpa, additive with the dtype's minimum for eager."""
+    query = query_segments[:, None, :, None]
+    allowed = (query == key_segments[:, None, None, :]) | (query == 0)
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :].bool()
+    if causal:
+        allowed = allowed & torch.ones(allowed.shape[-2:], dtype=torch.bool, device=allowed.device).tril()
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def load_flash_varlen():
@@ -398,8 +415,16 @@ class OpenBAStack(nn.Module):
         # position_ids are not passed to the mask builders: they would read a jump in positions (LOGO synthesis)
         # as the start of a new packed document and cut attention there. Packed documents use segment ids instead.
         self_segments = same_segment(segment_ids, segment_ids) if segment_ids is not None else None
+        implementation = self.config._attn_implementation
         if self_varlen is not None:
             mask = cross_mask = None
+        elif segment_ids is not None and implementation in ("sdpa", "eager"):
+            dtype = inputs_embeds.dtype
+            mask = segment_mask(segment_ids, segment_ids, attention_mask, self.is_decoder, implementation, dtype)
+            cross_mask = None
+            if self.is_decoder:
+                cross_mask = segment_mask(segment_ids, encoder_segment_ids, encoder_attention_mask, False,
+                                          implementation, dtype)
         elif self.is_decoder:
             self_cache = cache.self_attention_cache if cache is not None else None
             mask = create_causal_mask(
