@@ -1,9 +1,9 @@
 """The one place tests get tiny random models (built from configs, no downloads) and the small tokenizers and
 checkpoints that go with them.
 
-`tiny_model(family)` is "any tiny model of that family": four decoder blocks, hidden 64, 8 query heads in 4 kv groups
-(T5: 3 encoder and 4 decoder blocks; OpenBA: the `openba-tiny` preset), all over the same 96-id vocabulary, so a test
-can feed every family the same `model_inputs`. A test that needs a particular shape says so in its overrides
+`tiny_model(family)` is "any tiny model of that family": four blocks of hidden 64 with 8 query heads in 4 kv groups
+(GPT-NeoX: 4 heads, ungrouped; T5: 3 encoder and 4 decoder blocks; OpenBA: the `openba-tiny` preset), all over the
+same 96-id vocabulary, so a test can feed every family the same `model_inputs`. A test that needs a particular shape says so in its overrides
 (`tiny_model("llama", num_hidden_layers=8)`); a given family, seed and overrides always give the same weights.
 """
 
@@ -51,7 +51,7 @@ _CLASSES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
     "t5": (T5Config, T5ForConditionalGeneration),
-    "openba": (None, OpenBAForConditionalGeneration),
+    "openba": (None, OpenBAForConditionalGeneration),  # its config comes from the openba-tiny preset
 }
 
 
