@@ -4,7 +4,9 @@ Both arms train the same small model (a fresh copy each) on the same documents: 
 and pads it to the fixed length; "packed" fills rows with several examples under document masks. Each repetition
 times `--steps` full training steps (forward, backward, AdamW step) of each arm, alternating which goes first;
 the table shows medians over repetitions and their ratios. Steps draw their batches from one whole pass over the
-documents, over which the non-padding share is measured too.
+documents, over which the non-padding share is measured too, per side (encoder, decoder) and all together. The
+"packed / limit" row compares packed tokens/s with the padded arm's tokens/s divided by its share: what padded
+training would reach if every slot held a real token at the same cost per slot.
 
     python -m benchmarks.packing_throughput --reps 5 --steps 4
 """
@@ -67,11 +69,16 @@ def openba(vocab: int):
     return AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", vocab_size=vocab))
 
 
-def one_pass(make_batches, packed: bool) -> tuple[list[dict], float]:
-    """Every batch of one pass over the documents, and the share of real tokens over the whole pass."""
+def one_pass(make_batches, packed: bool) -> tuple[list[dict], dict[str, float]]:
+    """Every batch of one pass over the documents, and the shares of real tokens over the whole pass: all sides
+    together, the encoder (or decoder-only) rows, and the decoder rows of an encoder-decoder."""
     batches = make_batches(packed)
     pool = list(iter(lambda: next(batches, None), None))
-    return pool, non_padding_share(batches.stats)
+    stats = batches.stats
+    shares = {"all": non_padding_share(stats), "encoder": stats["tokens"] / max(stats["slots"], 1)}
+    if stats.get("target_slots"):
+        shares["decoder"] = stats["target_tokens"] / stats["target_slots"]
+    return pool, shares
 
 
 def time_steps(model, optimizer, pool, steps: int, rng: random.Random) -> tuple[float, int]:
@@ -106,10 +113,15 @@ def compare(name: str, model, make_batches, reps: int, steps: int) -> list[list]
         for arm in (("padded", "packed") if rep % 2 == 0 else ("packed", "padded")):
             seconds, real = time_steps(*arms[arm], steps, rngs[arm])
             rates[arm].append(real / seconds)
-    rows = [[name, arm, len(arms[arm][2]), statistics.median(rates[arm]), shares[arm]] for arm in arms]
+    side = lambda arm, key: shares[arm].get(key, "-")  # noqa: E731
+    rows = [[name, arm, len(arms[arm][2]), statistics.median(rates[arm]), side(arm, "encoder"), side(arm, "decoder"),
+             side(arm, "all")] for arm in arms]
     ratio = statistics.median(rates["packed"]) / statistics.median(rates["padded"])
-    rows.append([name, "packed / padded", len(arms["packed"][2]) / len(arms["padded"][2]), ratio,
-                 shares["packed"] / shares["padded"]])
+    rows.append([name, "packed / padded", len(arms["packed"][2]) / len(arms["padded"][2]), ratio, "", "",
+                 shares["packed"]["all"] / shares["padded"]["all"]])
+    # the limit: padded tokens/s if every padded slot held a real token at the same cost per slot
+    limit = statistics.median(rates["padded"]) / shares["padded"]["all"]
+    rows.append([name, "packed / limit", "", statistics.median(rates["packed"]) / limit, "", "", ""])
     return rows
 
 
@@ -160,9 +172,11 @@ def main(argv=None) -> None:
                                      target_length=380, encoder_decoder=True, packed=packed)
 
         rows += compare("openba UL2", openba(vocab), ul2, args.reps, args.steps)
-    print(format_table(rows, ["model", "batches", "batches per pass", "real tokens/s", "non-padding share"]))
+    print(format_table(rows, ["model", "batches", "batches per pass", "real tokens/s", "encoder share",
+                              "decoder share", "non-padding share"]))
     print(f"tokens/s: median of {args.reps} interleaved repetitions of {args.steps} training steps on batches drawn "
-          f"from one pass; share: real tokens / slots over the whole pass, encoder and decoder sides together; "
+          f"from one pass; shares: real tokens / slots over the whole pass, per side (decoder-only rows count as "
+          f"encoder) and all sides together; limit = padded tokens/s / padded share; "
           f"{torch.get_num_threads()} threads")
 
 
