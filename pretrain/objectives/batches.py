@@ -34,8 +34,9 @@ class ObjectiveBatches:
     Encoder-decoder lengths: `input_length` (encoder) and `target_length` (decoder) are the most a row holds;
     packed batches are cut to their longest row per side, so a batch of S-denoising (targets ~1/3 of the inputs)
     fills the encoder and a short decoder, and an X batch (targets ~ inputs) a shorter encoder and the decoder:
-    one denoiser per batch is what makes both sides full. Decoder-only models use `input_length` for inputs and
-    targets together.
+    one denoiser per batch is what makes both sides full. `fit_to_rows=False` keeps packed encoder-decoder batches
+    at the fixed lengths instead (the slower layout, kept for benchmarks/teacher_packing.py's comparison).
+    Decoder-only models use `input_length` for inputs and targets together.
 
     `state_dict()` holds the document position, the offset in the current document, the RNG and the mixture
     weights; `load_state_dict` continues with exactly the batches an uninterrupted run would have produced.
@@ -43,7 +44,8 @@ class ObjectiveBatches:
 
     def __init__(self, documents, mixture: ObjectiveMixture, *, batch_size: int, input_length: int,
                  target_length: int | None = None, encoder_decoder: bool = True, packed: bool = False,
-                 pad_id: int = 0, decoder_start_id: int = 0, max_spans: int | None = None, seed: int = 0):
+                 pad_id: int = 0, decoder_start_id: int = 0, max_spans: int | None = None, seed: int = 0,
+                 fit_to_rows: bool = True):
         if isinstance(documents, (list, tuple)):
             documents = ListDocuments(documents)
         if batch_size < 1 or input_length < 1:
@@ -52,7 +54,7 @@ class ObjectiveBatches:
             raise UserError("encoder-decoder batches need a positive target_length")
         self.documents, self.mixture = documents, mixture
         self.batch_size, self.input_length, self.target_length = batch_size, input_length, target_length
-        self.encoder_decoder, self.packed = encoder_decoder, packed
+        self.encoder_decoder, self.packed, self.fit_to_rows = encoder_decoder, packed, fit_to_rows
         self.pad_id, self.decoder_start_id, self.max_spans = pad_id, decoder_start_id, max_spans
         self.rng = np.random.default_rng(seed)
         for objective in mixture.objectives:
@@ -116,7 +118,7 @@ class ObjectiveBatches:
                         row.add_decoder_only(features["input_ids"], features["labels"])
                 rows.append(row)
             batch = collate_packed(rows, self.encoder_decoder, self.input_length, self.target_length, self.pad_id,
-                                   fit_to_rows=True)
+                                   fit_to_rows=self.fit_to_rows)
         for key, value in padding_stats(batch, self.pad_id).items():
             self.stats[key] += value
         self.stats["batches"] += 1
