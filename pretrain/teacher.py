@@ -1,10 +1,10 @@
 """The tiny teacher: `openba-tiny` trained from scratch on the offline corpus with the UL2 mixture, then cached.
 
 It is the embedded default model that later stages compress, so every test and demo has a model whose weights
-mean something without a download. The default config trains for about 10 minutes on 2 CPU cores; the result is
-cached under a directory keyed by the config hash and reused when present. Training runs as a resumable stage
-(`core.stage.run_stage`), so a killed run continues from its last checkpoint. `python -m pretrain.teacher --out DIR`
-(the stage kind `teacher`) trains or reuses the cached teacher and publishes a copy of it in DIR.
+mean something without a download. The default config trains in about 3.5 minutes on 2 CPU cores (corpus and
+tokenizer included); the result is cached under a directory keyed by the config hash and reused when present.
+Training runs as a resumable stage (`core.stage.run_stage`), so a killed run continues from its last checkpoint.
+`python -m pretrain.teacher --out DIR` (the stage kind `teacher`) trains or reuses the cached teacher and publishes a copy of it in DIR.
 
 Quality is judged against two unigram baselines, both over many validation batches (`baseline_batches`; measured
 on the handful used for the loss, an 8k vocabulary's in-sample entropy comes out ~0.5 nats too low):
@@ -60,7 +60,7 @@ class TeacherTrainConfig(TrainConfig):
 
 @dataclass
 class TeacherConfig:
-    """What the teacher is and how it is trained. The defaults take ~10 minutes on 2 CPU cores."""
+    """What the teacher is and how it is trained. The defaults take ~3.5 minutes on 2 CPU cores."""
 
     preset: str = "openba-tiny"
     """The OpenBA shape (core.openba presets); the vocabulary always comes from the tokenizer."""
@@ -339,8 +339,8 @@ KIND = register_kind(StageKind(
     config_cls=TeacherConfig,
     prepare=prepare,
     run=publish_copy,
-    description="Train the tiny OpenBA teacher from scratch on the offline corpus with the UL2 mixture (about 10 "
-                "minutes on 2 CPU cores), cache it by config hash, and publish a copy in --out.",
+    description="Train the tiny OpenBA teacher from scratch on the offline corpus with the UL2 mixture (minutes on "
+                "2 CPU cores), cache it by config hash, and publish a copy in --out.",
     examples=(
         "python -m pretrain.teacher --out runs/teacher",
         "python -m pretrain.teacher --out runs/quick --set train.steps=40 --set model.hidden_size=64",

@@ -48,7 +48,7 @@ class RecipeConfig:
     """Gates by name: a GateConfig mapping (eval.gate) or the path of a gate YAML such as eval/gates/offline.yaml."""
     cache_dir: str | None = None
     """Where the corpus, tokenizer and tiny teacher are cached across runs (default: $OPENBA_CACHE or
-    ~/.cache/openba_v2), so a second run, in any run directory, skips the 10-minute teacher training."""
+    ~/.cache/openba_v2), so a second run, in any run directory, skips the teacher's training (minutes on a CPU)."""
     world_size: int = 8
     """GPUs the real-scale plan assumes for its memory estimate (ZeRO-3 shards states across them)."""
     min_free_disk_gb: float = 1.0
