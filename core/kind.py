@@ -123,25 +123,22 @@ def execute(kind: StageKind, config: Any, inputs: dict[str, str | Path | None], 
     stage contract (lock, partial directory, run, score, manifest, card, publish). A stage already complete for
     this config and input is returned as it is, unless `force`.
     """
-    from core.stage import check_output_location, completed, run_stage
+    from core.stage import check_output_location, run_stage
 
     paths = {name: Path(value) if value is not None else None for name, value in inputs.items()}
     for spec in kind.inputs:
         if spec.required and paths.get(spec.name) is None:
             raise UserError(f"stage kind '{kind.name}' needs --{spec.name.replace('_', '-')}")
     checkpoint = paths.get(kind.checkpoint_input) if kind.checkpoint_input else None
+    # every input, not only the checkpoint run_stage knows of; run_stage then skips a finished stage before prepare
     check_output_location(out, kind.stage, [p for p in paths.values() if p is not None])
-    if not force and (done := completed(out, config, checkpoint)):
-        return done
     return run_stage(stage_of(kind, config, paths, progress, score), checkpoint, out, force=force)
 
 
 def stage_of(kind: StageKind, config: Any, inputs: dict[str, Path | None], progress: bool = True,
-             score: ScoreRequest | None = None, after_run: Callable[[Path, dict[str, Any]], None] | None = None,
-             name: str | None = None):
-    """The stage contract's `Stage` for one kind: `prepare` runs before anything is written (inputs the recipe
-    leaves as None are the checkpoint the stage reads, known only when it runs); `after_run(work_dir, metrics)`
-    lets a recipe gate the output before it is published."""
+             score: ScoreRequest | None = None):
+    """The stage contract's `Stage` for one kind: `prepare` runs before anything is written (an input left as None
+    is the checkpoint the stage reads, known only when it runs)."""
     from core.stage import Stage
 
     def prepare(input_dir: Path | None):
@@ -157,8 +154,6 @@ def stage_of(kind: StageKind, config: Any, inputs: dict[str, Path | None], progr
                 from compress.score import score_checkpoint  # the scorers are compress's; loaded only when asked
 
                 metrics["importance"] = score_checkpoint(work_dir, score, progress)
-            if after_run is not None:
-                after_run(work_dir, metrics)
             return metrics
 
         return run
@@ -166,4 +161,4 @@ def stage_of(kind: StageKind, config: Any, inputs: dict[str, Path | None], progr
     def unprepared(*_):
         raise RuntimeError("a protocol stage runs through its prepare step")
 
-    return Stage(name or kind.stage, unprepared, config, resumable=kind.resumable, prepare=prepare)
+    return Stage(kind.stage, unprepared, config, resumable=kind.resumable, prepare=prepare)
