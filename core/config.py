@@ -84,6 +84,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         default = _default_of(fields[key])
+        parse = fields[key].metadata.get("parse")
+        if parse is not None and isinstance(value, str):
+            value = parse(value)  # the flag's own reading (e.g. "3.4B" parameters) holds in a YAML file too
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             # a partial override keeps the parent's own defaults for this section, not the section class's defaults
             value = merge(dataclasses.asdict(default), value)
@@ -150,6 +153,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if hint is int:
+        if isinstance(value, str):  # YAML 1.1 reads 1e9 and 10.0e9 (no exponent sign) as strings
+            try:
+                value = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise UserError(f"config key '{key}' must be an integer, got {value!r}")
         return int(value)

@@ -66,3 +66,26 @@ def test_partial_override_keeps_the_parents_defaults_for_a_section():
     recipe = load_config(Recipe, overrides=["optim.lr=1e-3"])
     assert recipe.optim.lr == pytest.approx(1e-3)
     assert recipe.optim.betas == [0.5, 0.5]  # from Recipe's factory, not Optim's class default
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_load_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 10.0e9 and 1e9 as strings; a count field reads them, and "3.4B", as on the command
+    line."""
+    from compress.layer import LayerPruneConfig
+
+    @dataclasses.dataclass
+    class Counts:
+        steps: int = 0
+
+    for text, expected in (("10.0e9", 10_000_000_000), ("3.4B", 3_400_000_000), ("900M", 900_000_000)):
+        path = tmp_path / "layer.yaml"
+        path.write_text(f"target_params: {text}\n")
+        assert load_config(LayerPruneConfig, path).target_params == expected
+    path.write_text("steps: 1e3\n")
+    assert load_config(Counts, path).steps == 1000
+    path.write_text("steps: 1.5e0\n")
+    with pytest.raises(UserError, match="must be an integer"):
+        load_config(Counts, path)
+    path.write_text("target_params: lots\n")
+    with pytest.raises(UserError, match="not a parameter count"):
+        load_config(LayerPruneConfig, path)
