@@ -74,13 +74,19 @@ def check_not_dropped(drops_so_far: dict[str, list[int]], original: list[int], s
         raise UserError(f"{stack} layers {again} (original numbering) were already dropped by an earlier stage")
 
 
+def stage_config(spec):
+    """The stage's config, resolved from its args by its kind's dataclass (None for a kind not registered)."""
+    kind = stage_kind(spec.kind)
+    return None if kind is None else from_dict(kind.config_cls, dict(spec.args), prefix=f"stages.{spec.name}.args.")
+
+
 def stage_shape(spec, shape: ModelShape, model: PlannedModel,
                 drops: dict[str, list[int]]) -> tuple[ModelShape, str | None]:
     """The shape stage `spec` leaves and, where scores or data decide it, the note saying what was assumed."""
     kind = stage_kind(spec.kind)
     if kind is None or kind.shape_after is None:
         return shape, None
-    config = from_dict(kind.config_cls, dict(spec.args), prefix=f"stages.{spec.name}.args.")
+    config = stage_config(spec)
     if kind.name == "layer_prune" and config.drop and config.drop_numbering == "original":
         for stack, indices in config.drop.items():
             if stack in model.shape.depths:
@@ -89,19 +95,50 @@ def stage_shape(spec, shape: ModelShape, model: PlannedModel,
     return planned_shape(kind.shape_after(config, shape, model))
 
 
-def training_memory_gib(params: int, world: int, args: dict[str, Any], shape: ModelShape) -> float:
+def activation_tokens(config, encoder_decoder: bool) -> tuple[int, int, int]:
+    """(micro-batch rows, encoder tokens, decoder tokens) per row of a stage, read from its resolved config: the
+    training kinds keep them in their own fields (`train.micro_batch_size`, `input_length` / `target_length`,
+    `long_context.train_seq_len`; an align stage's context chunks and 1 + M responses), pruning and scoring kinds in
+    `calibration`. A decoder-only model has one stack: its rows hold both parts. Unknown kinds: 1 row of 2048."""
+    micro, encoder, decoder = 1, 2048, 0
+    if hasattr(config, "logo"):  # align: the shared context once, then 1 + M responses, each up to the cap
+        data, batches = config.data, config.logo.batches
+        micro = batches.batch_size
+        encoder = data.context_chunks * data.chunk_size
+        decoder = (1 + len(data.rule_rejected)) * batches.max_response_tokens
+    elif hasattr(config, "input_length"):  # teacher, train
+        micro, encoder, decoder = config.train.micro_batch_size, config.input_length, config.target_length
+        long_context = getattr(config, "long_context", None)
+        if long_context is not None and long_context.train_seq_len:
+            encoder, decoder = long_context.train_seq_len, 0 if not encoder_decoder else decoder
+    elif hasattr(config, "calibration"):  # prunes and scores: a calibration batch
+        micro, encoder, decoder = config.calibration.batch_size, config.calibration.seq_len, 0
+    if not encoder_decoder:
+        encoder, decoder = encoder + decoder, 0
+    return micro, encoder, decoder
+
+
+def training_memory_gib(params: int, world: int, tokens: tuple[int, int, int], shape: ModelShape) -> float:
     """Per-GPU memory estimate for mixed-precision Adam under ZeRO-3 plus checkpointed activations.
 
     States: 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, m, v) bytes per parameter, sharded over `world`.
-    Activations with checkpointing: one bf16 hidden state per layer per token, plus ~34 bytes x hidden per token for
-    the layer being recomputed (the usual transformer estimate), at the stage's micro-batch and sequence length.
+    Activations with checkpointing: one bf16 hidden state per layer per token (encoder layers over the encoder's
+    tokens, decoder layers over the decoder's), plus ~34 bytes x hidden per token for the layer being recomputed
+    (the usual transformer estimate), at the stage's micro-batch (`activation_tokens`).
     """
-    micro = int(args.get("micro_batch_size", 1))
-    seq = int(args.get("seq_len", 2048))
-    layers = sum(shape.depths.values())
+    micro, encoder, decoder = tokens
+    depths = shape.depths
+    stored = (depths.get("encoder", 0) * encoder + depths.get("decoder", 0) * decoder
+              if "encoder" in depths else sum(depths.values()) * (encoder + decoder))
     states = 16 * params / world
-    activations = micro * seq * shape.hidden * (2 * layers + 34)
+    activations = micro * shape.hidden * (2 * stored + 34 * max(encoder, decoder))
     return (states + activations) / GIB
+
+
+def scoring_memory_gib(params: int, tokens: tuple[int, int, int], shape: ModelShape) -> float:
+    """Scoring and pruning: bf16 weights on one GPU plus one calibration batch's activations at one layer."""
+    micro, encoder, decoder = tokens
+    return (2 * params + 34 * shape.hidden * micro * max(encoder, decoder)) / GIB
 
 
 def untied_head(config, shape: ModelShape) -> int:
@@ -125,10 +162,11 @@ def plan(recipe: RecipeConfig) -> list[dict[str, Any]]:
         shape, note = stage_shape(spec, shape, model, drops)
         shapes[spec.name] = shape
         params = model.count(shape)
+        tokens = activation_tokens(stage_config(spec), "encoder" in shape.depths)
         if spec.kind in TRAINING_KINDS:
-            memory = training_memory_gib(params, recipe.world_size, spec.args, shape)
-        else:  # scoring/pruning: bf16 weights on one GPU plus a calibration batch's activations
-            memory = (2 * params + 34 * shape.hidden * int(spec.args.get("seq_len", 2048))) / GIB
+            memory = training_memory_gib(params, recipe.world_size, tokens, shape)
+        else:
+            memory = scoring_memory_gib(params, tokens, shape)
         rows.append({"stage": spec.name, "kind": spec.kind, "shape": shape, "params": params, "memory_gib": memory,
                      "tokens": spec.tokens, "untied_head": untied_head(model.config_for(shape), shape),
                      "note": note})

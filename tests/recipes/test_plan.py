@@ -71,3 +71,24 @@ def test_a_plan_the_pruners_would_refuse_is_one_error_line(capsys, override, mes
     assert exit_info.value.code == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_memory_reads_each_stages_own_batch_and_lengths():
+    """Training kinds keep their micro-batch and lengths in their own fields (`train.micro_batch_size`,
+    `input_length`/`target_length`); the estimate must follow them, by the stated formula."""
+    from recipes.plan import GIB
+
+    base = planned()
+    doubled = planned("stages.s4_recover.args.train.micro_batch_size=32",
+                      "stages.s4_recover.args.input_length=1140")
+    row, shape = base["s4_recover"], base["s4_recover"]["shape"]
+    config = load_recipe(CONFIG, []).world_size
+
+    def activations(micro, encoder, decoder):
+        stored = shape.depths["encoder"] * encoder + shape.depths["decoder"] * decoder
+        return micro * shape.hidden * (2 * stored + 34 * max(encoder, decoder)) / GIB
+
+    states = 16 * row["params"] / config / GIB
+    assert row["memory_gib"] == pytest.approx(states + activations(16, 570, 380))
+    assert doubled["s4_recover"]["memory_gib"] == pytest.approx(states + activations(32, 1140, 380))
+    assert doubled["s5_continual"]["memory_gib"] == pytest.approx(base["s5_continual"]["memory_gib"])
