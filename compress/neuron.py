@@ -37,6 +37,7 @@ from core.kind import StageKind, register_kind
 
 HIDDEN_SCORES = "hidden"  # name of the hidden-dimension scores [hidden_size] in a scores mapping
 HIDDEN_FILE = "hidden.safetensors"  # beside scores.safetensors (ImportanceScores has no hidden unit)
+ORIGINAL_HEADS = "original_head_indices"  # config record of the first model's query heads each attention keeps
 
 
 # --- plans -------------------------------------------------------------------------------------------------------
@@ -317,11 +318,32 @@ def apply_plan(adapter: Adapter, plan: NeuronPlan) -> None:
     blocks = {(stack, i): block for stack, i, block in adapter.all_blocks()}
     for (stack, i), channels in plan.channels.items():
         adapter.keep_channels(adapter.mlp(blocks[(stack, i)]), channels)
+    record_original_heads(adapter, plan, blocks)
     for (stack, i, a), kv_heads in plan.heads.items():
         adapter.keep_heads(adapter.attentions(blocks[(stack, i)])[a], kv_heads)
     if plan.hidden is not None:
         adapter.keep_hidden(plan.hidden)
     adapter.sync_widths()
+
+
+def record_original_heads(adapter: Adapter, plan: NeuronPlan, blocks: dict) -> None:
+    """Write which query heads of the first model of the pruning chain each pruned attention keeps into the config
+    (`original_head_indices`: stack -> kind -> original layer -> heads), keyed by original layer so a later layer
+    prune leaves it valid: reports map head scores of later stages back to the first model's heads."""
+    from compress.layer import original_indices
+
+    if not plan.heads:
+        return
+    layers = original_indices(adapter.model, adapter)
+    record = copy.deepcopy(getattr(adapter.config, ORIGINAL_HEADS, None) or {})
+    for (stack, i, a), kv_heads in plan.heads.items():
+        view = adapter.attentions(blocks[(stack, i)])[a]
+        per_kind = record.setdefault(stack, {}).setdefault(view.kind, {})
+        layer = str(layers[stack][i])
+        before = per_kind.get(layer) or list(range(view.num_heads))
+        per_kind[layer] = [before[int(g) * view.group_size + q] for g in sorted(int(g) for g in kv_heads)
+                           for q in range(view.group_size)]
+    setattr(adapter.config, ORIGINAL_HEADS, record)
 
 
 def count_after(model, plan: NeuronPlan) -> int:
