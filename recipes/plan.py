@@ -37,6 +37,11 @@ def base_config(recipe: RecipeConfig):
         raise_if_release(model, json.loads((model / "config.json").read_text()))
         return AutoConfig.from_pretrained(str(model))
     source = recipe.preset or recipe.model
+    if source is None and recipe.stages and recipe.stages[0].kind == "teacher":
+        # the recipe makes its own model first (the embedded default): its preset, overrides and vocabulary size
+        teacher = stage_config(recipe.stages[0])
+        return core.openba.openba_config(teacher.preset, **{**teacher.model,
+                                                            "vocab_size": teacher.tokenizer.vocab_size})
     if source is None:
         raise UserError("a dry run needs `preset` (e.g. openba-15b) or `model` in the recipe config")
     if source in core.openba.PRESETS:

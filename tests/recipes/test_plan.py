@@ -92,3 +92,15 @@ def test_memory_reads_each_stages_own_batch_and_lengths():
     assert row["memory_gib"] == pytest.approx(states + activations(16, 570, 380))
     assert doubled["s4_recover"]["memory_gib"] == pytest.approx(states + activations(32, 1140, 380))
     assert doubled["s5_continual"]["memory_gib"] == pytest.approx(base["s5_continual"]["memory_gib"])
+
+
+def test_the_embedded_default_plans_from_its_teacher_stage():
+    """The tiny recipe makes its model in its first stage: the plan starts from that stage's preset and tokenizer
+    size, and ends where the main job's report does (16.7% -> 59.5% -> 78.5% removed)."""
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "openba_v2_tiny.yaml"
+    rows = {row["stage"]: row for row in plan(load_recipe(tiny, []))}
+    first = rows["input"]
+    assert (first["shape"].depths, first["shape"].hidden, first["shape"].vocab) == (
+        {"encoder": 2, "decoder": 6}, 192, 8192)
+    removed = [round(100 * (1 - rows[s]["params"] / first["params"]), 1) for s in ("layers", "neurons", "vocab")]
+    assert removed == [16.7, 59.5, 78.5]
