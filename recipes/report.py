@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from core.stage import MANIFEST, Manifest
 from core.table import format_table, human_count
+from recipes.importance_report import importance_sections
 from recipes.spec import RecipeConfig
 
 def stage_manifests(recipe: RecipeConfig, run_dir: Path) -> list[tuple[str, Manifest]]:
@@ -187,6 +188,7 @@ def write_report(recipe: RecipeConfig, run_dir: Path, extra_sections: list[str] 
         if plots:
             lines += [f"## Importance scores: {name}", ""]
             lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots] + [""]
+    lines += importance_sections(recipe, run_dir)
     lines += gate_sections(run_dir, names)
     lines += extra_sections or []
     path = run_dir / "report.md"
