@@ -1,13 +1,19 @@
-"""Build a LOGO preference dataset from long documents of the offline corpus (or a saved corpus directory).
+"""Build a LOGO preference dataset from long documents of the offline corpus (or a saved corpus directory), or from
+a user's long-document QA (`--qa FILE`: JSONL or a `datasets` folder with context, question and answer columns).
 
-    python -m align.build_data --tokenizer runs/teacher --out runs/logo-data --set samples=256 --set chunk_size=64
+    python -m align.build_data --tokenizer runs/teacher --out runs/logo-data --set data.samples=256
+    python -m align.build_data --tokenizer runs/teacher --qa my_qa.jsonl --out runs/qa-data \
+        --set data.qa_columns.context=document --set data.chunk_size=512
 
 The output is a `datasets` directory (save_to_disk) with one row per sample (context chunks, question, 1 + M
 responses, provenance columns; see align/data.py), `provenance.json` (the config and generation settings) and a
 manifest. Chunks are measured in the given tokenizer's tokens, so build with the tokenizer of the model to align.
 With `--generator DIR` and `--set responses=generator` the responses are sampled from that model instead of made by
 rules; with `--set 'data.rule_rejected=["own_mistake","irrelevant"]'` one dis-preferred answer is that model's own
-mistake at synthesised positions (align/mistakes.py).
+mistake at synthesised positions (align/mistakes.py). QA rows (align/qa.py) keep the gold answer as the preferred
+response; their rule negatives are another row's answer (`irrelevant`), a top chunk's sentence without the answer
+(`partial`) and the generator's own mistake; provenance.json names the QA file, its sha256 and size, the columns and
+the split.
 
 The command is the stage kind `logo_data`: `prepare` loads and checks the tokenizer, the generator and the corpus,
 `write_rows` builds the rows and saves them into a directory. A recipe's align stage builds its rows with the same
@@ -88,11 +94,15 @@ class PreparedData:
     generator: Any
     texts: list[str]
     doc_ids: list[str]
+    qa_rows: list[dict] | None = None
+    """The QA file's rows (`data.qa`), read and checked; None builds from the corpus."""
+    qa_provenance: dict[str, Any] | None = None
 
 
 def prepare(config: BuildDataConfig, inputs: dict | None = None, progress: bool = True) -> PreparedData:
     """Load and check the tokenizer (chunk sizes fit it), the generator when responses or mistakes need one, and
-    the corpus' train split. Writes nothing but the embedded corpus' cache when that is not built yet."""
+    the corpus' train split or the QA file (every row: columns, JSON, text values). Writes nothing but the embedded
+    corpus' cache when that is not built yet."""
     from core.checkpoint import load_model, load_tokenizer
 
     if not config.tokenizer:
@@ -104,6 +114,11 @@ def prepare(config: BuildDataConfig, inputs: dict | None = None, progress: bool 
         if not config.generator:
             raise UserError("responses: generator and rule_rejected: own_mistake need --generator DIR")
         generator = load_model(config.generator).eval()
+    if config.data.qa:  # the corpus is not read: a recipe's align stage still names its own
+        from align.qa import read_qa
+
+        qa_rows, qa_provenance = read_qa(config.data)
+        return PreparedData(config, tokenizer, generator, [], [], qa_rows, qa_provenance)
     texts, doc_ids = load_texts(config)
     return PreparedData(config, tokenizer, generator, texts, doc_ids)
 
@@ -111,19 +126,27 @@ def prepare(config: BuildDataConfig, inputs: dict | None = None, progress: bool 
 def write_rows(prepared: PreparedData, directory: Path) -> dict[str, Any]:
     """Build the rows and save them (save_to_disk + provenance.json) into `directory`; returns their description."""
     config = prepared.config
-    rows, reasons = build_preference_rows(config.data, prepared.texts, prepared.doc_ids, prepared.tokenizer,
-                                          prepared.generator)
+    if prepared.qa_rows is not None:
+        from align.qa import build_qa_rows
+
+        rows, reasons = build_qa_rows(config.data, prepared.qa_rows, prepared.tokenizer, prepared.generator)
+        source = {"source": "qa", "qa": prepared.qa_provenance}
+    else:
+        rows, reasons = build_preference_rows(config.data, prepared.texts, prepared.doc_ids, prepared.tokenizer,
+                                              prepared.generator)
+        source = {"source": "corpus", "corpus_split": "train"}
     sampled = prepared.generator is not None
     provenance = {"config": to_dict(config), "generator": config.generator if sampled else "rule",
                   "generation": to_dict(config.data.generation) if sampled else None,
-                  "corpus_split": "train", "tokenizer": config.tokenizer}
+                  **source, "tokenizer": config.tokenizer}
     save_rows(rows, directory, provenance)
-    return describe(rows, reasons, prepared.tokenizer)
+    return {**describe(rows, reasons, prepared.tokenizer), **source}
 
 
 def summary(manifest) -> str:
     metrics = manifest.metrics
-    table = [("rows", metrics["rows"]), ("mean / max context tokens",
+    source = f"QA file {metrics['qa']['path']}" if metrics.get("source") == "qa" else "corpus (train split)"
+    table = [("source", source), ("rows", metrics["rows"]), ("mean / max context tokens",
               f"{metrics['mean_context_tokens']:.0f} / {metrics['max_context_tokens']}"),
              ("critical chunks per row", round(metrics["mean_critical_chunks"], 2))]
     table += [(f"dis-preferred: {kind}", n) for kind, n in sorted(metrics["dispreferred_kinds"].items())]
@@ -137,7 +160,8 @@ def _hidden_corpus_dir(parser: argparse.ArgumentParser) -> None:
 
 def _input_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The paths given as inputs are config fields too: hashed, so a build from other inputs is not skipped."""
-    return {"tokenizer": args.tokenizer, "generator": args.generator, "corpus_dir": args.corpus or args.corpus_dir}
+    fields = {"tokenizer": args.tokenizer, "generator": args.generator, "corpus_dir": args.corpus or args.corpus_dir}
+    return {**fields, "data": {"qa": args.qa}} if args.qa else fields
 
 
 KIND = register_kind(StageKind(
@@ -148,14 +172,20 @@ KIND = register_kind(StageKind(
     config_cls=BuildDataConfig,
     prepare=prepare,
     run=write_rows,
-    description="Build LOGO preference data (chunks, importance, shared context, 1 + M responses).",
+    description="Build LOGO preference data (chunks, importance, shared context, 1 + M responses)\n"
+                "from the corpus, or from a long-document QA file (--qa).",
     examples=("python -m align.build_data --tokenizer runs/teacher --out runs/logo-data --set data.samples=128 "
-              "--set data.chunk_size=64 --set data.context_chunks=8 --set data.document_chunks=12",),
+              "--set data.chunk_size=64 --set data.context_chunks=8 --set data.document_chunks=12",
+              "python -m align.build_data --tokenizer runs/teacher --qa qa.jsonl --out runs/qa-data "
+              "--set data.qa_columns.context=document --set data.chunk_size=512 --set data.samples=12000",),
     inputs=(Input("tokenizer", "tokenizer (or checkpoint) directory: chunks are counted in its tokens",
                   required=False, is_checkpoint=False),
             Input("generator", "checkpoint to sample responses with (with --set data.responses=generator)",
                   required=False, is_checkpoint=False),
             Input("corpus", "saved corpus directory (default: the embedded corpus)", required=False,
+                  is_checkpoint=False),
+            Input("qa", "long-document QA instead of the corpus: JSONL or a datasets folder with context, question "
+                  "and answer columns (data.qa; names: data.qa_columns.*, split: data.qa_split)", required=False,
                   is_checkpoint=False)),
     summary=summary,
     flags=_hidden_corpus_dir,
@@ -166,7 +196,8 @@ main = command(KIND)
 
 def build(config: BuildDataConfig, out_dir: str | Path, force: bool = False, progress: bool = True):
     """The command as a function: build into `out_dir` under the stage contract. Returns the manifest."""
-    inputs = {"tokenizer": config.tokenizer or None, "generator": config.generator, "corpus": config.corpus_dir}
+    inputs = {"tokenizer": config.tokenizer or None, "generator": config.generator, "corpus": config.corpus_dir,
+              "qa": config.data.qa}
     return execute(KIND, config, inputs, out_dir, force=force, progress=progress)
 
 

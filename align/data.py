@@ -29,7 +29,7 @@ needle probe in eval/probes.py, with names and numbers drawn here, from train-sp
 random depths into documents of the offline corpus (pretrain/corpus.py, `train` split: eval probes read
 `validation`), with `distractors` more facts of other names. Every row records its provenance: source document ids,
 the chunk indices of C' in the document, the critical chunks, the chunk scores, the facts' chunks, what made each
-response, and the generator.
+response, and the generator. With `qa` set, the rows come from a user's long-document QA file instead (align/qa.py).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ NOUNS = ("alpaca", "bison", "cobra", "dingo", "egret", "ferret", "gibbon", "hyen
          "llama", "magpie", "narwhal", "ocelot", "panda", "quokka", "rhino", "salmon", "toucan", "vulture", "yak")
 RESPONSE_COLUMNS = ("responses", "response_kinds", "response_sources")
 RULE_REJECTED = ("partial", "irrelevant", "near_miss", "own_mistake")
+QA_RULE_REJECTED = ("partial", "irrelevant", "own_mistake")
+"""The rule kinds that mean something for real QA rows (align/qa.py); near_miss changes digits of a number."""
 
 
 @dataclasses.dataclass
@@ -72,6 +74,16 @@ class GenerationConfig:
     """Cut a response at its first newline (the released code stops on "\\n" and EOS)."""
     preferred: Literal["generated", "gold"] = "generated"
     """The paper generates the preferred response from the critical chunks; "gold" keeps the dataset's answer."""
+
+
+@dataclasses.dataclass
+class QAColumns:
+    """Which columns of a QA file hold the context, the question and the gold answer."""
+
+    context: str = "context"
+    question: str = "question"
+    answer: str = "answer"
+    """A list of answers (e.g. LongBench's `answers`) counts as its first one."""
 
 
 @dataclasses.dataclass
@@ -117,6 +129,16 @@ class PreferenceDataConfig:
     """Appended after the context (the eval needle probe's wording, so aligned models answer it)."""
     answer_template: str = " {value}"
     fact_template: str = "The secret number of the {name} is {value}.\n"
+    qa: str | None = None
+    """Long-document QA to build the rows from instead of synthetic facts in corpus text: a JSONL file (one object a
+    line) or a `datasets` folder (save_to_disk) with context, question and answer columns (align/qa.py). The corpus,
+    `document_chunks`, `distractors` and the fact and question templates are then unused."""
+    qa_split: str = "train"
+    """The split read from a saved DatasetDict (a Dataset folder or a JSONL file is one split)."""
+    qa_columns: QAColumns = dataclasses.field(default_factory=QAColumns)
+    """Column names, e.g. `--set data.qa_columns.context=document --set data.qa_columns.answer=answers`."""
+    qa_question_template: str = "\nQuestion: {question}\nAnswer:"
+    """How a QA row's question follows its context (the answer follows as `answer_template`)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -124,20 +146,26 @@ class PreferenceDataConfig:
                      "wrong_chunks"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.context_chunks > self.document_chunks:
-            raise UserError(f"context_chunks ({self.context_chunks}) exceeds document_chunks ({self.document_chunks})")
         if self.full_chunks > self.context_chunks:
             raise UserError(f"full_chunks ({self.full_chunks}) exceeds context_chunks ({self.context_chunks})")
-        if self.distractors < 0:
-            raise UserError("distractors must be >= 0")
-        if self.distractors + 1 > self.document_chunks:
-            raise UserError("each fact needs its own chunk: distractors + 1 must not exceed document_chunks")
         if self.mistake_window < 1:
             raise UserError(f"mistake_window must be positive, got {self.mistake_window}")
         unknown = [r for r in self.rule_rejected if r not in RULE_REJECTED]
         if unknown or not self.rule_rejected or len(set(self.rule_rejected)) != len(self.rule_rejected):
             raise UserError(f"rule_rejected must list distinct kinds out of {', '.join(RULE_REJECTED)}, "
                             f"got {list(self.rule_rejected)}")
+        if self.qa:
+            refused = [r for r in self.rule_rejected if r not in QA_RULE_REJECTED]
+            if refused and self.responses == "rule":
+                raise UserError(f"rule_rejected {', '.join(refused)} cannot be made for QA rows (near_miss changes "
+                                f"digits of a synthetic number); QA rows take {', '.join(QA_RULE_REJECTED)}")
+            return
+        if self.context_chunks > self.document_chunks:
+            raise UserError(f"context_chunks ({self.context_chunks}) exceeds document_chunks ({self.document_chunks})")
+        if self.distractors < 0:
+            raise UserError("distractors must be >= 0")
+        if self.distractors + 1 > self.document_chunks:
+            raise UserError("each fact needs its own chunk: distractors + 1 must not exceed document_chunks")
 
     @property
     def needs_generator(self) -> bool:
@@ -374,8 +402,14 @@ def text_budget(config: PreferenceDataConfig, count: Callable[[Sequence[str]], l
 
 
 def check_build(config: PreferenceDataConfig, tokenizer) -> None:
-    """The checks that need the tokenizer, run before any output is written."""
-    text_budget(config, token_counter(tokenizer))
+    """The checks that need the tokenizer, run before any output is written (a QA file's own checks run when it is
+    read: align.qa.read_qa)."""
+    if config.qa:
+        from align.qa import check_qa_build
+
+        check_qa_build(config, tokenizer)
+    else:
+        text_budget(config, token_counter(tokenizer))
     get_chunk_scorer(config.scorer)
 
 
@@ -511,14 +545,34 @@ def save_rows(rows: list[dict], out_dir: str | Path, provenance: dict[str, Any])
     return dataset
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by save_to_disk (a Dataset or a DatasetDict)."""
+    return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_split(path: Path, split: str) -> datasets.Dataset:
+    """A save_to_disk folder as one Dataset: itself, or `split` of a DatasetDict (an error names the splits)."""
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(f"{path} has no split {split!r} (splits: {', '.join(loaded)})")
+        return loaded[split]
+    return loaded
+
+
 def load_rows(path: str | Path) -> datasets.Dataset:
-    """A preference dataset saved by `build_data` (save_to_disk), or a JSONL file / directory of JSONL files."""
+    """A preference dataset saved by `build_data` (save_to_disk; a DatasetDict's train split), or a JSONL file /
+    directory of JSONL files: LOGO rows, or TRL rows that align/trl_rows.py maps onto them."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"preference data not found: {path}")
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-        return datasets.load_from_disk(str(path))
+    if is_saved_dataset(path):
+        return load_split(path, "train")
     files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
     if not files:
         raise UserError(f"{path} holds neither a saved dataset nor *.jsonl files")
-    return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # datasets wraps pyarrow's parse errors; the first line names the problem
+        cause = err.__cause__ or err
+        raise UserError(f"{path} cannot be read as JSON lines of one shape: {str(cause).splitlines()[0]}") from None

@@ -21,7 +21,7 @@ the answer's positions continuing after the question's. A generator whose RoPE b
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -80,10 +80,19 @@ def answer_at_positions(model, tokenizer, prompt_ids: Sequence[int], positions: 
     return new
 
 
+def first_number_is(value: str) -> Callable[[str], bool]:
+    """A synthetic fact's answer is right when the first number it names is the value."""
+    return lambda answer: re.findall(r"\d+", answer)[:1] == [value]
+
+
 def own_mistake(model, tokenizer, chunks: Sequence[str], question: str, value: str, positions: PositionConfig,
-                max_new_tokens: int, seed: int, index: int, fallback: str) -> tuple[str, str, str]:
+                max_new_tokens: int, seed: int, index: int, fallback: str,
+                is_right: Callable[[str], bool] | None = None,
+                fallback_kind: str = "hallucinated",
+                fallback_source: str = "random number (the generator answered right, or nothing)") -> tuple[str, str, str]:
     """(response, kind, source): the model's answer with the row's context at positions drawn from (seed, index)
-    when its first number is not `value` (or it names none), else `fallback`."""
+    when it is not right (`is_right`; default: its first number is `value`) or names nothing, else `fallback`."""
+    is_right = is_right or first_number_is(value)
     chunk_ids = tokenizer(list(chunks), add_special_tokens=False)["input_ids"]
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     # decoder-only: the answer continues the prompt's positions, so the window keeps room for the longest answer
@@ -93,6 +102,6 @@ def own_mistake(model, tokenizer, chunks: Sequence[str], question: str, value: s
     answer = tokenizer.decode(answer_at_positions(model, tokenizer, prompt, synthesized[: len(prompt)],
                                                   max_new_tokens), skip_special_tokens=True)
     answer = answer.split("\n", 1)[0]
-    if answer.strip() and re.findall(r"\d+", answer)[:1] != [value]:
+    if answer.strip() and not is_right(answer):
         return answer, "own_mistake", "the generator's answer at synthesised positions"
-    return fallback, "hallucinated", "random number (the generator answered right, or nothing)"
+    return fallback, fallback_kind, fallback_source
