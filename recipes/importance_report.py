@@ -156,9 +156,7 @@ def _pyplot():
 def _colormap():
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#e6e6e6")  # pruned units
-    return cmap
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")  # pruned units: light grey
 
 
 def plot_layers(stages: list[StageImportance], path: Path) -> Path | None:
