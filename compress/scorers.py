@@ -85,6 +85,12 @@ class UnitContext:
         name = self.view.o if self.unit == "heads" else self.view.down
         return self.view.linear(name).weight.detach().float().cpu()
 
+    def output_weight_abs_sums(self) -> torch.Tensor:
+        """Sum of |W| down each input column of the output projection, float32 on the CPU: reduced where the weight
+        is, so a GPU model sends the host one number per column, not the whole matrix."""
+        name = self.view.o if self.unit == "heads" else self.view.down
+        return self.view.linear(name).weight.detach().abs().sum(0, dtype=torch.float32).cpu()
+
     def per_unit(self, columns: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         """Collapse a per-column tensor to one value per unit (a head owns head_dim columns, a channel one)."""
         columns = columns.float().reshape(-1)
@@ -251,7 +257,7 @@ def _activation(ctx: UnitContext) -> torch.Tensor:
 
 def _wanda(ctx: UnitContext) -> torch.Tensor:
     """Wanda: |W| x ||X||_2 over the output projection's weights, summed over the weights a unit owns."""
-    per_column = ctx.output_weight().abs().sum(0) * ctx.stats["act_norm"]
+    per_column = ctx.output_weight_abs_sums() * ctx.stats["act_norm"]
     return ctx.per_unit(per_column)
 
 

@@ -155,27 +155,33 @@ def _num(value: torch.Tensor) -> float | None:
 class StatisticsCollector:
     """Forward hooks that keep running sums of the requested statistics; nothing per token outlives its batch.
 
-    Sums stay on the model's device (no host sync per hook) and are read once, after the pass.
+    Written for a GPU's clock: sums stay on the model's device and are read once, after the pass; no hook waits for
+    the device (padding is dropped with row indices the host computed before the batch, where a boolean mask would
+    make the device report how many rows it kept); each statistic reads the activation once or twice, with no
+    normalised or squared full-size copies.
     """
 
     def __init__(self, adapter, needs: dict[str, set[str]]):
         self.adapter = adapter
         self.needs = needs  # unit -> statistics its scorer needs
-        self.masks: dict[str, torch.Tensor | None] = {}
+        self.rows: dict[str, tuple[tuple[int, ...], torch.Tensor] | None] = {}  # stack -> (mask shape, real rows)
         self.handles: list[Any] = []
-        self.block_sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # cos, angle (sums) and tokens
+        self.block_sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # cos, arccos (sums) and tokens
         self.column_sums: dict[tuple, dict[str, torch.Tensor]] = {}  # key -> abs / sq sums per column, tokens
 
     def on_batch(self, index: int, masks: dict[str, torch.Tensor | None]) -> None:
         device = next(self.adapter.model.parameters()).device
-        self.masks = {stack: (m.to(device) if m is not None else None) for stack, m in masks.items()}
+        self.rows = {stack: None if mask is None else
+                     (tuple(mask.shape), mask.reshape(-1).nonzero().squeeze(1).to(device))
+                     for stack, mask in masks.items()}
 
     def _tokens(self, x: torch.Tensor, stack: str) -> torch.Tensor:
         """[tokens, features] of the real (unpadded) positions."""
-        mask = self.masks.get(stack)
-        if mask is not None and mask.shape == x.shape[:-1]:
-            return x[mask]
-        return x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        rows = self.rows.get(stack)
+        if rows is not None and rows[0] == tuple(x.shape[:-1]):
+            return flat.index_select(0, rows[1])
+        return flat
 
     def attach(self) -> "StatisticsCollector":
         layer_needs = self.needs.get("layers", set()) & {"cosine", "angular"}
@@ -200,12 +206,12 @@ class StatisticsCollector:
         sums = self.block_sums.setdefault(key, {})
 
         def hook(module, args, kwargs, output):
-            h_in = self._tokens(block_hidden_in(args, kwargs).detach(), stack).float()
-            h_out = self._tokens(block_hidden_out(output).detach(), stack).float()
-            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).clamp(-1.0, 1.0)
+            h_in = self._tokens(block_hidden_in(args, kwargs).detach(), stack)
+            h_out = self._tokens(block_hidden_out(output).detach(), stack)
+            cos = token_cosines(h_in, h_out)
             _accumulate(sums, "cos", cos.sum(dtype=torch.float64))
             if angular:
-                _accumulate(sums, "angle", torch.arccos(cos).sum(dtype=torch.float64) / math.pi)
+                _accumulate(sums, "arccos", torch.arccos(cos).sum(dtype=torch.float64))
             sums["tokens"] = sums.get("tokens", 0) + cos.numel()
 
         return hook
@@ -216,10 +222,9 @@ class StatisticsCollector:
         def hook(module, args):
             x = self._tokens(args[0].detach(), stack)
             if "act_abs" in needs:
-                _accumulate(sums, "abs", x.abs().sum(0, dtype=torch.float32))
+                _accumulate(sums, "abs", column_abs_sums(x))
             if "act_norm" in needs:
-                xf = x.float()
-                _accumulate(sums, "sq", (xf * xf).sum(0))
+                _accumulate(sums, "sq", column_square_sums(x))
             sums["tokens"] = sums.get("tokens", 0) + x.shape[0]
 
         return hook
@@ -233,10 +238,10 @@ class StatisticsCollector:
         if not self.block_sums:
             return {}
         stats = {}
-        for stat, name in (("cos", "cosine"), ("angle", "angular")):
+        for stat, name, scale in (("cos", "cosine", 1.0), ("arccos", "angular", 1 / math.pi)):
             if all(stat in self.block_sums.get((stack, i), {}) for i in range(num_blocks)):
                 stats[name] = torch.stack([
-                    self.block_sums[(stack, i)][stat].cpu() / max(self.block_sums[(stack, i)]["tokens"], 1)
+                    self.block_sums[(stack, i)][stat].cpu() * scale / max(self.block_sums[(stack, i)]["tokens"], 1)
                     for i in range(num_blocks)]).float()
         return stats
 
@@ -249,6 +254,32 @@ class StatisticsCollector:
         if "sq" in sums:
             stats["act_norm"] = sums["sq"].cpu().sqrt()
         return stats
+
+
+def token_cosines(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """cos(a_t, b_t) of each row in float32, clamped to [-1, 1], as `cosine_similarity` defines it (each norm
+    clamped at eps), but with one product and one norm per side: that function divides both tensors by their norms
+    first, three more full-size passes and copies."""
+    dot = (a.float() * b).sum(-1)  # a float32 product even for half-precision activations (1 - cos is small)
+    norms = (torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32).clamp_min_(eps)
+             * torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32).clamp_min_(eps))
+    return (dot / norms).clamp_(-1.0, 1.0)
+
+
+def column_abs_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of |x| per column, in float32. On a GPU one norm kernel reads x once; torch's CPU norm kernel
+    does not vectorise a reduction over rows (about 10x slower than abs then sum), so the CPU takes two passes."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, 1, dim=0, dtype=torch.float32)
+    return x.abs().sum(0, dtype=torch.float32)
+
+
+def column_square_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of x^2 per column, in float32; one read of x on a GPU (the squared norm), two on the CPU."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square_()
+    xf = x.float()
+    return (xf * xf).sum(0)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
