@@ -53,7 +53,8 @@ class EvalResult:
     fingerprints: dict[str, dict[str, Any]]
     """task or group -> what it was measured on; two results are comparable when their fingerprints are equal."""
     probe_cells: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    """Long-context probe accuracy per (kind, length, depth): {kind, length, depth, n, exact_match}."""
+    """Long-context probe scores per (kind, length, depth): {kind, length, depth, n} and the mean of each metric
+    measured there (`exact_match`; `gold_loglik`, `gold_rank` and `candidates` from the answer-choice tasks)."""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def value(self, task: str, metric: str) -> float:
@@ -105,16 +106,29 @@ def group_fingerprint(members: Iterable[str], fingerprints: dict[str, dict[str, 
     return {"members": members, "digest": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
 
+PROBE_CELL_METRICS = ("exact_match", "gold_loglik", "gold_rank")
+
+
 def probe_cells(samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """Exact match per (kind, length, depth) from lm-eval's logged samples of probe tasks."""
-    cells: dict[tuple, list[float]] = {}
+    """Per (kind, length, depth), the mean of every probe metric lm-eval logged there (exact match from the probe
+    tasks, gold log-likelihood and rank from their answer-choice companions, which read the same rows); `n` counts
+    rows, `candidates` is how many values the answer was ranked among."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    candidates: dict[tuple, int] = {}
     for rows in samples.values():
         for sample in rows:
             doc = sample.get("doc") or {}
-            if {"kind", "length", "depth"} <= doc.keys() and "exact_match" in sample:
-                cells.setdefault((doc["kind"], doc["length"], doc["depth"]), []).append(float(sample["exact_match"]))
-    return [{"kind": k, "length": n, "depth": d, "n": len(v), "exact_match": sum(v) / len(v)}
-            for (k, n, d), v in sorted(cells.items())]
+            if not {"kind", "length", "depth"} <= doc.keys():
+                continue
+            key = (doc["kind"], doc["length"], doc["depth"])
+            for metric in (m for m in PROBE_CELL_METRICS if m in sample):
+                cells.setdefault(key, {}).setdefault(metric, []).append(float(sample[metric]))
+            if "gold_rank" in sample:
+                candidates[key] = max(candidates.get(key, 0), len(doc["candidates"]))
+    return [{"kind": k, "length": n, "depth": d, "n": max(map(len, values.values())),
+             **{metric: sum(v) / len(v) for metric, v in values.items()},
+             **({"candidates": candidates[(k, n, d)]} if (k, n, d) in candidates else {})}
+            for (k, n, d), values in sorted(cells.items())]
 
 
 def load_results(path: str | Path) -> EvalResult:

@@ -9,11 +9,12 @@ from typing import Sequence
 
 def probe_rows(task_set, kinds: Sequence[str]) -> list[dict]:
     """The probe rows of `kinds` (eval/probes.py) in an offline task set, as its probe tasks evaluate them."""
+    files = dict.fromkeys(info["file"] for name, info in task_set.tasks.items()  # a probe task and its answer-choice
+                          if name.startswith("probe_") and "file" in info)     # task share one file
     rows = []
-    for name, info in task_set.tasks.items():
-        if name.startswith("probe_") and "file" in info:
-            with open(task_set.directory / info["file"]) as handle:
-                rows += [row for row in map(json.loads, handle) if row["kind"] in kinds]
+    for file in files:
+        with open(task_set.directory / file) as handle:
+            rows += [row for row in map(json.loads, handle) if row["kind"] in kinds]
     return rows
 
 

@@ -4,9 +4,10 @@
 
     python -m eval.report --stage s0=runs/s0-gate/results.json --stage s1=runs/s1-gate/results.json --out runs/report
 
-Writes report.md, metrics_by_stage.png (one panel per gated metric, stages on the x axis) and probes_<stage>.png
-(exact match by context length x fact depth, one panel per probe kind). Plots use matplotlib's Agg backend, so
-no display is needed.
+Writes report.md, metrics_by_stage.png (one panel per gated metric, stages on the x axis), probes_<stage>.png
+(exact match by context length x fact depth, one panel per probe kind) and, when the answer-choice tasks ran,
+probe_choices.png (the answer's log-likelihood and mean rank among its candidates by length x depth, the stages side
+by side on one colour scale per row). Plots use matplotlib's Agg backend, so no display is needed.
 """
 
 from __future__ import annotations
@@ -48,13 +49,18 @@ def tracked_metrics(stages: Sequence[tuple[str, GateResult | EvalResult]]) -> li
     return list(pairs)
 
 
-def probe_matrix(cells: list[dict], kind: str) -> tuple[list[int], list[float], list[list[float | None]]]:
-    """Lengths (columns), depths (rows) and exact match per cell for one probe kind (None where not measured)."""
-    mine = [c for c in cells if c["kind"] == kind]
+def probe_matrix(cells: list[dict], kind: str, metric: str = "exact_match",
+                 ) -> tuple[list[int], list[float], list[list[float | None]]]:
+    """Lengths (columns), depths (rows) and `metric` per cell for one probe kind (None where not measured)."""
+    mine = [c for c in cells if c["kind"] == kind and metric in c]
     lengths = sorted({c["length"] for c in mine})
     depths = sorted({c["depth"] for c in mine})
-    value = {(c["depth"], c["length"]): c["exact_match"] for c in mine}
+    value = {(c["depth"], c["length"]): c[metric] for c in mine}
     return lengths, depths, [[value.get((d, n)) for n in lengths] for d in depths]
+
+
+CHOICE_PANELS = (("gold_loglik", "answer log-likelihood (nats/char)", "RdYlGn"),
+                 ("gold_rank", "mean rank of the answer (1 = best)", "RdYlGn_r"))
 
 
 def _slug(name: str) -> str:
@@ -93,6 +99,7 @@ def plot_probes(cells: list[dict], title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = [c for c in cells if "exact_match" in c]
     kinds = sorted({c["kind"] for c in cells})
     fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 + 1.1 * max(len({c['length'] for c in cells}), 3) * len(kinds),
                                                     3.6), squeeze=False)
@@ -116,6 +123,58 @@ def plot_probes(cells: list[dict], title: str, path: Path) -> Path:
     return path
 
 
+def plot_probe_choices(stages: Sequence[tuple[str, list[dict]]], path: Path) -> Path:
+    """The answer-choice scores by length x depth: a row per (kind, metric), a column per stage, one colour scale
+    per row (rank from 1 to the number of candidates), so stages compare cell by cell where exact match is 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({c["kind"] for _, cells in stages for c in cells if "gold_rank" in c})
+    rows = [(kind, *panel) for kind in kinds for panel in CHOICE_PANELS]
+    fig, axes = plt.subplots(len(rows), len(stages), squeeze=False, layout="constrained",
+                             figsize=(0.6 + 3.3 * len(stages), 2.9 * len(rows)))
+    for axes_row, (kind, metric, label, cmap) in zip(axes, rows):
+        values = [c[metric] for _, cells in stages for c in cells if c["kind"] == kind and metric in c]
+        if metric == "gold_rank":
+            low, high = 1.0, float(max(c.get("candidates", 1) for _, cells in stages for c in cells
+                                       if c["kind"] == kind and metric in c))
+        else:
+            low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        for ax, (name, cells) in zip(axes_row, stages):
+            lengths, depths, matrix = probe_matrix(cells, kind, metric)
+            shown = [[float("nan") if v is None else v for v in row] for row in matrix]
+            image = ax.imshow(shown or [[float("nan")]], vmin=low, vmax=max(high, low + 1e-9), cmap=cmap,
+                              aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+            ax.set_xlabel("context length (characters)", fontsize=8)
+            ax.set_ylabel("fact depth", fontsize=8)
+            ax.set_title(f"{name}: {kind}", fontsize=9)
+            for i, row in enumerate(matrix):
+                for j, v in enumerate(row):
+                    if v is not None:
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(image, ax=list(axes_row), fraction=0.03, pad=0.02, label=label)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def choice_stages(stages) -> list[tuple[str, list[dict]]]:
+    """(stage name, probe cells) of the stages whose results hold answer-choice scores."""
+    found = [(name, _as_pair(stage)[1].probe_cells) for name, stage in stages]
+    return [(name, cells) for name, cells in found if any("gold_rank" in c for c in cells)]
+
+
+CHOICE_NOTE = ("Each probe row's answer ranked among its candidates (the answer and other values of its format: the "
+               "distractor facts' values, other values of the JSON object, seeded random ones) by the total "
+               "log-likelihood of \" value\" after the prompt: the answer's log-likelihood in nats per character "
+               "(higher is better) and its mean rank (1 = best; chance is (candidates + 1) / 2), by context length "
+               "and depth of the fact.")
+
+
 def render_markdown(stages, pairs, title: str, images: dict[str, str]) -> str:
     names = [name for name, _ in stages]
     lines = [f"# {title}", "", "## Metrics by stage", ""]
@@ -136,6 +195,9 @@ def render_markdown(stages, pairs, title: str, images: dict[str, str]) -> str:
         lines += ["## Long-context probes", "",
                   "Exact match by context length (characters before the question) and depth of the fact.", ""]
         lines += [f"![{name}]({image})\n" for name, image in probe_images]
+    if "choices" in images:
+        lines += ["## Long-context probes: the answer among candidates", "", CHOICE_NOTE, "",
+                  f"![answer log-likelihood and rank]({images['choices']})", ""]
     return "\n".join(lines)
 
 
@@ -158,8 +220,10 @@ def write_report(stages: Sequence[tuple[str, GateResult | EvalResult]], out_dir:
         images["metrics"] = plot_metrics(stages, pairs, out_dir / "metrics_by_stage.png").name
     for name, stage in stages:
         cells = _as_pair(stage)[1].probe_cells
-        if cells:
+        if any("exact_match" in c for c in cells):
             images[f"probes:{name}"] = plot_probes(cells, name, out_dir / f"probes_{_slug(name)}.png").name
+    if choice_stages(stages):
+        images["choices"] = plot_probe_choices(choice_stages(stages), out_dir / "probe_choices.png").name
     path = out_dir / "report.md"
     path.write_text(render_markdown(stages, pairs, title, images))
     return path

@@ -14,6 +14,13 @@ Tasks (names fixed by the config, so a gate can be checked before anything is ge
 | `corpus_mc` | multiple_choice | acc, acc_norm |
 | `probe_<kind>_<chars>` | generate_until | exact_match |
 | `probe_<kind>` (group of the lengths) | | exact_match |
+| `probe_<kind>_choices_<chars>` (the same rows) | multiple_choice | gold_loglik, gold_rank |
+| `probe_<kind>_choices` (group of the lengths) | | gold_loglik, gold_rank |
+
+The answer-choice tasks rank each probe row's answer among its candidates (eval/probes.py) by the total
+log-likelihood of " value" after the prompt: `gold_rank` (1 = best) and `gold_loglik` (the answer's log-likelihood
+in nats per character), both graded where exact match is still 0. Their metric code, eval/tasks/probe_choices.py,
+is copied beside the YAMLs (lm-eval's `!function` reads it from there).
 
 Only the corpus' validation split is read, never train (nor calibration, which pruning scores on). The same config
 gives byte-identical files on every machine with the same Python (the corpus is the stdlib's source); the sha256 of
@@ -43,10 +50,11 @@ from core.stage import Stage, run_stage
 from eval.probes import PROBE_KINDS, probe_rows
 from pretrain.corpus import CorpusConfig, load_or_build_corpus, seeded_hash, split_lines
 
-TASKSET_FORMAT = 2  # bump when rows are made differently, so old task sets are not mistaken for new ones (2: kv
-# rows no longer depend on the process hash seed)
+TASKSET_FORMAT = 3  # bump when rows are made differently, so old task sets are not mistaken for new ones (2: kv
+# rows no longer depend on the process hash seed; 3: probe rows carry answer candidates)
 TASKSET_FILE = "taskset.json"
 TEMPLATES = Path(__file__).parent / "tasks"
+CHOICE_METRICS_FILE = "probe_choices.py"  # the answer-choice tasks' process_results, copied beside the YAMLs
 PPL_TASK, MC_TASK = "corpus_ppl", "corpus_mc"
 ROLLING_METRICS = {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
 
@@ -82,6 +90,10 @@ class TaskDataConfig:
     """Where the fact sits, as a fraction of the context (0 = first line, 1 = just before the question)."""
     probe_samples: int = 2
     """Rows per (kind, length, depth) cell."""
+    probe_candidates: int = 8
+    """Values each probe row's answer is ranked among in the answer-choice tasks, the answer included (chance: mean
+    rank (n + 1) / 2). Each is one more log-likelihood request over the whole prompt, so evaluation time grows
+    with it."""
     seed: int = 0
     """Seeds every choice (documents, cut points, distractors, facts); change it for a fresh draw."""
 
@@ -100,6 +112,9 @@ class TaskDataConfig:
             raise UserError(f"probe_lengths repeat a length: {list(self.probe_lengths)}")
         if self.mc_choices < 2:
             raise UserError(f"mc_choices must be at least 2, got {self.mc_choices}")
+        if self.probe_candidates < 2:
+            raise UserError(f"probe_candidates must be at least 2 (the answer and one other), got "
+                            f"{self.probe_candidates}")
         for name in ("ppl_documents", "ppl_chars", "mc_questions", "mc_context_chars", "mc_choice_chars",
                      "probe_samples"):
             if getattr(self, name) < 1:
@@ -114,13 +129,26 @@ def probe_group(kind: str) -> str:
     return f"probe_{kind}"
 
 
+def choice_task(kind: str, length: int) -> str:
+    return f"probe_{kind}_choices_{length}"
+
+
+def choice_group(kind: str) -> str:
+    return f"probe_{kind}_choices"
+
+
+CHOICE_METRICS = {"gold_loglik": True, "gold_rank": False}
+
+
 def task_metrics(config: TaskDataConfig) -> dict[str, dict[str, bool]]:
     """Every task and group the config defines -> {metric: higher_is_better}; known before any data is built."""
     metrics = {PPL_TASK: dict(ROLLING_METRICS), MC_TASK: {"acc": True, "acc_norm": True}}
     for kind in config.probe_kinds:
         metrics[probe_group(kind)] = {"exact_match": True}
+        metrics[choice_group(kind)] = dict(CHOICE_METRICS)
         for length in config.probe_lengths:
             metrics[probe_task(kind, length)] = {"exact_match": True}
+            metrics[choice_task(kind, length)] = dict(CHOICE_METRICS)
     return metrics
 
 
@@ -244,25 +272,44 @@ def _distractors(texts, doc_ids, doc_id, answer, config, rng) -> list[str] | Non
     return None
 
 
+class _Function(str):
+    """A template's `!function module.name` (lm-eval's tag for code beside the YAML), kept through load and dump."""
+
+
+class _TemplateLoader(yaml.SafeLoader):
+    pass
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TemplateLoader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
+_TaskDumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
 def render_yaml(template: str, directory: Path, name: str, data_file: str | None, sha256: str | None,
                 members: list[str] | None = None) -> str:
     """A task (or group) YAML from a shipped template: name, absolute data path and data hash filled in."""
-    config = yaml.safe_load((TEMPLATES / template).read_text())
+    config = yaml.load((TEMPLATES / template).read_text(), Loader=_TemplateLoader)
     if members is not None:
         config = {"group": name, "task": members, **config}
     else:
         config = {"task": name, **config}
         config["dataset_kwargs"]["data_files"]["test"] = str((directory / data_file).resolve())
         config["metadata"]["data_sha256"] = sha256
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=False)
+    return yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=False)
 
 
 def write_yamls(directory: Path, tasks: dict[str, dict[str, Any]], final_dir: Path | None = None) -> None:
-    """(Re)write every task YAML so its data path points into `final_dir` (where the set lives when it is read)."""
+    """(Re)write every task YAML so its data path points into `final_dir` (where the set lives when it is read), and
+    the answer-choice tasks' metric code beside them, both from the shipped templates."""
     final_dir = final_dir or directory
-    for name, info in tasks.items():
-        text = render_yaml(info["template"], final_dir, name, info.get("file"), info.get("sha256"), info.get("members"))
-        path = directory / f"{name}.yaml"
+    texts = {f"{name}.yaml": render_yaml(info["template"], final_dir, name, info.get("file"), info.get("sha256"),
+                                         info.get("members")) for name, info in tasks.items()}
+    texts[CHOICE_METRICS_FILE] = (TEMPLATES / CHOICE_METRICS_FILE).read_text()
+    for file, text in texts.items():
+        path = directory / file
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
 
@@ -281,7 +328,7 @@ def generate_task_set(config: TaskDataConfig, directory: str | Path, cache_dir: 
     for kind in config.probe_kinds:
         for length in config.probe_lengths:
             make = lambda kind=kind, length=length: probe_rows(  # noqa: E731
-                kind, texts, length, config.probe_depths, config.probe_samples, config.seed)
+                kind, texts, length, config.probe_depths, config.probe_samples, config.seed, config.probe_candidates)
             jobs.append((probe_task(kind, length), "probe.yaml", make))
     for name, template, make in tqdm(jobs, desc="eval task data", unit="task", disable=None):
         rows = make()
@@ -289,10 +336,15 @@ def generate_task_set(config: TaskDataConfig, directory: str | Path, cache_dir: 
         tasks[name] = {"template": template, "file": file, "sha256": _write_jsonl(directory / file, rows),
                        "rows": len(rows), "metrics": metrics[name]}
     for kind in config.probe_kinds:
-        members = [probe_task(kind, length) for length in config.probe_lengths]
-        tasks[probe_group(kind)] = {"template": "probe_group.yaml", "members": members,
-                                    "rows": sum(tasks[m]["rows"] for m in members),
-                                    "metrics": metrics[probe_group(kind)]}
+        for length in config.probe_lengths:  # the answer-choice task reads its probe task's rows
+            rows = tasks[probe_task(kind, length)]
+            tasks[choice_task(kind, length)] = {**rows, "template": "probe_choices.yaml",
+                                                "metrics": metrics[choice_task(kind, length)]}
+        for group, member, template in ((probe_group(kind), probe_task, "probe_group.yaml"),
+                                        (choice_group(kind), choice_task, "probe_choices_group.yaml")):
+            members = [member(kind, length) for length in config.probe_lengths]
+            tasks[group] = {"template": template, "members": members, "rows": sum(tasks[m]["rows"] for m in members),
+                            "metrics": metrics[group]}
     write_yamls(directory, tasks, Path(final_dir) if final_dir else directory)
     files = {info["file"]: info["sha256"] for info in tasks.values() if "file" in info}
     content = {

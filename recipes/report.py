@@ -70,9 +70,43 @@ def probe_scores(run_dir: Path, name: str) -> dict[str, float]:
             if task.startswith("probe_") and task.count("_") == 2 and "exact_match" in values}
 
 
+def choice_scores(run_dir: Path, name: str) -> dict[str, dict[str, float]]:
+    """Answer log-likelihood and rank per answer-choice task and group (e.g. probe_needle_choices_2000) from a
+    stage's gate results."""
+    path = run_dir / name / "gate.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text()).get("results", {}).get("metrics", {})
+    return {task: values for task, values in metrics.items() if task.startswith("probe_") and "gold_rank" in values}
+
+
+def choice_table(rows_for: list[tuple[str, str]], run_dir: Path) -> list[str]:
+    """A row per model: the answer's log-likelihood (nats per character) and mean rank per probe length, and over all
+    lengths, for each probe kind whose answer-choice tasks the gates ran."""
+    scores = {name: choice_scores(run_dir, name) for _, name in rows_for}
+    groups = sorted({t for found in scores.values() for t in found if not t.rsplit("_", 1)[1].isdigit()})
+    if not groups:
+        return []
+    columns = []  # (header, task, metric)
+    for group in groups:
+        kind = group[len("probe_"):-len("_choices")]
+        tasks = sorted({t for found in scores.values() for t in found if t.startswith(group + "_")},
+                       key=lambda t: int(t.rsplit("_", 1)[1]))
+        for metric, short in (("gold_loglik", "log-lik"), ("gold_rank", "rank")):
+            columns += [(f"{kind} {short} @{t.rsplit('_', 1)[1]}", t, metric) for t in tasks]
+            columns.append((f"{kind} {short} (all)", group, metric))
+    rows = [[label, *[_fmt((scores[name].get(task) or {}).get(metric)) for _, task, metric in columns]]
+            for label, name in rows_for]
+    return ["The answer among its candidates, where exact match cannot tell the models apart: its log-likelihood "
+            "(nats per character of \" value\", higher is better) and its mean rank by total log-likelihood "
+            "(1 = best, chance (candidates + 1) / 2); by length x depth in \"Long-context probes\" below.", "",
+            format_table(rows, ["model", *[header for header, _, _ in columns]], markdown=True), ""]
+
+
 def alignment_table(recipe: RecipeConfig, run_dir: Path) -> list[str]:
     """Long-context probes and short-context bits/byte before alignment, after each align stage (LOGO, and an
-    SFT baseline branching off the same input), so LOGO's gain can be read against both."""
+    SFT baseline branching off the same input), so LOGO's gain can be read against both: exact match, then the
+    answer's log-likelihood and rank among candidates where the gates ran the answer-choice tasks."""
     stages = {spec.name: spec for spec in recipe.stages}
     aligned = [spec for spec in recipe.stages if spec.kind == "align" and (run_dir / spec.name / MANIFEST).is_file()]
     if not aligned:
@@ -93,7 +127,7 @@ def alignment_table(recipe: RecipeConfig, run_dir: Path) -> list[str]:
     return ["## Long-context alignment", "",
             f"Exact match of the retrieval probes by context length in characters (LOGO trained on synthesised "
             f"positions over a window of {window} tokens), and short-context bits per byte.", "",
-            format_table(rows, ["model", *tasks, "bits/byte"], markdown=True), ""]
+            format_table(rows, ["model", *tasks, "bits/byte"], markdown=True), "", *choice_table(rows_for, run_dir)]
 
 
 def comparison(recipe: RecipeConfig, run_dir: Path) -> list[str]:
@@ -152,7 +186,7 @@ def plot_loss_curves(run_dir: Path, names: list[str], out: Path) -> Path | None:
 
 def gate_sections(run_dir: Path, names: list[str]) -> list[str]:
     """Metrics by stage and long-context heatmaps (drawn by eval.report into run_dir/eval), then each gate's table."""
-    from eval.report import load_stage, write_report as write_eval_report
+    from eval.report import CHOICE_NOTE, choice_stages, load_stage, write_report as write_eval_report
 
     gated = [(name, load_stage(run_dir / name / "gate.json")) for name in names if (run_dir / name / "gate.json").is_file()]
     if not gated:
@@ -166,6 +200,9 @@ def gate_sections(run_dir: Path, names: list[str]) -> list[str]:
     if heatmaps:
         lines += ["## Long-context probes (exact match by length x depth)", ""]
         lines += [f"![{p.stem}](eval/{p.name})" for p in heatmaps] + [""]
+    if choice_stages(gated):
+        lines += ["## Long-context probes (answer log-likelihood and rank by length x depth)", "", CHOICE_NOTE, "",
+                  "![answer log-likelihood and rank](eval/probe_choices.png)", ""]
     for name, _ in gated:
         lines += [f"## Gate after {name}", "", (run_dir / name / "gate.md").read_text().strip(), ""]
     return lines

@@ -14,7 +14,7 @@ from tests.child_env import child_env
 from tests.eval.conftest import LIMIT
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ["corpus_ppl", "corpus_mc", "probe_needle"]
+TASKS = ["corpus_ppl", "corpus_mc", "probe_needle", "probe_needle_choices"]  # the last: metric code beside the YAML
 
 
 def _cli(command: list[str], out: Path) -> None:
