@@ -1,10 +1,19 @@
 """LOGO training as a stage: preference data + a checkpoint -> an aligned checkpoint, through the shared Trainer.
 
     python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo
+    python -m align.logo --model runs/teacher --data my_prefs.jsonl --out runs/logo --set loss.num_rejected=1
+
+`--data` is LOGO's rows (python -m align.build_data: `chunks`, `question`, `responses`) or preference rows in TRL's
+layout (`prompt`, `chosen`, `rejected`; `rejected` one answer or a list; text, or TRL's conversational lists of
+{role, content} messages rendered with the tokenizer's chat template), as a save_to_disk folder (a DatasetDict's
+train split) or JSONL: the columns tell which. A TRL prompt is cut into `position.chunk_size` chunks, its last chunk
+the question next to the responses; chosen is the preferred response and the first M (`loss.num_rejected`; LOGO's
+presets: 2) rejected answers the dis-preferred ones, a row with fewer is refused by name (align/trl_rows.py).
 
 What happens, in order (every check before anything is written):
-1. load the model and tokenizer, the preference rows (align/data.py format), tokenize and check every row
-   (context fits `position.max_chunks` x `position.chunk_size`, responses fit, everything fits the window);
+1. load the model and tokenizer, the preference rows (align/data.py format, or mapped from TRL's), tokenize and
+   check every row (context fits `position.max_chunks` x `position.chunk_size`, responses fit, everything fits the
+   window);
 2. extend the model to the synthesised window: its supported length becomes `position.window`, and its RoPE base
    `position.rope_theta` when set (`pretrain.long_context`; LOGO changes no base);
 3. optionally wrap the model in LoRA (peft; LOGO: r 32, alpha 16, dropout 0 on the attention projections, which the
@@ -96,7 +105,8 @@ class LogoConfig:
     """Everything the LOGO stage does; `python -m align.logo --config FILE --set key=value` fills it."""
 
     data: str = ""
-    """Preference dataset (save_to_disk directory or JSONL) from python -m align.build_data."""
+    """Preference dataset (save_to_disk directory or JSONL) from python -m align.build_data, or TRL-layout rows
+    (prompt, chosen, rejected: align/trl_rows.py)."""
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
     batches: BatchConfig = dataclasses.field(default_factory=BatchConfig)
@@ -183,6 +193,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
     """Load, check and set up everything; raises UserError before any output exists."""
     from align.data import load_rows
     from align.objective import PreferenceObjective
+    from align.trl_rows import as_logo_rows
     from core.checkpoint import count_parameters, load_model, load_tokenizer
 
     if not config.data:
@@ -192,6 +203,7 @@ def prepare(model_dir: str | Path, config: LogoConfig, reference_dir: str | Path
         rows = rows.select(range(min(config.max_rows, len(rows))))
     model = load_model(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    rows = as_logo_rows(rows, tokenizer, config.position.chunk_size)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     if encoder_decoder and config.position.synthesize and not encoder_takes_positions(model):
         raise UserError(f"{type(model).__name__} takes no encoder position ids (relative position buckets), so "
@@ -336,12 +348,17 @@ KIND = register_kind(StageKind(
     config_cls=LogoConfig,
     prepare=prepare_stage,
     run=train_logo,
-    description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data.",
+    description="LOGO long-context alignment (or a SimPO/DPO/ORPO/SFT baseline) on preference data:\n"
+                "rows of align.build_data, or TRL's prompt/chosen/rejected rows (rejected: one answer or a list;\n"
+                "conversational rows through the tokenizer's chat template), told apart by their columns.",
     examples=("python -m align.logo --model runs/teacher --data runs/logo-data --out runs/logo --lora "
               "--set train.steps=50 --set train.warmup_steps=5 --set train.grad_accum_steps=4 --set train.lr=1e-4 "
-              "--set position.window=4096 --set position.chunk_size=64",),
+              "--set position.window=4096 --set position.chunk_size=64",
+              "python -m align.logo --model runs/teacher --data trl_prefs.jsonl --out runs/logo-trl "
+              "--set loss.num_rejected=1 --set position.chunk_size=512",),
     inputs=(Input("model", "checkpoint directory to align"),
-            Input("data", "preference data (python -m align.build_data output); the config's `data`",
+            Input("data", "preference data: python -m align.build_data output, or TRL rows (prompt, chosen, "
+                  "rejected) as JSONL or a datasets folder; the config's `data`",
                   required=False, is_checkpoint=False),
             Input("reference", "DPO reference checkpoint (default: the model before training: a frozen copy, or the "
                   "same model with LoRA adapters off)", required=False, is_checkpoint=False),
