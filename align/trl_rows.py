@@ -8,8 +8,9 @@ The layout is told by the columns: `chunks`, `question` and `responses` are LOGO
                 last: the context whose positions are synthesised
     question    the prompt's last chunk, so that the end of the prompt stays next to the responses at the end of
                 the window (a prompt of one chunk is cut in two halves)
-    responses   [chosen, *rejected]: `rejected` is one answer or a list of them; the loss uses the first
-                `loss.num_rejected` (M), and a row with fewer is refused naming the row
+    responses   [chosen, *rejected]: `rejected` is one answer or a list of them (JSONL rows may mix both and
+                differ in length); the loss uses the first `loss.num_rejected` (M), and a row with fewer is refused
+                naming the row
 
 TRL's conversational form (`prompt` a list of {role, content} messages, `chosen` and each rejected answer a list of
 assistant messages) is rendered with the tokenizer's chat template as TRL renders it: the prompt with the generation

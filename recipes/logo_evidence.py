@@ -5,6 +5,7 @@ against the long-context gate's bound.
     python -m recipes.logo_evidence --out runs/logo-evidence        # the cached tiny teacher (trained if missing)
     python -m recipes.logo_evidence --config recipes/configs/logo_evidence.yaml --out runs/logo-evidence
     python -m recipes.logo_evidence --teacher runs/teacher --out runs/ev --set steps=40
+    python -m recipes.logo_evidence --teacher runs/llama --out runs/ev-qa --set qa=my_qa.jsonl --set instruct.steps=0
 
 Each stage writes its own directory under --out through the stage contract (core.stage: atomic, with a manifest),
 so a rerun skips finished stages and resumes a killed training, also in a copied run directory: `--stop-after
@@ -16,7 +17,8 @@ instruct` runs the instruction stage alone (e.g. on a GPU machine), and a rerun 
                 then measured on carrying that beyond it
     data/       preference rows from the corpus' train split, chunked in the teacher's tokens (align.build_data);
                 dis-preferred answers by rule, sampled from the model before LOGO (`responses: generator`), or that
-                model's own mistakes at synthesised positions (`own_mistake` in `rule_rejected`)
+                model's own mistakes at synthesised positions (`own_mistake` in `rule_rejected`); with `qa` set,
+                from the user's long-document QA file instead (align/qa.py), the same negatives made for real QA
     text_data/  plain text rows for a text regulariser of both trainings alike (`text_rows` > 0)
     logo/  sft/                  LOGO (positions synthesised over `window_factor` x the real length), and SFT on
                 the same rows, steps, positions and optimiser (loss `sft`: the preferred response's NLL only)
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from align.build_data import BuildDataConfig, build
-from align.data import PreferenceDataConfig, load_rows, save_rows
+from align.data import PreferenceDataConfig, QAColumns, load_rows, save_rows
 from align.logo import LogoConfig, run_logo
 from align.text_rows import continuation_rows
 from core.config import from_dict, load_config, merge, parse_override, to_dict
@@ -86,10 +88,20 @@ class EvidenceConfig:
     """The comparison's settings; the defaults are a CPU-sized version of LOGO's recipe on the tiny teacher."""
 
     teacher: str | None = None
-    """Checkpoint to align; None uses the cached default tiny teacher (python -m pretrain.teacher trains it)."""
+    """Checkpoint to align (any supported family: a converted OpenBA, a Llama-family model); None uses the cached
+    default tiny teacher (python -m pretrain.teacher trains it)."""
+    qa: str | None = None
+    """Long-document QA the preference rows are built from instead of synthetic facts in corpus text (JSONL or a
+    datasets folder with context, question and answer columns; align/qa.py). The instruction stage and the probes
+    keep the synthetic needle format; `distractors` and `document_chunks` are then unused."""
+    qa_split: str = "train"
+    """The split of a saved DatasetDict `qa` reads."""
+    qa_columns: QAColumns = dataclasses.field(default_factory=QAColumns)
+    """Its column names, e.g. `--set qa_columns.context=document`."""
     cache_dir: str = "runs/cache"
     corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
-    """Preference data come from its train split, the probes and perplexity texts from its validation split."""
+    """Preference data come from its train split (unless `qa` names a QA file), the probes and perplexity texts from
+    its validation split."""
     samples: int = 192
     """Preference rows (LOGO: 12,000)."""
     chunk_size: int = 64
@@ -137,6 +149,9 @@ class EvidenceConfig:
     """LOGO's lambda: weight of the preferred response's NLL beside the preference term (the paper: 0.1)."""
     response_temperature: float = 0.7
     """Sampling temperature of generated responses (LOGO's released code: 0.7); 0 decodes greedily."""
+    answer_tokens: int = 12
+    """Most new tokens of a generated answer or an own mistake: the needle's six digits need few; raise it for a QA
+    file's longer answers (the released LOGO code: up to 512, cut at the first line break)."""
     instruct: InstructConfig = dataclasses.field(default_factory=InstructConfig)
     text_rows: int = 0
     """Plain text rows for a text regulariser in both trainings alike (align.logo.TextRegulariser; not LOGO's):
@@ -154,8 +169,8 @@ class EvidenceConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.window_factor < 1 or self.steps < 1 or self.samples < 1:
-            raise UserError("window_factor, steps and samples must be at least 1")
+        if self.window_factor < 1 or self.steps < 1 or self.samples < 1 or self.answer_tokens < 1:
+            raise UserError("window_factor, steps, samples and answer_tokens must be at least 1")
         if self.responses not in ("rule", "generator"):
             raise UserError(f"responses must be \"rule\" or \"generator\", got {self.responses!r}")
         if self.instruct.steps < 0 or self.instruct.samples < 1 or self.instruct.batch_size < 1:
@@ -199,21 +214,24 @@ def preference_data(config: EvidenceConfig) -> PreferenceDataConfig:
         corpus=config.corpus, samples=config.samples, chunk_size=config.chunk_size,
         context_chunks=config.context_chunks, document_chunks=config.document_chunks,
         full_chunks=min(6, config.context_chunks), half_chunks=min(3, config.context_chunks),
-        distractors=config.distractors, rule_rejected=list(config.rule_rejected), seed=config.seed)
+        distractors=config.distractors, rule_rejected=list(config.rule_rejected), qa=config.qa,
+        qa_split=config.qa_split, qa_columns=config.qa_columns, seed=config.seed)
     if "own_mistake" in config.rule_rejected:  # asked at the window the trainings synthesise; answers are short
         data = dataclasses.replace(data, mistake_window=config.window,
-                                   generation=dataclasses.replace(data.generation, max_new_tokens=12))
+                                   generation=dataclasses.replace(data.generation, max_new_tokens=config.answer_tokens))
     if config.responses == "generator":  # short factual answers: the released code's 16-512 new tokens run past them
-        generation = dataclasses.replace(data.generation, preferred="gold", min_new_tokens=1, max_new_tokens=12,
-                                         temperature=config.response_temperature)
+        generation = dataclasses.replace(data.generation, preferred="gold", min_new_tokens=1,
+                                         max_new_tokens=config.answer_tokens, temperature=config.response_temperature)
         data = dataclasses.replace(data, responses="generator", generation=generation)
     return data
 
 
 def instruction_data(config: EvidenceConfig) -> PreferenceDataConfig:
     """The instruction stage's rows: the preference rows' shape with rule negatives of the default kinds (its loss
-    reads the gold answer only), `instruct.samples` rows with `instruct.distractors` facts, drawn with seed + 1."""
-    rule_only = dataclasses.replace(config, responses="rule", rule_rejected=PreferenceDataConfig().rule_rejected)
+    reads the gold answer only), `instruct.samples` rows with `instruct.distractors` facts, drawn with seed + 1;
+    synthetic also when the preference rows come from a QA file (the probes ask in the needle format)."""
+    rule_only = dataclasses.replace(config, responses="rule", rule_rejected=PreferenceDataConfig().rule_rejected,
+                                    qa=None)
     return dataclasses.replace(preference_data(rule_only), samples=config.instruct.samples,
                                distractors=config.instruct.distractors, seed=config.seed + 1)
 
@@ -433,6 +451,10 @@ def run_evidence(config: EvidenceConfig, out_dir: str | Path, stop_after: str | 
                         f"{', '.join(dict.fromkeys(names))}); instruct_* need instruct.steps > 0, instruct_mix also "
                         "instruct.lm_samples > 0, text_data text_rows > 0")
     check_run_dir(run_dir, teacher, steps)
+    if config.qa:  # a bad QA file fails before any stage runs, not after the instruction stage (data reads it again)
+        from align.qa import read_qa
+
+        read_qa(preference_data(config))
     last = max(i for i, name in enumerate(names) if name == stop_after) if stop_after else len(names) - 1
     # the evaluation's task data first, so a bad probe setting fails before the comparison trains; a run that
     # stops within the instruction stage (e.g. on a GPU machine without the evaluation packages) never evaluates

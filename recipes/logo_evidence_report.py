@@ -151,8 +151,10 @@ def render_report(config: EvidenceConfig, headers, rows, tokens, real_context: i
         f"Teacher: `{config.teacher or 'cached default tiny teacher'}`; \"before LOGO\" is {before}. Real training "
         f"context: at most {real_context} tokens ({config.context_chunks} chunks x {config.chunk_size}){measured}; "
         f"synthesised window: {window} positions (x{config.window_factor}). LOGO and SFT: {config.steps} steps, "
-        f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows ({config.distractors} "
-        f"distractor facts beside the asked one; dis-preferred answers: {config.responses}"
+        f"batch {config.batch_size}, lr {config.lr}, the same {config.samples} preference rows ("
+        + (f"from the QA file `{config.qa}`" if config.qa else
+           f"{config.distractors} distractor facts beside the asked one")
+        + f"; dis-preferred answers: {config.responses}"
         + (f", {' + '.join(config.rule_rejected)}" if config.responses == "rule" else "")
         + f") and positions; LOGO beta {config.beta}, gamma {config.gamma}, lambda {config.sft_weight}, "
         f"M {config.num_rejected}."

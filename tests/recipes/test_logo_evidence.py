@@ -193,6 +193,10 @@ def test_bad_runs_are_one_line_errors_that_write_nothing(teacher, tmp_path, caps
          "--stop-after instruct names no stage of this config"),
         (["--out", str(tmp_path / "ev"), "--teacher", str(teacher), "--set", "logo_overrides=[train.nope=1]"],
          "logo_overrides: unknown config key 'train.nope'"),
+        (["--out", str(tmp_path / "ev"), "--teacher", str(teacher), "--set", f"qa={tmp_path / 'no-qa.jsonl'}"],
+         "QA data not found"),
+        (["--out", str(tmp_path / "ev"), "--teacher", str(teacher), "--set", f"qa={tmp_path / 'no-qa.jsonl'}",
+          "--set", "rule_rejected=[near_miss]"], "cannot be made for QA rows"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -246,3 +250,59 @@ def test_instruct_stage_runs_alone_and_a_copied_run_resumes_after_it(teacher, tm
     assert "The teacher itself, before its instruction stage, scores" in report
     assert "Against the teacher: LOGO " in report and ", SFT (same steps) " in report
     assert "Both trainings add the same text regulariser (not LOGO's): 0.5 x the NLL of 2 plain-text rows" in report
+
+
+def test_a_llama_teacher_compares_logo_and_sft_on_rows_from_a_qa_file(tmp_path):
+    """Any checkpoint is the model to align (here a tiny random Llama, no instruction stage), and `qa` builds the
+    preference rows both trainings share from the user's QA file, with the gold answer preferred."""
+    save_byte_checkpoint("llama", tmp_path / "llama", byte_tokenizer(tmp_path / "tokenizer"))
+    words = ("harbor", "lantern", "meadow", "quarry", "saddle", "thicket", "orchard", "furnace")
+    qa = tmp_path / "qa.jsonl"
+    lines = []
+    for index, (country, capital) in enumerate([("Freedonia", "Zubrowka"), ("Latveria", "Doomstadt"),
+                                                 ("Genovia", "Pyrus"), ("Elbonia", "Mudville")]):
+        filler = "".join(" ".join(words[(index + i + j) % 8] for j in range(6)) + ".\n" for i in range(12))
+        lines.append(json.dumps({"document": filler + f"The capital of {country} is {capital}.\n" + filler,
+                                 "question": f"What is the capital of {country}?", "answer": capital}))
+    qa.write_text("\n".join(lines) + "\n")
+    config = dataclasses.replace(smoke_config(tmp_path / "llama", tmp_path), qa=str(qa),
+                                 qa_columns=dataclasses.replace(EvidenceConfig().qa_columns, context="document"))
+    result = run_evidence(config, tmp_path / "evidence")
+    from align.data import load_rows
+
+    rows = load_rows(tmp_path / "evidence" / "data")
+    assert [row["responses"][0] for row in rows] == [" Zubrowka", " Doomstadt", " Pyrus", " Mudville"]
+    assert all(row["response_kinds"] == ["gold", "on_topic_sentence", "other_answer"] for row in rows)
+    assert json.loads((tmp_path / "evidence" / "data" / "provenance.json").read_text())["qa"]["path"] == str(qa)
+    logo, sft = (Manifest.read(tmp_path / "evidence" / name) for name in ("logo", "sft"))
+    assert logo.inputs["dir"] == sft.inputs["dir"] == str(tmp_path / "llama")  # no instruction stage
+    assert logo.metrics["rows"] == sft.metrics["rows"] == 4 and logo.metrics["step"] == sft.metrics["step"] == 1
+    assert [row[0] for row in result["table"]["rows"]] == list(MODELS)
+    assert f"from the QA file `{qa}`" in (tmp_path / "evidence" / "report" / "report.md").read_text()
+
+
+def test_the_gpu_scale_qa_config_plans_logo_s_recipe_from_the_checkpoint(tmp_path):
+    """recipes/configs/logo_evidence_qa_gpu.yaml with a Llama checkpoint and a QA file: every stage's config is
+    LOGO's setting, built before anything runs, and nothing runs."""
+    from core.checkpoint import load_tokenizer
+    from core.config import load_config
+    from recipes.logo_evidence import plan
+
+    save_byte_checkpoint("llama", tmp_path / "llama", byte_tokenizer(tmp_path / "tokenizer"))
+    config = load_config(EvidenceConfig, Path(__file__).parents[2] / "recipes/configs/logo_evidence_qa_gpu.yaml",
+                         [f"teacher={tmp_path / 'llama'}", f"qa={tmp_path / 'qa.jsonl'}"])
+    steps, before, trained = plan(config, tmp_path / "ev", tmp_path / "llama", load_tokenizer(tmp_path / "llama"))
+    assert [step.name for step in steps][:2] == ["data", "logo"] and len(trained) == 20
+    assert before == tmp_path / "llama"  # no instruction stage
+    data = steps[0].run.args[0]  # build(BuildDataConfig, out)
+    assert data.generator == str(before) and data.data.qa == str(tmp_path / "qa.jsonl")
+    assert (data.data.samples, data.data.chunk_size, data.data.context_chunks, data.data.responses) == \
+        (12000, 512, 16, "generator")
+    assert (data.data.generation.preferred, data.data.generation.max_new_tokens) == ("gold", 512)
+    logo = steps[1].run.args[2]  # run_logo(model, out, LogoConfig)
+    assert (logo.position.window, logo.position.chunk_size, logo.position.max_chunks) == (8 * (16 * 512 + 64), 512, 16)
+    assert (logo.loss.beta, logo.loss.gamma, logo.loss.sft_weight, logo.loss.num_rejected) == (10.0, 3.0, 0.1, 2)
+    assert (logo.train.steps, logo.train.lr, logo.train.min_lr, logo.train.warmup_steps) == (1200, 5e-7, 0.0, 120)
+    assert (logo.train.grad_accum_steps * logo.batches.batch_size, logo.train.gradient_checkpointing) == (64, True)
+    assert logo.lora.enabled and (logo.lora.r, logo.lora.alpha) == (32, 16)
+    assert not (tmp_path / "ev").exists()
