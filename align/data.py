@@ -525,7 +525,8 @@ def check_rows(rows: datasets.Dataset | Sequence[dict], num_rejected: int = 1) -
     columns = rows.column_names if isinstance(rows, datasets.Dataset) else (list(rows[0]) if len(rows) else [])
     missing = [c for c in ("chunks", "question", "responses") if c not in columns]
     if missing:
-        raise UserError(f"preference data lacks column(s) {', '.join(missing)}; build it with python -m align.build_data")
+        raise UserError(f"preference data lacks column(s) {', '.join(missing)}; build it with python -m "
+                        "align.build_data, or give TRL's prompt, chosen and rejected columns")
     if len(rows) == 0:
         raise UserError("the preference data is empty")
     for row in rows:

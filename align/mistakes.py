@@ -87,9 +87,9 @@ def first_number_is(value: str) -> Callable[[str], bool]:
 
 def own_mistake(model, tokenizer, chunks: Sequence[str], question: str, value: str, positions: PositionConfig,
                 max_new_tokens: int, seed: int, index: int, fallback: str,
-                is_right: Callable[[str], bool] | None = None,
-                fallback_kind: str = "hallucinated",
-                fallback_source: str = "random number (the generator answered right, or nothing)") -> tuple[str, str, str]:
+                is_right: Callable[[str], bool] | None = None, fallback_kind: str = "hallucinated",
+                fallback_source: str = "random number (the generator answered right, or nothing)",
+                ) -> tuple[str, str, str]:
     """(response, kind, source): the model's answer with the row's context at positions drawn from (seed, index)
     when it is not right (`is_right`; default: its first number is `value`) or names nothing, else `fallback`."""
     is_right = is_right or first_number_is(value)

@@ -44,7 +44,14 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from align.chunks import Counter, cover_chunks
-from align.data import PreferenceDataConfig, generated_responses, is_saved_dataset, load_split, model_name, token_counter
+from align.data import (
+    PreferenceDataConfig,
+    generated_responses,
+    is_saved_dataset,
+    load_split,
+    model_name,
+    token_counter,
+)
 from align.scoring import get_chunk_scorer
 from core.errors import UserError
 

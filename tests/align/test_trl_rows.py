@@ -113,7 +113,8 @@ def test_conversational_rows_go_through_the_chat_template(workspace):
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     row = trl_to_logo([record], tokenizer, 128)[0]
-    assert "".join(row["chunks"]) + row["question"] == "<user>" + "Line one.\n" * 20 + "What is the word?</s><assistant>"
+    rendered = "<user>" + "Line one.\n" * 20 + "What is the word?</s><assistant>"
+    assert "".join(row["chunks"]) + row["question"] == rendered
     assert row["responses"] == ["blue</s>", "red</s>", "green</s>"]
 
 
