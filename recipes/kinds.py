@@ -111,6 +111,10 @@ def prepare_align(config: AlignStageConfig, inputs: dict[str, Path | None], prog
     from align.data import check_build
 
     check_build(config.data, load_tokenizer(model_dir))
+    if config.data.qa:  # a bad QA file is one line before the stage's directory exists, not after
+        from align.qa import read_qa
+
+        read_qa(config.data)
     logo.resolve_attention(config.logo, model_dir)
     corpus = inputs.get("corpus")
     build = build_data.BuildDataConfig(

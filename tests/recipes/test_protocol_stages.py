@@ -69,3 +69,25 @@ def test_an_unknown_stage_selection_writes_no_run_directory(llama, tmp_path, cap
     assert exit_info.value.code == 2
     assert "no stage named 'nosuch'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("qa_text, message", [
+    (None, "QA data not found"),
+    ('{"context": "a", "question": "b"}\n', "no column 'answer'"),
+    ('{"context": "a", "question": \n', "line 1"),
+])
+def test_an_align_stage_with_a_bad_qa_file_writes_nothing(llama, tmp_path, capsys, qa_text, message):
+    """The recipe's align stage reads its QA file in prepare: one line, and no stage directory."""
+    qa = tmp_path / "qa.jsonl"
+    if qa_text is not None:
+        qa.write_text(qa_text)
+    stages = [{"name": "align", "kind": "align",
+               "args": {"data": {"qa": str(qa), "samples": 2, "chunk_size": 32, "context_chunks": 2, "full_chunks": 1, "half_chunks": 1,
+                                 "document_chunks": 4}}}]
+    config = write_recipe(tmp_path / "r.yaml", llama / "llama", tmp_path / "run", stages)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "align").exists() and not (tmp_path / "run" / "align.partial").exists()
