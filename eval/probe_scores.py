@@ -1,5 +1,9 @@
 """Graded retrieval scores on long-context probe prompts: the answer's negative log-likelihood and the share of its
-value tokens the model ranks first. Exact match says nothing until a model answers whole; these move before that."""
+value tokens the model ranks first. Exact match says nothing until a model answers whole; these move before that.
+
+These score the training format in process (" answer" + EOS, teacher-forced, per token) for the LOGO evidence
+report; the gates' graded measure is lm-eval's answer-choice tasks (probe_<kind>_choices, eval/taskdata.py): the
+answer's log-likelihood per character and its rank among candidate values."""
 
 from __future__ import annotations
 
