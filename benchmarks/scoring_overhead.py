@@ -40,7 +40,7 @@ BEFORE_SCORERS = {**SCORERS, "channels": f"{__name__}:wanda_host_weights"}  # a 
 
 
 class BeforeCollector(StatisticsCollector):
-    """The hooks as they were before issue 19 (commit 898a885), kept to time them beside today's."""
+    """The hooks as they were before issue 19 (compress/scoring.py at 0878424), kept to time them beside today's."""
 
     def on_batch(self, index, masks):
         device = next(self.adapter.model.parameters()).device

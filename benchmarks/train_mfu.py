@@ -61,7 +61,7 @@ class Shape:
 SIZES = {
     "1b": {
         "llama": Shape("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096),
+                                     num_attention_heads=32, num_key_value_heads=4),
                        batch=4, seq=2048),
         "openba": Shape("openba", dict(vocab_size=32000, hidden_size=2048, kv_channels=128, num_heads=16,
                                        ffn_hidden_size=5632, num_layers=4, num_decoder_layers=12, hidden_dropout=0.0,
@@ -70,7 +70,7 @@ SIZES = {
     },
     "tiny": {
         "llama": Shape("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+                                     num_attention_heads=4, num_key_value_heads=2),
                        batch=2, seq=64),
         "openba": Shape("openba", dict(vocab_size=512, hidden_size=64, kv_channels=16, num_heads=4,
                                        ffn_hidden_size=176, num_layers=1, num_decoder_layers=2, hidden_dropout=0.0,
@@ -87,10 +87,11 @@ def build_model(shape: Shape, device: torch.device):
     from core.openba import openba_config
 
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # supported lengths cover the batch, or the trainer refuses it
         if shape.family == "llama":
-            return LlamaForCausalLM(LlamaConfig(**shape.config))
-        return AutoModelForSeq2SeqLM.from_config(openba_config("openba-tiny", **shape.config))
+            return LlamaForCausalLM(LlamaConfig(**shape.config, max_position_embeddings=max(shape.seq, 512)))
+        return AutoModelForSeq2SeqLM.from_config(openba_config(
+            "openba-tiny", **shape.config, max_seq_length=shape.seq, decoder_max_seq_length=shape.target))
 
 
 def segment_attention_runs(device: torch.device) -> bool:

@@ -25,7 +25,7 @@ def test_the_script_parses_and_lists_one_command_per_step():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
     commands = dry_run_commands()
     assert len(commands) == len(STEPS)
-    assert commands[0][1:] == ["-m", "pytest", "-m", "gpu", "-q"]
+    assert commands[0][1:] == ["-m", "pytest", "-m", "gpu", "-q", "--continue-on-collection-errors"]
     outputs = [arg for command in commands for arg in command if arg.startswith("/out/")]
     assert len(outputs) == len(set(outputs)) == 5  # with session.log and summary.txt: 7 files, the device returns 8
 
@@ -68,4 +68,4 @@ def test_steps_run_in_order_and_those_past_the_budget_are_skipped(tmp_path):
     assert all(summary[name].startswith("rc=0 ") for name in STEPS[:4])  # 6 s spent: under 20 s left
     assert summary["scoring_bf16"] == summary["pruned_speedup"] == "rc=skipped (budget spent)"
     log = (out / "session.log").read_text()
-    assert "ran: -m pytest -m gpu -q" in log and "ran: benchmarks/train_mfu.py --size 1b --models openba" in log
+    assert "ran: -m pytest -m gpu -q --continue-on-collection-errors" in log and "ran: benchmarks/train_mfu.py --size 1b --models openba" in log

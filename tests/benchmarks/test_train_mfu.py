@@ -60,10 +60,15 @@ def test_peak_comes_from_the_card_name_or_the_flag_and_is_unknown_on_a_cpu():
     assert mfu.peak_tflops("NVIDIA H200", 500.0) == 500.0
 
 
-def test_the_1b_shapes_have_about_a_billion_parameters():
+def test_the_1b_shapes_have_about_a_billion_parameters_and_the_trainer_accepts_their_batches():
+    from pretrain.long_context import check_sequence_lengths
+
     mfu = load_benchmark("train_mfu")
     counts = {}
     for name, shape in mfu.SIZES["1b"].items():
         model = mfu.build_model(shape, torch.device("meta"))
         counts[name] = sum(p.numel() for p in model.parameters())
+        for segments in (False, True):
+            (batch,) = mfu.make_batches(shape, 1, segments)
+            check_sequence_lengths(model.config, batch)  # the trainer's check before its first step
     assert counts == {"llama": 1_100_048_384, "openba": 1_154_931_968}  # the figures the docstring states
