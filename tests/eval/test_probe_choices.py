@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval.probes import CANDIDATES, answer_candidates, kv_row, needle_row, needles_row, probe_rows
+from eval.taskdata import choice_task
 from tests.eval.conftest import TASK_DATA
 from tests.factory import byte_tokenizer, save_byte_checkpoint
 
@@ -55,7 +56,7 @@ def test_gate_gold_loglik_and_rank_equal_a_hand_computation(family, task_set, ca
             assert cell["gold_loglik"] == pytest.approx(gold / len(" " + row["answer"]), rel=1e-4)
             assert cell["gold_rank"] == 1 + sum(ll > gold for ll in logliks)
             assert 1 <= cell["gold_rank"] <= cell["candidates"] == TASK_DATA.probe_candidates
-        task_metrics = results["metrics"][task.replace(f"_{row['length']}", f"_choices_{row['length']}")]
+        task_metrics = results["metrics"][choice_task(kind, rows[0]["length"])]  # the task's mean over its rows
         assert task_metrics["gold_loglik"] == pytest.approx(
             sum(cells[(kind, r["length"], r["depth"])]["gold_loglik"] for r in rows) / len(rows), rel=1e-6)
     assert results["higher_is_better"]["probe_kv_choices_400"] == {"gold_loglik": True, "gold_rank": False}
