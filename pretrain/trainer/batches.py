@@ -29,17 +29,22 @@ def target_tokens(batch: dict[str, Any], encoder_decoder: bool) -> int:
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
-    """Tokens the model reads (not padding): encoder/prompt side plus the decoder side of seq2seq batches."""
-    total = 0
-    for ids, mask in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask")):
+    """Tokens the model reads (not padding): encoder/prompt side plus the decoder side of seq2seq batches, each
+    counted once (from its mask, else its ids, else, for a decoder fed from labels, the labels that are not -100)."""
+    def side(ids: str, mask: str) -> int | None:
         if isinstance(batch.get(mask), torch.Tensor):
-            total += int(batch[mask].sum())
-        elif isinstance(batch.get(ids), torch.Tensor):
-            total += batch[ids].numel()
-    if "decoder_input_ids" not in batch and isinstance(batch.get("labels"), torch.Tensor) and "input_ids" in batch:
-        if batch["labels"].shape != batch["input_ids"].shape:  # seq2seq with decoder inputs made from labels
-            total += int((batch["labels"] != -100).sum())
-    return total
+            return int(batch[mask].sum())
+        if isinstance(batch.get(ids), torch.Tensor):
+            return batch[ids].numel()
+        return None
+
+    total = side("input_ids", "attention_mask") or 0
+    decoder = side("decoder_input_ids", "decoder_attention_mask")
+    labels = batch.get("labels")
+    if decoder is None and isinstance(labels, torch.Tensor) and isinstance(batch.get("input_ids"), torch.Tensor):
+        if labels.shape != batch["input_ids"].shape:  # seq2seq with decoder inputs made from labels
+            decoder = int((labels != -100).sum())
+    return total + (decoder or 0)
 
 
 def objective_of(batch: dict[str, Any]) -> str | None:
