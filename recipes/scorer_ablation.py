@@ -296,16 +296,18 @@ def run_step(step: Step, run_dir: Path) -> Manifest:
 
 def run_all(steps: list[Step], run_dir: Path) -> dict[str, Any]:
     """Every stage in order (a finished one is skipped by the stage contract); the load average after each."""
-    loads = []
+    loads, ran = [], 0
     for number, step in enumerate(steps, 1):
         started = time.time()
         print(f"[{number}/{len(steps)}] {step.name} ...", flush=True)
         manifest = run_step(step, run_dir)
         finished_before = _timestamp(manifest.timings.get("finished")) < started
         loads.append(os.getloadavg()[0])
+        ran += not finished_before
         note = "done earlier, skipped" if finished_before else f"{time.time() - started:.0f}s"
         print(f"[{number}/{len(steps)}] {step.name}: {note}", flush=True)
-    return {"load_1min_mean": round(sum(loads) / len(loads), 2), "load_1min_max": round(max(loads), 2)}
+    return {"load_1min_mean": round(sum(loads) / len(loads), 2), "load_1min_max": round(max(loads), 2),
+            "stages_run": ran}
 
 
 def _timestamp(iso: str | None) -> float:
@@ -506,9 +508,12 @@ def run_ablation(config: AblationConfig, out: str | Path, command: str = "") -> 
     if corpus is not None:
         load_or_build_corpus(corpus, context.cache_dir / "corpus")
     run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     load = run_all(steps, run_dir)
     results = collect(config, run_dir, rows, source)
     results["seconds"] = round(time.time() - started, 1)
+    if not load["stages_run"] and "seconds" in earlier:  # a rerun that ran nothing keeps the run's own figures
+        results["seconds"], load = earlier["seconds"], earlier.get("load_average", load)
     results["stage_seconds"] = round(sum(Manifest.read(run_dir / s.name).timings.get("seconds", 0) for s in steps), 1)
     results["load_average"] = load
     results["recovery"] = recovery_summary(steps)

@@ -117,7 +117,10 @@ def test_a_rerun_skips_every_finished_stage(ablation, capsys):
     printed = capsys.readouterr().out
     assert printed.count("done earlier, skipped") == len(manifests)
     assert {p: p.read_bytes() for p in out.rglob(MANIFEST)} == manifests
-    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["rows"] == results["rows"]
+    # the run's own wall time and load stay recorded: a rerun that ran nothing does not overwrite them
+    assert (rerun["seconds"], rerun["load_average"]) == (results["seconds"], results["load_average"])
 
 
 def test_bad_settings_are_user_errors_before_anything_is_written(tmp_path):
