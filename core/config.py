@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -24,21 +25,55 @@ T = TypeVar("T")
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then the YAML file at `path`, then `overrides` like `trainer.lr=3e-4`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
+    data = read_yaml(path) if path is not None else {}
     for override in overrides:
         merge(data, parse_override(override))
     return from_dict(cls, data)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML keeps the last one, so a
+    repeated key silently drops the setting the user wrote first. Keys merged in with `<<: *anchor` may be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (first on line {seen[key].line + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (an empty file is an empty mapping); every problem is one UserError line
+    with the file's line and column."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "'\\t'" in problem:  # PyYAML's words for a tab in the indentation
+            problem += "; YAML indents with spaces, not tabs"
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping (key: value lines) at the top level, "
+                        f"not a {type(loaded).__name__}")
+    return loaded
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -81,12 +116,22 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"config {prefix.rstrip('.') or cls.__name__} needs key '{prefix}{missing[0]}'")
     kwargs = {}
     for key, value in data.items():
         default = _default_of(fields[key])
+        if value is None and not _admits_none(hints[key]) and \
+                (isinstance(default, (list, tuple, dict)) or dataclasses.is_dataclass(default)):
+            continue  # `args:` or `tasks:` left empty in YAML: a section or list with nothing in it keeps its default
         parse = fields[key].metadata.get("parse")
         if parse is not None and isinstance(value, str):
-            value = parse(value)  # the flag's own reading (e.g. "3.4B" parameters) holds in a YAML file too
+            try:  # the flag's own reading (e.g. "3.4B" parameters) holds in a YAML file too
+                value = parse(value)
+            except UserError as err:
+                raise UserError(f"config key '{prefix}{key}': {err}") from None
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             # a partial override keeps the parent's own defaults for this section, not the section class's defaults
             value = merge(dataclasses.asdict(default), value)
@@ -97,6 +142,21 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if isinstance(err, UserError):
             raise
         raise UserError(f"config {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _admits_none(hint: Any) -> bool:
+    return hint is Any or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and type(None) in typing.get_args(hint))
+
+
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) in (list, tuple, typing.Sequence) or hint in (list, tuple)
+
+
+def _home(value: str) -> str:
+    """`~/data` is the user's home in a config as on a shell command line (where the shell expands it, a YAML
+    file or `--flag=~/x` would not): a directory literally named `~` is never what was meant."""
+    return os.path.expanduser(value) if value.startswith("~" + os.sep) else value
 
 
 def _default_of(field: dataclasses.Field) -> Any:
@@ -113,8 +173,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
+        errors = []  # lists last: a scalar is read as a one-item list only where no option takes it as it is
+        for option in sorted((a for a in args if a is not type(None)), key=_is_list):
             try:
                 return _coerce(option, value, key)
             except UserError as err:
@@ -128,7 +188,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, hint):
             return value
         return from_dict(hint, value, prefix=f"{key}.")
-    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+    if _is_list(hint):
+        if isinstance(value, (str, int, float, bool)):
+            value = [value]  # `paths: data.jsonl` is the one-item list `paths: [data.jsonl]`
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         item = args[0] if args else Any
@@ -164,9 +226,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"config key '{key}' must be a string, got {value!r}")
-        return str(value)
+        return _home(str(value))
     if hint is Path:
-        return Path(value)
+        return Path(_home(str(value)))
     return value
 
 

@@ -125,7 +125,9 @@ def execute(kind: StageKind, config: Any, inputs: dict[str, str | Path | None], 
     """
     from core.stage import check_output_location, run_stage
 
-    paths = {name: Path(value) if value is not None else None for name, value in inputs.items()}
+    # `--model=~/ckpt` reaches us unexpanded (a shell expands `~` only at the start of a word)
+    paths = {name: Path(value).expanduser() if value is not None else None for name, value in inputs.items()}
+    out = Path(out).expanduser()
     for spec in kind.inputs:
         if spec.required and paths.get(spec.name) is None:
             raise UserError(f"stage kind '{kind.name}' needs --{spec.name.replace('_', '-')}")

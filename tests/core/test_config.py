@@ -1,6 +1,7 @@
 """The config loader refuses typos and wrong types, naming the key, and applies overrides in order."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,45 @@ def test_yaml_numbers_pyyaml_reads_as_strings_load_as_numbers(tmp_path):
     path.write_text("target_params: lots\n")
     with pytest.raises(UserError, match="not a parameter count"):
         load_config(LayerPruneConfig, path)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    paths: list[str] = dataclasses.field(default_factory=list)
+    args: dict = dataclasses.field(default_factory=dict)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    data: str | None = None
+
+
+def test_yaml_as_people_write_it_loads_or_fails_with_the_line(tmp_path):
+    """Empty `args:` and `optim:` keep their defaults, a single path is a one-item list, `~/` is the home folder,
+    anchors merge with overrides; a tab, a key given twice, a list at the top or a missing required key is one
+    error line that says where."""
+    path = tmp_path / "stage.yaml"
+    path.write_text("base: &base {name: a, paths: ~/corpus.jsonl}\n")
+    with pytest.raises(UserError, match="unknown config key 'base'"):
+        load_config(Stage, path)
+    path.write_text("name: a\npaths: ~/corpus.jsonl\nargs:\noptim:\ndata: ~/qa\n")
+    stage = load_config(Stage, path)
+    home = str(Path.home())
+    assert stage.paths == [f"{home}/corpus.jsonl"] and stage.data == f"{home}/qa"
+    assert stage.args == {} and stage.optim == Optim()
+    path.write_text("name: a\noptim: &o {lr: 0.1, betas: [0.1, 0.2]}\nargs:\n  <<: *o\n  lr: 0.3\n")
+    assert load_config(Stage, path).args == {"lr": 0.3, "betas": [0.1, 0.2]}
+    assert load_config(Stage, overrides=["name=b", "paths=x.txt"]).paths == ["x.txt"]
+
+    for text, message in (
+        ("name: a\noptim:\n\tlr: 0.1\n", r"line 3, column 1\): found character .* spaces, not tabs"),
+        ("name: a\noptim:\n  lr: 0.1\n  lr: 0.2\n", r"line 4, column 3\): key 'lr' is given twice \(first on line 3\)"),
+        ("- name: a\n", "must hold a mapping .* not a list"),
+        ("paths: [a]\n", "needs key 'name'"),
+        ("name: a\noptim: {lr: }\n", "'optim.lr' must be a number, got None"),
+    ):
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_config(Stage, path)
+    path.write_text("")
+    with pytest.raises(UserError, match="needs key 'name'"):
+        load_config(Stage, path)
+    assert not (tmp_path / "~").exists()

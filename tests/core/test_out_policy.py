@@ -140,3 +140,15 @@ def test_the_policy_checks_write_nothing(tmp_path):
     target = tmp_path / "new" / "deeper" / "out"
     check_output_location(target, "stage", [tmp_path / "model"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_home_paths_a_shell_leaves_unexpanded_are_the_home_folder(llama_dir, tmp_path, monkeypatch):
+    """`--model=~/x` and `--out=~/y` reach the command with the `~` (a shell expands it only at a word's start):
+    they mean the home folder, never a folder named `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(llama_dir.parent))
+    monkeypatch.chdir(tmp_path)
+    from compress.layer import main
+
+    main([f"--model=~/{llama_dir.name}", "--drop", "decoder=1", "--out=~/pruned by home", "--no-progress"])
+    assert (llama_dir.parent / "pruned by home" / "manifest.json").is_file()
+    assert not (tmp_path / "~").exists()
