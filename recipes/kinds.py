@@ -171,7 +171,11 @@ RECIPE_KINDS: dict[str, RecipeKind] = {
 
 def recipe_kind(name: str) -> RecipeKind:
     if name not in RECIPE_KINDS:
-        raise UserError(f"unknown stage kind '{name}' (kinds: {', '.join(RECIPE_KINDS)})")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(RECIPE_KINDS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"unknown stage kind '{name}' ({hint}kinds: {', '.join(RECIPE_KINDS)})")
     return RECIPE_KINDS[name]
 
 

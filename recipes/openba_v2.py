@@ -58,7 +58,11 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
 def check_recipe(recipe: RecipeConfig, context: Context, require_model: bool = True) -> list[tuple[StageSpec, Any, Any]]:
     """Resolve every stage's config and gate once, before anything runs: a typo in stage 6 fails at start."""
     resolved = []
-    for spec in recipe.stages:
+    for index, spec in enumerate(recipe.stages):
+        earlier = [s.name for s in recipe.stages[:index]]
+        if spec.input is not None and spec.input not in earlier:
+            raise UserError(f"stage '{spec.name}' reads stage '{spec.input}', which does not come before it "
+                            f"(earlier stages: {', '.join(earlier) or 'none'})")
         config = resolve_config(spec.kind, spec.args, context, prefix=f"stages.{spec.name}.args.")
         gate = None
         if spec.gate is not None:
@@ -78,15 +82,16 @@ def check_recipe(recipe: RecipeConfig, context: Context, require_model: bool = T
 
 def load_gate(value: dict[str, Any] | str, name: str):
     """A gate given inline in the recipe, or as the path of a gate YAML (e.g. eval/gates/commonsense.yaml)."""
-    import yaml
-
+    from core.config import read_yaml
     from eval.gate import GateConfig
 
     if isinstance(value, str):
-        path = Path(value)
-        if not path.is_file():
+        if not Path(value).expanduser().is_file():
             raise UserError(f"gate '{name}': no gate file {value}")
-        value = yaml.safe_load(path.read_text()) or {}
+        value = read_yaml(value)
+    elif not isinstance(value, dict):
+        raise UserError(f"gate '{name}' must be a mapping (rules, tasks, ...) or the path of a gate YAML, "
+                        f"got {value!r}")
     return from_dict(GateConfig, {"name": name, **value}, prefix=f"gates.{name}.")
 
 

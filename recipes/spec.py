@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from compress.layer import parse_count
+
 
 @dataclasses.dataclass
 class StageSpec:
@@ -28,8 +30,8 @@ class StageSpec:
     """Importance scores of this stage's output (core.kind.ScoreRequest: `scorers: {layers: block_influence,
     heads: activation}`, `calib`, `num_samples`, `seq_len`), saved in its `importance/` folder; the recipe's
     corpus is the calibration data unless `calib` names other data. Any kind takes it, training and LOGO too."""
-    tokens: float | None = None
-    """Training tokens the paper spent on this stage (documentation and dry-run planning only)."""
+    tokens: float | None = dataclasses.field(default=None, metadata={"parse": lambda text: parse_count(text)})
+    """Training tokens the paper spent on this stage (documentation and dry-run planning only): 10.0e9 or 10B."""
     note: str = ""
     """Where the stage's settings come from (paper section, table)."""
 

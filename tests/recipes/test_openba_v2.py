@@ -4,6 +4,7 @@ without publishing the stage and without touching the stages before it."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,6 +165,34 @@ def test_bad_recipes_fail_before_any_stage_runs(tmp_path):
     with pytest.raises(UserError, match="mistake_window"):  # own mistakes asked at another window than LOGO's
         check_recipe(load_recipe(MINI, ['stages.logo.args.data.rule_rejected=["own_mistake"]']),
                      Context(tmp_path, tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["stages"][-1].update(input="nope"), r"stage 'scratch' reads stage 'nope', which does not come before"),
+    (lambda d: d["stages"][1].update(input="scratch"), r"reads stage 'scratch', which does not come before"),
+    (lambda d: d["stages"][1].update(kind="layer_prun"), r"unknown stage kind 'layer_prun' \(did you mean 'layer_prune'"),
+    (lambda d: d["gates"].update(pruned=None), r"gate 'pruned' must be a mapping .* or the path of a gate YAML"),
+    (lambda d: d["gates"].update(pruned="BAD_GATE"), r"gate.yaml is not valid YAML \(line 2, column 1\)"),
+])
+def test_a_users_recipe_mistake_is_one_error_line_and_writes_nothing(change, message, tmp_path, capsys):
+    (tmp_path / "gate.yaml").write_text("rules: [\n")
+    data = yaml.safe_load(MINI.read_text())
+    change(data)
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(data).replace("BAD_GATE", str(tmp_path / "gate.yaml")))
+    for dry in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--config", str(config), "--set", f"run_dir={tmp_path / 'run'}", "--set",
+                  f"cache_dir={tmp_path / 'cache'}", *dry])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gate.yaml", "mine.yaml"]
+
+
+def test_stage_tokens_read_as_on_the_command_line():
+    recipe = load_recipe(MINI, ["stages.continual.tokens=3.4B", "stages.sft.tokens=10_000"])
+    assert [s.tokens for s in recipe.stages if s.tokens] == [3.4e9, 10_000]
 
 
 def test_dry_run_plans_the_15b_recipe_without_weights(capsys):
