@@ -253,6 +253,7 @@ def _save_final(trainer, prepared: Prepared, work_dir: Path, lora: bool) -> None
             if lora:
                 module.save_pretrained(str(work_dir / "lora_adapter"), safe_serialization=True)
                 module = module.merge_and_unload()
+            trainer.restore_checkpoint_dtype(module)
             write_checkpoint(module, prepared.tokenizer, work_dir)
 
 

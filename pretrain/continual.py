@@ -291,6 +291,7 @@ def train(prepared: PreparedTraining, work_dir: Path) -> dict[str, Any]:
     result = trainer.train(work_dir)
     with trainer.engine.gathered():  # ZeRO-3 shards the weights across processes: whole again inside
         if trainer.runtime.is_main:  # one writer under a launcher; run_stage publishes after every rank is done
+            trainer.restore_checkpoint_dtype()
             write_checkpoint(prepared.model, prepared.tokenizer, work_dir)
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # resume-only optimizer states
     return {

@@ -202,6 +202,15 @@ class Trainer:
             last = {**state.get("last", {}), **last}
         return {**last, "seconds": round(seconds, 3)}
 
+    def restore_checkpoint_dtype(self, module: torch.nn.Module | None = None) -> None:
+        """Cast the float32 master weights of a half-precision checkpoint back to its dtype after training, so that
+        the saved output keeps the input's dtype (a bf16 checkpoint does not come out float32, twice its size).
+        Weights of two half dtypes stay float32; ZeRO-3's gathered parameters are left alone (views of shards)."""
+        upcast = getattr(self, "master_weights_upcast", None)
+        if not upcast or "," in upcast or getattr(self.engine, "stage", None) == 3:
+            return
+        (module if module is not None else self.model).to(getattr(torch, upcast))
+
     def _train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over this process's micro-batches: token-weighted, gathered across processes."""
         runtime, engine = self.runtime, self.engine
@@ -290,6 +299,7 @@ class Trainer:
         written = None
         with self.engine.gathered():
             if self.runtime.is_main:
+                self.restore_checkpoint_dtype(module)
                 written = save_checkpoint(module, tokenizer, out_dir)
         barrier(self.runtime)
         return written
