@@ -408,13 +408,14 @@ def parse_remove(text: str) -> int | dict[str, int]:
 def load_inputs(model_dir: str, tokenizer_dir: str | None):
     """Model and tokenizer (None if the checkpoint has none and none was named) with the usual one-line errors."""
     from core.checkpoint import load_model, load_tokenizer, read_model_config
+    from compress.tokenizer_surgery import SENTENCEPIECE_FILES
 
     read_model_config(model_dir)
     model = load_model(model_dir).eval()
     tokenizer = None
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir)
-    elif any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    elif any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", *SENTENCEPIECE_FILES)):  # T5: spiece.model
         tokenizer = load_tokenizer(model_dir)
     return model, tokenizer
 

@@ -120,7 +120,19 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
+        if not (path / "tokenizer.json").is_file() and any(path.glob("*.model")) and not _has_protobuf():
+            raise UserError(f"cannot load tokenizer from {path}: it has a SentencePiece model and no tokenizer.json, "
+                            "and transformers needs the protobuf package to read one: pip install protobuf") from None
         raise UserError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+
+
+def _has_protobuf() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("google.protobuf") is not None
+    except ModuleNotFoundError:  # no `google` package at all
+        return False
 
 
 def is_encoder_decoder(model) -> bool:
