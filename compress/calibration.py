@@ -5,8 +5,9 @@ running sums over batches and no activation outlives its batch. The batches them
 (num_samples x seq_len integers), cheap to keep for the extra passes of iterative pruning.
 
 Calibration data may come from a `datasets.Dataset` / `DatasetDict` (a `text` column, or an already tokenized
-`input_ids` column), a directory saved by `save_to_disk` (e.g. `python -m pretrain.corpus`), a directory of text
-files, or a list of text files. Documents are tokenized, joined with EOS and cut into windows of `seq_len` tokens.
+`input_ids` column), a directory saved by `save_to_disk` (e.g. `python -m pretrain.corpus`), text files (a
+document each) and .jsonl / .json / .csv / .parquet files (a document per row, in `text_column`), alone, as a list
+or in a directory. Documents are tokenized, joined with EOS and cut into windows of `seq_len` tokens.
 For encoder-decoders each window is split: its first `encoder_fraction` goes to the encoder, the rest is the
 decoder's target (OpenBA-V2 trains with 570 encoder / 380 decoder tokens, a 0.6 split).
 """
@@ -23,7 +24,9 @@ from tqdm.auto import tqdm
 
 from core.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # rows with a `text_column`
+COLUMN_HINT = "name it with --set calibration.text_column=NAME"
 
 
 @dataclass
@@ -81,29 +84,75 @@ def _dataset_rows(dataset, config: CalibrationConfig) -> tuple[Iterable[Any], st
     if isinstance(dataset, datasets.DatasetDict):
         split = config.split if config.split in dataset else ("train" if "train" in dataset else None)
         if split is None:
-            raise UserError(f"the calibration dataset has no '{config.split}' or 'train' split (has {sorted(dataset)})")
+            raise UserError(f"the calibration dataset has no '{config.split}' or 'train' split (has {sorted(dataset)}); "
+                            "choose one with --set calibration.split=NAME")
         dataset, name = dataset[split], f"dataset split '{split}'"
     if "input_ids" in dataset.column_names:
         return (row["input_ids"] for row in dataset.select_columns(["input_ids"])), "ids", name
     if config.text_column not in dataset.column_names:
         raise UserError(
-            f"the calibration dataset has no '{config.text_column}' or 'input_ids' column (has {dataset.column_names})"
-        )
+            f"the calibration dataset has no '{config.text_column}' or 'input_ids' column (has "
+            f"{dataset.column_names}); {COLUMN_HINT}")
     return (row[config.text_column] for row in dataset.select_columns([config.text_column])), "text", name
+
+
+def _table_rows(file: Path) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a .jsonl / .json / .csv / .parquet file; a row that is not a record is yielded as it is
+    for `_file_texts` to name."""
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(file)
+        except Exception as err:  # pyarrow's errors share no base class a user could act on
+            raise UserError(f"calibration file {file} is not a readable parquet file: {err}") from None
+        yield from enumerate(table.to_pylist(), 1)
+        return
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"calibration file {file} is not UTF-8 text") from None
+    if suffix == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
+        for row in reader:
+            yield reader.line_num, row
+        return
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            yield from enumerate(json.loads(text), 1)
+        except json.JSONDecodeError as err:
+            raise UserError(f"calibration file {file} is not valid JSON: {err}") from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):  # JSON lines (what datasets' to_json writes as .json)
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"calibration file {file} line {number} is not JSON: {err.msg}") from None
 
 
 def _file_texts(files: list[Path], text_column: str) -> Iterator[str]:
     for file in files:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"calibration file {file} is not UTF-8 text") from None
-        if file.suffix == ".jsonl":
-            for line in text.splitlines():
-                if line.strip():
-                    yield json.loads(line).get(text_column, "")
-        else:
-            yield text
+        if file.suffix.lower() not in TABLE_SUFFIXES:
+            try:
+                yield file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"calibration file {file} is not UTF-8 text") from None
+            continue
+        for number, row in _table_rows(file):
+            where = f"calibration file {file} {'row' if file.suffix.lower() == '.parquet' else 'line'} {number}"
+            if not isinstance(row, dict):
+                raise UserError(f"{where} is a {type(row).__name__}, not a record with a '{text_column}' field")
+            if text_column not in row:
+                raise UserError(f"{where} has no '{text_column}' field (has {sorted(row)[:6]}); {COLUMN_HINT}")
+            value = row[text_column]
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: '{text_column}' is a {type(value).__name__}, not text")
+            yield value or ""
 
 
 def read_source(source, config: CalibrationConfig) -> tuple[Iterable[Any], str, str]:
@@ -120,9 +169,11 @@ def read_source(source, config: CalibrationConfig) -> tuple[Iterable[Any], str, 
             rows, kind, name = _dataset_rows(datasets.load_from_disk(str(path)), config)
             return rows, kind, f"{name} of {path}"
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise UserError(f"calibration directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise UserError(f"calibration directory {path} holds no text files or data files ({', '.join(suffixes)})")
             return _file_texts(files, config.text_column), "text", f"{len(files)} text files in {path}"
         return _file_texts([path], config.text_column), "text", f"file {path}"
     if isinstance(source, (list, tuple)) and all(isinstance(p, (str, Path)) for p in source):

@@ -95,6 +95,47 @@ def test_calibration_reads_text_files_saved_datasets_and_corpus_splits(tmp_path)
     assert "calibration" in from_saved.description
 
 
+def test_calibration_reads_jsonl_json_csv_and_parquet_rows_and_names_a_bad_row(tmp_path):
+    """A document per row in `text_column` of each table format gives the batches the same documents give as text
+    files; a row that is not JSON or not a record, or a missing column, is an error naming the file, line and
+    setting."""
+    import json
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    texts = sample_texts()
+    (tmp_path / "txt").mkdir()
+    for i, text in enumerate(texts):
+        (tmp_path / "txt" / f"{i:02d}.txt").write_text(text)
+    table = datasets.Dataset.from_dict({"id": list(range(len(texts))), "body": texts})
+    table.to_json(tmp_path / "rows.jsonl")
+    table.to_csv(tmp_path / "rows.csv", index=False)
+    table.to_parquet(tmp_path / "rows.parquet")
+    (tmp_path / "rows.json").write_text(json.dumps([{"body": t} for t in texts]))
+    (tmp_path / "folder").mkdir()
+    table.to_parquet(tmp_path / "folder" / "train-00000.parquet")
+    from compress.calibration import CalibrationConfig
+
+    config = CalibrationConfig(seq_len=24, num_samples=4, batch_size=4, text_column="body")
+    expected = calibration_batches(tmp_path / "txt", tokenizer, model=model, config=config).batches[0]["input_ids"]
+    for name in ("rows.jsonl", "rows.csv", "rows.parquet", "rows.json", "folder"):
+        got = calibration_batches(tmp_path / name, tokenizer, model=model, config=config).batches[0]["input_ids"]
+        assert torch.equal(got, expected), name
+
+    for name, content, message in (
+        ("bad.jsonl", '{"body": "a b"}\n{not json\n', r"bad.jsonl line 2 is not JSON"),
+        ("list.jsonl", '["a b"]\n', r"list.jsonl line 1 is a list, not a record with a 'body' field"),
+        ("other.jsonl", '{"text": "a b"}\n', r"other.jsonl line 1 has no 'body' field \(has \['text'\]\); name it "
+                                               r"with --set calibration.text_column=NAME"),
+        ("other.csv", "text\na b\n", r"other.csv line 2 has no 'body' field"),
+    ):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=message):
+            calibration_batches(tmp_path / name, tokenizer, model=model, config=config)
+    datasets.DatasetDict({"validation": table}).save_to_disk(tmp_path / "dsd")
+    with pytest.raises(UserError, match=r"no 'calibration' or 'train' split .* --set calibration.split=NAME"):
+        calibration_batches(tmp_path / "dsd", tokenizer, model=model, config=config)
+
+
 def test_empty_calibration_data_is_a_user_error(tmp_path):
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     with pytest.raises(UserError, match="empty"):
