@@ -22,7 +22,8 @@ import numpy as np
 
 from core.errors import UserError
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet"}
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet",
+                 ".csv": "csv"}
 
 
 @dataclass
@@ -30,7 +31,7 @@ class DataConfig:
     """Where the training text comes from and how it is mixed."""
 
     paths: list[str] = field(default_factory=list)
-    """Local files (.jsonl/.json, .txt, .parquet; one kind per config) or one directory saved by
+    """Local files (.jsonl/.json, .txt, .parquet, .csv; one kind per config) or one directory saved by
     `datasets.save_to_disk` (e.g. `python -m pretrain.corpus --out DIR`). Empty: the embedded stdlib corpus."""
     split: str = "train"
     """Split of a saved DatasetDict (the corpus has train / calibration / validation)."""
@@ -73,7 +74,8 @@ def load_text_dataset(paths: list[str] | str, split: str = "train", streaming: b
         loaded = datasets.load_from_disk(str(resolved[0]))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise UserError(f"{resolved[0]} has no split {split!r}; it has {sorted(loaded)}")
+                raise UserError(f"{resolved[0]} has no split {split!r}; it has {sorted(loaded)} (the config names "
+                                "the splits it reads: data.split, validation_split)")
             loaded = loaded[split]
         if len(loaded) == 0:
             raise UserError(f"{resolved[0]} ({split}) is empty")
@@ -90,7 +92,13 @@ def load_text_dataset(paths: list[str] | str, split: str = "train", streaming: b
     files = [p for p in files if p.stat().st_size > 0]  # datasets' json reader fails on an empty file
     if not files:
         raise UserError(f"the data files in {', '.join(paths)} are empty")
-    return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=streaming)
+    try:  # a bad row surfaces here (streaming: when it is read) as datasets' wrapper of the reader's error
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train",
+                                     streaming=streaming)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"cannot read the data files {', '.join(map(str, paths))}: {reason}") from None
 
 
 class TokenizedDocuments:
@@ -112,7 +120,8 @@ class TokenizedDocuments:
             if tokenizer is None:
                 raise UserError(f"{name}: a tokenizer is needed for text data")
             if columns and text_column not in columns:
-                raise UserError(f"{name}: no column {text_column!r}; columns are {columns}")
+                raise UserError(f"{name}: no column {text_column!r}; columns are {columns} (name the text column "
+                                "with data.text_column)")
         if not self.streaming and len(dataset) == 0:
             raise UserError(f"{name}: the dataset is empty")
         self.epoch, self.index = 0, 0

@@ -61,6 +61,19 @@ def test_bad_paths_are_user_errors(tmp_path, jsonl):
         load_text_dataset([str(jsonl), str(tmp_path / "lines.txt")])
 
 
+def test_csv_rows_load_and_a_bad_row_or_column_is_a_user_error_naming_the_setting(tmp_path, jsonl):
+    datasets.Dataset.from_list(ROWS).to_csv(str(tmp_path / "docs.csv"), index=False)
+    assert load_text_dataset(str(tmp_path / "docs.csv"))["text"] == [r["text"] for r in ROWS]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"cannot read the data files .*bad.jsonl: JSON parse error"):
+        load_text_dataset(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(UserError, match=r"no column 'body'; columns are \['text', 'source'\] .*data.text_column"):
+        load_documents(DataConfig(paths=[str(jsonl)], text_column="body"), CharTokenizer())
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(UserError, match=r"no split 'validation'.*data.split, validation_split"):
+        load_text_dataset(str(tmp_path / "saved"), split="validation")
+
+
 def test_empty_datasets_fail_before_training(tmp_path):
     empty = datasets.Dataset.from_dict({"text": [], "source": []})
     with pytest.raises(UserError, match="empty"):
