@@ -352,12 +352,14 @@ def generate_response(model, tokenizer, prompt: str, settings: GenerationConfig,
     """One sampled response with the configured settings (decoder-only: the prompt is cut off the output)."""
     import torch
 
+    from core.generation import generate_kwargs
+
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(seed)
     with torch.no_grad():
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
             if settings.temperature > 0 else {"do_sample": False}
-        output = model.generate(**inputs, **sampling, min_new_tokens=settings.min_new_tokens,
+        output = model.generate(**inputs, **sampling, **generate_kwargs(model), min_new_tokens=settings.min_new_tokens,
                                 max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     new = output[0] if model.config.is_encoder_decoder else output[0, inputs["input_ids"].shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)

@@ -180,11 +180,16 @@ def answer_budget_generate(original):
     only model that is the intended budget (the prompt is in the output); for an encoder-decoder the prompt is in
     the encoder, so the decoder may run prompt-length + max_gen_toks steps: a 16K-character probe lets a model that
     never emits the stop string generate ~5000 tokens instead of 16. Capped here, the answer is the same whenever
-    the model stops within max_gen_toks, and the time is bounded. Used in process and by eval.lm_eval_cli."""
+    the model stops within max_gen_toks, and the time is bounded. It also hands a T5 whose decoder is deeper than
+    its encoder the cache stock generation sizes wrongly (core/generation.py). Used in process and by
+    eval.lm_eval_cli."""
 
     def generate(self, context, max_length, stop, **generation_kwargs):
+        from core.generation import generate_kwargs
+
         if self.backend == "seq2seq" and max_length > context.shape[1]:
             max_length = max_length - context.shape[1] + 1  # +1: the decoder start token is part of the output
+        generation_kwargs = {**generate_kwargs(self.model), **generation_kwargs}  # a T5 deeper in its decoder
         return original(self, context, max_length, stop, **generation_kwargs)
 
     generate.answer_budget = True
