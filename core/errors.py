@@ -6,7 +6,8 @@ class UserError(Exception):
 
 
 def main_guard(main):
-    """Run a command's `main`, turning a `UserError` into `error: ...` on stderr and exit status 2."""
+    """Run a command's `main`, turning a `UserError` into `error: ...` on stderr and exit status 2, and Ctrl-C into
+    one line that says how to go on and exit status 130 (128 + SIGINT, as shells report it)."""
     import functools
     import sys
 
@@ -22,6 +23,10 @@ def main_guard(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C: the stage contract left no published output half-written
+            print("\ninterrupted: nothing unfinished was published; rerun the same command to go on (finished "
+                  "stages are kept, a training stage resumes from its last checkpoint)", file=sys.stderr)
+            raise SystemExit(130) from None
         finally:
             invoked_command = previous
 
