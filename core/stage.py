@@ -290,7 +290,10 @@ def check_output_location(output_dir: str | Path, stage_name: str, inputs: list[
         if resolved in source.parents:
             raise UserError(f"the output {output_dir} holds the input {item}: publishing would replace it; choose "
                             "another --out")
-    if output.is_symlink() or (output.exists() and not output.is_dir()):
+    if output.is_symlink():  # publishing renames a finished folder onto this name, which would replace the link
+        raise UserError(f"the output {output_dir} is a symbolic link (to {os.readlink(output)}); give the folder it "
+                        "points to, or another --out")
+    if output.exists() and not output.is_dir():
         raise UserError(f"the output {output_dir} exists and is not a directory; choose another --out")
     if output.is_dir():
         _check_own_output(output, stage_name)

@@ -152,3 +152,11 @@ def test_home_paths_a_shell_leaves_unexpanded_are_the_home_folder(llama_dir, tmp
     main([f"--model=~/{llama_dir.name}", "--drop", "decoder=1", "--out=~/pruned by home", "--no-progress"])
     assert (llama_dir.parent / "pruned by home" / "manifest.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused_naming_the_link(llama_dir, tmp_path, capsys):
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "scratch")
+    message = refused(layer, llama_dir, tmp_path / "link", tmp_path, capsys)
+    assert "is a symbolic link (to " in message and "give the folder it points to" in message
+    assert (tmp_path / "link").is_symlink() and not any((tmp_path / "scratch").iterdir())
