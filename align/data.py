@@ -574,8 +574,12 @@ def load_rows(path: str | Path) -> datasets.Dataset:
     files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
     if not files:
         raise UserError(f"{path} holds neither a saved dataset nor *.jsonl files")
+    files = [f for f in files if f.stat().st_size > 0]  # datasets' json reader fails on an empty file, wordlessly
+    if not files:
+        raise UserError(f"{path} holds no preference rows: the JSONL is empty")
     try:
         return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
     except Exception as err:  # datasets wraps pyarrow's parse errors; the first line names the problem
         cause = err.__cause__ or err
-        raise UserError(f"{path} cannot be read as JSON lines of one shape: {str(cause).splitlines()[0]}") from None
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"{path} cannot be read as JSON lines of one shape: {reason}") from None

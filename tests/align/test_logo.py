@@ -111,8 +111,12 @@ def test_dpo_with_lora_scores_the_reference_with_adapters_off(workspace):
 def test_bad_input_fails_before_anything_is_written(workspace, tmp_path, capsys):
     out = tmp_path / "never"
     base = ["--model", str(workspace / "llama"), "--out", str(out)]
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
     for extra, message in [
         (["--data", str(tmp_path / "missing")], "preference data not found"),
+        (["--data", str(tmp_path / "empty.jsonl")], "holds no preference rows: the JSONL is empty"),
+        (["--data", str(tmp_path / "bad.jsonl")], "cannot be read as JSON lines of one shape: JSON parse error"),
         (["--data", str(workspace / "data"), "--set", "position.window=600", *[f"--set={s}" for s in
                                                                                  POSITION_SETTINGS[1:]]],
          "exceeds the synthesised window"),
