@@ -57,6 +57,8 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> RecipeConfig:
 
 def check_recipe(recipe: RecipeConfig, context: Context, require_model: bool = True) -> list[tuple[StageSpec, Any, Any]]:
     """Resolve every stage's config and gate once, before anything runs: a typo in stage 6 fails at start."""
+    if not recipe.stages:
+        raise UserError("the recipe has no stages: list them under `stages:` (name, kind, args)")
     resolved = []
     for index, spec in enumerate(recipe.stages):
         earlier = [s.name for s in recipe.stages[:index]]

@@ -173,6 +173,7 @@ def test_bad_recipes_fail_before_any_stage_runs(tmp_path):
     (lambda d: d["stages"][1].update(kind="layer_prun"), r"unknown stage kind 'layer_prun' \(did you mean 'layer_prune'"),
     (lambda d: d["gates"].update(pruned=None), r"gate 'pruned' must be a mapping .* or the path of a gate YAML"),
     (lambda d: d["gates"].update(pruned="BAD_GATE"), r"gate.yaml is not valid YAML \(line 2, column 1\)"),
+    (lambda d: d.update(stages=None), r"the recipe has no stages: list them under `stages:`"),
 ])
 def test_a_users_recipe_mistake_is_one_error_line_and_writes_nothing(change, message, tmp_path, capsys):
     (tmp_path / "gate.yaml").write_text("rules: [\n")
