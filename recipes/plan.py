@@ -110,7 +110,7 @@ def activation_tokens(config, encoder_decoder: bool) -> tuple[int, int, int]:
         data, batches = config.data, config.logo.batches
         micro = batches.batch_size
         encoder = data.context_chunks * data.chunk_size
-        decoder = (1 + len(data.rule_rejected)) * batches.max_response_tokens
+        decoder = config.logo.loss.responses_used * batches.max_response_tokens  # batches hold only these (SFT: 1)
     elif hasattr(config, "input_length"):  # teacher, train
         micro, encoder, decoder = config.train.micro_batch_size, config.input_length, config.target_length
         long_context = getattr(config, "long_context", None)

@@ -104,3 +104,19 @@ def test_the_embedded_default_plans_from_its_teacher_stage():
         {"encoder": 2, "decoder": 6}, 192, 8192)
     removed = [round(100 * (1 - rows[s]["params"] / first["params"]), 1) for s in ("layers", "neurons", "vocab")]
     assert removed == [16.7, 59.5, 78.5]
+
+
+def test_align_memory_counts_the_responses_the_loss_reads():
+    """Batches hold the 1 + M responses the loss reads (SFT: the preferred one), not every response a row was built
+    with: an SFT stage over rows with two rejected answers stores one response's activations."""
+    from recipes.kinds import AlignStageConfig
+    from recipes.plan import activation_tokens
+
+    sft = AlignStageConfig()
+    sft.logo.loss.loss = "sft"
+    logo = AlignStageConfig()
+    logo.logo.loss.num_rejected = 1
+    cap = logo.logo.batches.max_response_tokens
+    assert len(sft.data.rule_rejected) == 2
+    assert activation_tokens(sft, True)[2] == 1 * cap
+    assert activation_tokens(logo, True)[2] == 2 * cap
