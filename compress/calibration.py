@@ -172,6 +172,9 @@ def read_source(source, config: CalibrationConfig) -> tuple[Iterable[Any], str, 
             suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if any(p.suffix.lower() in TEXT_SUFFIXES for p in files):
+                # a folder of text documents is read as it always was: a metadata .json beside them is not data
+                files = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
             if not files:
                 raise UserError(f"calibration directory {path} holds no text files or data files ({', '.join(suffixes)})")
             return _file_texts(files, config.text_column), "text", f"{len(files)} text files in {path}"

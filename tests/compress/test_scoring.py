@@ -88,6 +88,10 @@ def test_calibration_reads_text_files_saved_datasets_and_corpus_splits(tmp_path)
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x" * 500]}),
                           "calibration": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(tmp_path / "dsd")
     from_files = calibration_batches(tmp_path / "txt", tokenizer, 24, 4, 4, model=model)
+    (tmp_path / "txt" / "index.json").write_text('{"source": "notes"}')  # metadata beside text documents
+    beside_metadata = calibration_batches(tmp_path / "txt", tokenizer, 24, 4, 4, model=model)
+    assert torch.equal(beside_metadata.batches[0]["input_ids"], from_files.batches[0]["input_ids"])
+    (tmp_path / "txt" / "index.json").unlink()
     from_saved = calibration_batches(tmp_path / "dsd", tokenizer, 24, 4, 4, model=model)
     from_list = calibration_batches(sorted((tmp_path / "txt").iterdir()), tokenizer, 24, 4, 4, model=model)
     assert torch.equal(from_files.batches[0]["input_ids"], from_saved.batches[0]["input_ids"])
