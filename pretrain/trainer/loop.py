@@ -116,6 +116,7 @@ class Trainer:
             check_world_size(resume, state, runtime)
 
         self.model.to(runtime.device)
+        self.checkpoint_dtypes = {name: p.dtype for name, p in self.model.named_parameters()}
         self.master_weights_upcast = upcast_half_weights(self.model, config, runtime)
         attn = self.attn = apply_attn_implementation(self.model, config.attn_implementation, runtime.device)
         if config.gradient_checkpointing:
@@ -203,13 +204,17 @@ class Trainer:
         return {**last, "seconds": round(seconds, 3)}
 
     def restore_checkpoint_dtype(self, module: torch.nn.Module | None = None) -> None:
-        """Cast the float32 master weights of a half-precision checkpoint back to its dtype after training, so that
-        the saved output keeps the input's dtype (a bf16 checkpoint does not come out float32, twice its size).
-        Weights of two half dtypes stay float32; ZeRO-3's gathered parameters are left alone (views of shards)."""
-        upcast = getattr(self, "master_weights_upcast", None)
-        if not upcast or "," in upcast or getattr(self.engine, "stage", None) == 3:
+        """Cast the float32 master weights of a half-precision checkpoint back to each parameter's own dtype after
+        training, so that the saved output keeps the input's dtypes (a bf16 checkpoint does not come out float32,
+        twice its size; float32 norms beside bf16 matrices stay float32). ZeRO-3's gathered parameters are left
+        alone (views of shards)."""
+        if not getattr(self, "master_weights_upcast", None) or getattr(self.engine, "stage", None) == 3:
             return
-        (module if module is not None else self.model).to(getattr(torch, upcast))
+        dtypes = getattr(self, "checkpoint_dtypes", {})
+        for name, parameter in (module if module is not None else self.model).named_parameters():
+            dtype = dtypes.get(name)
+            if dtype is not None and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
 
     def _train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over this process's micro-batches: token-weighted, gathered across processes."""

@@ -474,3 +474,23 @@ def test_fp16_weights_train_as_float32_master_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_master_weights_go_back_to_each_parameters_own_dtype(tmp_path):
+    """bf16 matrices beside float32 norms train as float32 and come back as they were, parameter by parameter."""
+    from pretrain.trainer import Trainer, TrainConfig
+
+    model = tiny_llama().to(torch.bfloat16)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data = parameter.data.float()
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16, torch.float32}
+    ids = torch.randint(0, 64, (4, 16))
+    trainer = Trainer(model, TrainConfig(steps=2, lr=1e-2, bf16=False, save_every=0, eval_every=0),
+                      [{"input_ids": ids, "labels": ids}] * 4)
+    trainer.train(tmp_path)
+    assert trainer.master_weights_upcast == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    trainer.restore_checkpoint_dtype()
+    assert {name: p.dtype for name, p in model.named_parameters()} == dtypes
