@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -198,10 +200,43 @@ def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
     return named
 
 
+FINGERPRINT_WHOLE_FILE = 256 * 2**20
+"""Files up to this size are hashed whole for a stage's identity; larger ones by size, head and tail."""
+
+
+@functools.lru_cache(maxsize=256)
+def _content_fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (of its size and first and last 8 MiB when it is larger than
+    FINGERPRINT_WHOLE_FILE); cached per size and modification time, so a run hashes each file once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= FINGERPRINT_WHOLE_FILE:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            digest.update(handle.read(8 * 2**20))
+            handle.seek(size - 8 * 2**20)
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def _names_a_file(value: str) -> bool:
+    """A string written as a file name (a path or a name with a suffix) that is a regular file: a user's data
+    (calibration text, a QA or preference JSONL), whose contents are part of the work."""
+    if not (_names_a_path(value) or Path(value).suffix) or len(value) > 4096:
+        return False
+    try:
+        return Path(value).is_file()
+    except OSError:
+        return False
+
+
 def stage_identity(config: Any) -> str:
     """The config's hash with each string that names a stage directory (one with a manifest) replaced by that
-    stage's config hash and finish time: the same work wherever the run directory lies, and new work when a stage
-    it reads was rerun at the same path."""
+    stage's config hash and finish time, and each string that names a file joined by its contents' hash: the same
+    work wherever the run directory lies, and new work when a stage it reads was rerun at the same path or a data
+    file it reads was edited in place."""
     named = _stages_named(config)
 
     def resolve(value: Any) -> Any:
@@ -212,6 +247,10 @@ def stage_identity(config: Any) -> str:
         if isinstance(value, str) and value in named:
             return {"stage": named[value].get("manifest_config_hash"),
                     "finished": named[value].get("manifest_finished")}
+        if isinstance(value, str) and _names_a_file(value):
+            status = os.stat(value)
+            return {"file": value, "sha256": _content_fingerprint(str(Path(value).resolve()), status.st_size,
+                                                                  status.st_mtime_ns)}
         return value
 
     return config_hash(resolve(to_dict(config) if dataclasses.is_dataclass(config) else config))
@@ -235,9 +274,34 @@ def _read_stages_older(config: Any, manifest: Manifest) -> bool:
     they would keep a stage whose data were rebuilt at the same path since. Directories named by their content
     (corpus and tokenizer caches: manifests without timings) cannot change under their name and are not asked."""
     started = manifest.timings.get("started")
+    if started is None:
+        return False
+    start = dt.datetime.fromisoformat(started)
+    aware = start if start.tzinfo is not None else start.replace(tzinfo=dt.timezone.utc)
     finished = [described.get("manifest_finished") for described in _stages_named(config).values()]
-    return started is not None and all(
-        dt.datetime.fromisoformat(f) <= dt.datetime.fromisoformat(started) for f in finished if f is not None)
+    # a data file the config names (its contents are in the identity, which these paths cannot compare) must not
+    # have changed since the stage started either
+    modified = [dt.datetime.fromtimestamp(os.stat(path).st_mtime, tz=dt.timezone.utc) for path in _files_named(config)]
+    return (all(dt.datetime.fromisoformat(f) <= start for f in finished if f is not None)
+            and all(m <= aware for m in modified))
+
+
+def _files_named(config: Any) -> list[str]:
+    """Each string in the config that names a regular file (`_names_a_file`)."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and _names_a_file(value) and value not in found:
+            found.append(value)
+
+    walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
+    return found
 
 
 def _describe_input(input_dir: str | Path | None) -> dict[str, Any]:

@@ -361,3 +361,29 @@ def test_partial_training_copied_under_another_name_resumes(tmp_path):
     pending.write_text(json.dumps({k: v for k, v in json.loads(pending.read_text()).items()
                                    if k not in ("identity", "format")}))
     assert run(tmp_path / "c").timings["resumed"] is True and seen == [0, 2]
+
+
+def test_a_data_file_edited_in_place_reruns_the_stage_and_a_touched_one_does_not(tmp_path):
+    """A user's data file (calibration text, QA or preference JSONL) named in a config is part of the work by its
+    contents: editing it at the same path reruns the stage; a new modification time alone does not."""
+    import os
+
+    calls = []
+
+    def read(_input, work_dir, cfg):
+        calls.append(Path(cfg.data).read_text())
+        (work_dir / "copy.txt").write_text(calls[-1])
+        return {}
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"q": 1}\n')
+    stage = Stage("read", read, ReadsCfg(data=str(data)))
+    run_stage(stage, None, tmp_path / "out")
+    run_stage(stage, None, tmp_path / "out")
+    assert calls == ['{"q": 1}\n']
+    os.utime(data, ns=(1, 1))  # touched, same bytes
+    run_stage(stage, None, tmp_path / "out")
+    assert len(calls) == 1
+    data.write_text('{"q": 2}\n')  # edited in place
+    run_stage(stage, None, tmp_path / "out")
+    assert calls[-1] == '{"q": 2}\n' and (tmp_path / "out" / "copy.txt").read_text() == '{"q": 2}\n'
