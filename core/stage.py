@@ -232,11 +232,29 @@ def _names_a_file(value: str) -> bool:
         return False
 
 
+def _saved_dataset_fingerprints(value: str) -> list[str] | None:
+    """The `datasets` fingerprints of a folder written by save_to_disk (a Dataset, or each split of a DatasetDict),
+    or None for any other folder: they follow the rows' contents (not the folder's path or modification times), so
+    a dataset saved again at the same path with other rows is new work, and a copied one is not."""
+    path = Path(value)
+    try:
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            states = [path / split / "state.json" for split in splits]
+        elif (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            states = [path / "state.json"]
+        else:
+            return None
+        return [str(json.loads(state.read_text()).get("_fingerprint")) for state in states]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stage_identity(config: Any) -> str:
     """The config's hash with each string that names a stage directory (one with a manifest) replaced by that
-    stage's config hash and finish time, and each string that names a file joined by its contents' hash: the same
-    work wherever the run directory lies, and new work when a stage it reads was rerun at the same path or a data
-    file it reads was edited in place."""
+    stage's config hash and finish time, and each string that names a file or a saved dataset joined by its
+    contents' hash or fingerprints: the same work wherever the run directory lies, and new work when a stage it
+    reads was rerun at the same path or data it reads were changed in place."""
     named = _stages_named(config)
 
     def resolve(value: Any) -> Any:
@@ -251,6 +269,10 @@ def stage_identity(config: Any) -> str:
             status = os.stat(value)
             return {"file": value, "sha256": _content_fingerprint(str(Path(value).resolve()), status.st_size,
                                                                   status.st_mtime_ns)}
+        if isinstance(value, str) and _names_a_path(value) and len(value) <= 4096:
+            fingerprints = _saved_dataset_fingerprints(value)
+            if fingerprints is not None:
+                return {"dataset": value, "fingerprints": fingerprints}
         return value
 
     return config_hash(resolve(to_dict(config) if dataclasses.is_dataclass(config) else config))
@@ -286,8 +308,18 @@ def _read_stages_older(config: Any, manifest: Manifest) -> bool:
             and all(m <= aware for m in modified))
 
 
+def _inside_a_stage(value: str) -> bool:
+    """A path in a stage's output (its folder or one above holds a manifest): that stage's finish time speaks for
+    it, and a copied run directory gives its files new modification times."""
+    if not _names_a_path(value) or len(value) > 4096:
+        return False
+    path = Path(value).absolute()
+    return any((folder / MANIFEST).is_file() for folder in [path, *path.parents][:6])
+
+
 def _files_named(config: Any) -> list[str]:
-    """Each string in the config that names a regular file (`_names_a_file`)."""
+    """Each string in the config that names a regular file (`_names_a_file`), and the state files of each saved
+    dataset a string names."""
     found: list[str] = []
 
     def walk(value: Any) -> None:
@@ -297,8 +329,11 @@ def _files_named(config: Any) -> list[str]:
         elif isinstance(value, (list, tuple)):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and _names_a_file(value) and value not in found:
-            found.append(value)
+        elif isinstance(value, str) and value not in found and not _inside_a_stage(value):
+            if _names_a_file(value):
+                found.append(value)
+            elif _names_a_path(value) and _saved_dataset_fingerprints(value) is not None:
+                found.extend(str(p) for p in Path(value).rglob("state.json"))  # rewritten by every save_to_disk
 
     walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
     return found

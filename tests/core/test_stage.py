@@ -387,3 +387,27 @@ def test_a_data_file_edited_in_place_reruns_the_stage_and_a_touched_one_does_not
     data.write_text('{"q": 2}\n')  # edited in place
     run_stage(stage, None, tmp_path / "out")
     assert calls[-1] == '{"q": 2}\n' and (tmp_path / "out" / "copy.txt").read_text() == '{"q": 2}\n'
+
+
+def test_a_saved_dataset_saved_again_with_other_rows_reruns_the_stage(tmp_path):
+    """A `datasets` folder named in a config counts by its fingerprints: other rows saved at the same path rerun the
+    stage, the same rows saved again do not."""
+    import datasets
+
+    calls = []
+
+    def read(_input, work_dir, cfg):
+        calls.append(list(datasets.load_from_disk(cfg.data)["train"]["q"]))
+        (work_dir / "n.txt").write_text(str(len(calls[-1])))
+        return {}
+
+    folder = tmp_path / "qa"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": [1, 2]})}).save_to_disk(str(folder))
+    stage = Stage("read", read, ReadsCfg(data=str(folder)))
+    run_stage(stage, None, tmp_path / "out")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": [1, 2]})}).save_to_disk(str(folder))
+    run_stage(stage, None, tmp_path / "out")
+    assert calls == [[1, 2]]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": [3]})}).save_to_disk(str(folder))
+    run_stage(stage, None, tmp_path / "out")
+    assert calls == [[1, 2], [3]]
