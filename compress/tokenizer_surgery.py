@@ -245,18 +245,32 @@ def _walk(node: Any) -> Iterable[dict]:
             yield from _walk(value)
 
 
+def converted_tokenizer_json(directory: Path) -> dict:
+    """tokenizer.json of a checkpoint that ships only its SentencePiece model (a T5Tokenizer or LlamaTokenizer save):
+    transformers' own translation of the slow tokenizer, the file the hub carries beside such models."""
+    from core.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"{directory}: its SentencePiece tokenizer did not convert to a fast one; save a "
+                        "tokenizer.json beside it")
+    return json.loads(backend.to_str())
+
+
 def read_tokenizer_files(directory: str | Path) -> TokenizerFiles:
     """Parse the tokenizer files of `directory`; UserError when there is no tokenizer.json or its model is unknown."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
-    if not path.is_file():
-        hint = " (only a SentencePiece model: save a tokenizer.json beside it)" if any(
-            (directory / n).is_file() for n in SENTENCEPIECE_FILES) else ""
-        raise UserError(f"{directory} has no tokenizer.json{hint}; vocabulary pruning rewrites the fast tokenizer")
-    try:
-        tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
+    if path.is_file():
+        try:
+            tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON: {err}") from None
+    elif any((directory / n).is_file() for n in SENTENCEPIECE_FILES):
+        tokenizer_json = converted_tokenizer_json(directory)
+    else:
+        raise UserError(f"{directory} has no tokenizer.json; vocabulary pruning rewrites the fast tokenizer")
     model_type = tokenizer_json.get("model", {}).get("type")
     if model_type not in SUPPORTED_MODELS:
         raise UserError(f"{path}: tokenizer model {model_type!r} is not supported "

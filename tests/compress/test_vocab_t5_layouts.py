@@ -324,3 +324,24 @@ def test_tokens_named_only_in_special_tokens_map_are_kept(checkpoints, workdir):
     special = json.loads((source / "special_tokens_map.json").read_text())
     (source / "special_tokens_map.json").write_text(json.dumps({**special, "mask_token": piece}))
     assert 500 in required_tokens(read_tokenizer_files(source))["special"]
+
+
+def test_a_t5_with_only_spiece_model_prunes_as_its_hub_layout_does(checkpoints, pruned, corpus, workdir):
+    """T5Tokenizer.save_pretrained writes spiece.model without tokenizer.json: the pruner converts it with
+    transformers (as the hub's tokenizer.json was made) and prunes it exactly as the hub layout of the same proto."""
+    source = workdir / "t5-spiece-only"
+    shutil.copytree(checkpoints["t5"], source)
+    (source / "tokenizer.json").unlink()
+    out = workdir / "t5-spiece-only-pruned"
+    main(["--model", str(source), "--corpus", str(workdir / "corpus-saved"), "--keep", str(KEEP["t5"]),
+          "--out", str(out)])
+    assert read_tokenizer_files(out).tokens() == read_tokenizer_files(pruned["t5"]).tokens()
+    assert (out / "tokenizer.json").is_file() and (out / "spiece.model").is_file()
+    ours, hub = AutoModelForSeq2SeqLM.from_pretrained(str(out)), AutoModelForSeq2SeqLM.from_pretrained(str(pruned["t5"]))
+    assert torch.equal(ours.get_input_embeddings().weight, hub.get_input_embeddings().weight)
+    assert torch.equal(ours.get_output_embeddings().weight, hub.get_output_embeddings().weight)
+    text = "\n".join(corpus_lines(corpus, "validation", 2))[:400]
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(pruned["t5"]))(text)["input_ids"]
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spiece.model"))
+    assert sp.encode(text) == AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False)["input_ids"]
