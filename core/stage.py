@@ -178,9 +178,9 @@ def _names_a_path(value: str) -> bool:
     return os.sep in value or (os.altsep is not None and os.altsep in value)
 
 
-def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
-    """Each string in the config that names a stage directory (one with a manifest this code wrote), described."""
-    named: dict[str, dict[str, Any]] = {}
+def _config_strings(config: Any) -> list[str]:
+    """Every string value in the config (nested dicts and lists), each once, in order."""
+    found: dict[str, None] = {}
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
@@ -189,14 +189,22 @@ def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
         elif isinstance(value, (list, tuple)):
             for v in value:
                 walk(v)
-        elif isinstance(value, str) and _names_a_path(value) and value not in named \
-                and (Path(value) / MANIFEST).is_file():
+        elif isinstance(value, str):
+            found.setdefault(value)
+
+    walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
+    return list(found)
+
+
+def _stages_named(config: Any) -> dict[str, dict[str, Any]]:
+    """Each string in the config that names a stage directory (one with a manifest this code wrote), described."""
+    named: dict[str, dict[str, Any]] = {}
+    for value in _config_strings(config):
+        if _names_a_path(value) and (Path(value) / MANIFEST).is_file():
             try:
                 named[value] = _describe_input(value)
             except UserError:  # not a manifest this code wrote: the path itself is the identity
                 pass
-
-    walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
     return named
 
 
@@ -321,21 +329,13 @@ def _files_named(config: Any) -> list[str]:
     """Each string in the config that names a regular file (`_names_a_file`), and the state files of each saved
     dataset a string names."""
     found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-        elif isinstance(value, str) and value not in found and not _inside_a_stage(value):
-            if _names_a_file(value):
-                found.append(value)
-            elif _names_a_path(value) and _saved_dataset_fingerprints(value) is not None:
-                found.extend(str(p) for p in Path(value).rglob("state.json"))  # rewritten by every save_to_disk
-
-    walk(to_dict(config) if dataclasses.is_dataclass(config) else config)
+    for value in _config_strings(config):
+        if _inside_a_stage(value):
+            continue
+        if _names_a_file(value):
+            found.append(value)
+        elif _names_a_path(value) and _saved_dataset_fingerprints(value) is not None:
+            found.extend(str(p) for p in Path(value).rglob("state.json"))  # rewritten by every save_to_disk
     return found
 
 
