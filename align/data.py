@@ -493,26 +493,40 @@ def build_row(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Seque
     return row, "ok"
 
 
-def build_preference_rows(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Sequence[str], tokenizer,
-                          generator=None) -> tuple[list[dict], dict[str, int]]:
-    """`config.samples` rows (tries up to 4x as many samples); returns rows and skip counts by reason."""
-    if not texts:
-        raise UserError("no documents to build preference data from (the corpus split is empty)")
+def check_generator(config: PreferenceDataConfig, generator) -> None:
     if config.needs_generator and generator is None:
         raise UserError("responses: generator and rule_rejected: own_mistake need a generator model (--generator DIR)")
-    scorer = get_chunk_scorer(config.scorer)
-    count = token_counter(tokenizer)
+
+
+def collect_rows(build_one: Callable[[int], tuple[dict | None, str]], samples: int, attempts: int,
+                 description: str) -> tuple[list[dict], dict[str, int]]:
+    """Rows from `build_one(index)` for index 0, 1, ... until `samples` are built or `attempts` were made; returns
+    them and how many attempts ended for each reason ("ok" or why a row was skipped)."""
     rows, reasons = [], {}
-    progress = tqdm(total=config.samples, desc="preference rows", unit="row", disable=None)
-    index = 0
-    while len(rows) < config.samples and index < 4 * config.samples:
-        row, reason = build_row(config, texts, doc_ids, index, count, scorer, generator, tokenizer)
-        index += 1
+    progress = tqdm(total=min(samples, attempts), desc=description, unit="row", disable=None)
+    for index in range(attempts):
+        if len(rows) == samples:
+            break
+        row, reason = build_one(index)
         reasons[reason] = reasons.get(reason, 0) + 1
         if row is not None:
             rows.append(row)
             progress.update()
     progress.close()
+    return rows, reasons
+
+
+def build_preference_rows(config: PreferenceDataConfig, texts: Sequence[str], doc_ids: Sequence[str], tokenizer,
+                          generator=None) -> tuple[list[dict], dict[str, int]]:
+    """`config.samples` rows (tries up to 4x as many samples); returns rows and skip counts by reason."""
+    if not texts:
+        raise UserError("no documents to build preference data from (the corpus split is empty)")
+    check_generator(config, generator)
+    scorer = get_chunk_scorer(config.scorer)
+    count = token_counter(tokenizer)
+    rows, reasons = collect_rows(
+        lambda index: build_row(config, texts, doc_ids, index, count, scorer, generator, tokenizer),
+        config.samples, 4 * config.samples, "preference rows")
     if not rows:
         raise UserError(f"no preference row could be built ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); "
                         "lower critical_threshold or use longer documents")

@@ -41,11 +41,11 @@ import string
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from align.chunks import Counter, cover_chunks
 from align.data import (
     PreferenceDataConfig,
+    check_generator,
+    collect_rows,
     generated_responses,
     is_saved_dataset,
     load_split,
@@ -279,21 +279,12 @@ def build_qa_row(config: PreferenceDataConfig, rows: Sequence[dict], index: int,
 def build_qa_rows(config: PreferenceDataConfig, rows: Sequence[dict], tokenizer,
                   generator=None) -> tuple[list[dict], dict[str, int]]:
     """Up to `config.samples` LOGO rows from the QA rows in file order; returns them and skip counts by reason."""
-    if config.needs_generator and generator is None:
-        raise UserError("responses: generator and rule_rejected: own_mistake need a generator model (--generator DIR)")
+    check_generator(config, generator)
     scorer = get_chunk_scorer(config.scorer)
     count = token_counter(tokenizer)
-    built, reasons = [], {}
-    progress = tqdm(total=min(config.samples, len(rows)), desc="preference rows from QA", unit="row", disable=None)
-    for index in range(len(rows)):
-        if len(built) == config.samples:
-            break
-        row, reason = build_qa_row(config, rows, index, count, scorer, generator, tokenizer)
-        reasons[reason] = reasons.get(reason, 0) + 1
-        if row is not None:
-            built.append(row)
-            progress.update()
-    progress.close()
+    built, reasons = collect_rows(
+        lambda index: build_qa_row(config, rows, index, count, scorer, generator, tokenizer),
+        config.samples, len(rows), "preference rows from QA")
     if not built:
         raise UserError(f"no preference row could be built from {config.qa} "
                         f"({', '.join(f'{k}: {v}' for k, v in reasons.items())}); lower critical_threshold or check "
